@@ -1,0 +1,214 @@
+//! Applications as the core sees them: validated, with secrets reduced to digests and keys parsed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use subtle::ConstantTimeEq;
+
+use super::scope::ScopePolicy;
+use super::signing::SigningKey;
+use crate::api::v1alpha1::{GrantType, TokenFormat};
+
+/// A password hash from the user store, checked for shape when loaded.
+#[derive(Clone)]
+pub enum PasswordDigest {
+    Argon2(String),
+    Bcrypt(String),
+}
+
+impl std::fmt::Debug for PasswordDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PasswordDigest::Argon2(_) => "Argon2(..)",
+            PasswordDigest::Bcrypt(_) => "Bcrypt(..)",
+        })
+    }
+}
+
+impl PasswordDigest {
+    /// Accepts argon2 PHC strings (`$argon2id$...`) and bcrypt hashes (`$2b$...`).
+    pub fn parse(hash: &str) -> Result<Self, String> {
+        if hash.starts_with("$argon2") {
+            let parsed = PasswordHash::new(hash).map_err(|e| format!("not a valid argon2 PHC string: {e}"))?;
+            if parsed.hash.is_none() || parsed.salt.is_none() {
+                return Err("not a valid argon2 PHC string: salt or hash missing".into());
+            }
+            Ok(Self::Argon2(hash.to_string()))
+        } else if ["$2a$", "$2b$", "$2y$", "$2x$"].iter().any(|p| hash.starts_with(p)) {
+            if hash.len() != 60 {
+                return Err("not a valid bcrypt hash (expected 60 characters)".into());
+            }
+            Ok(Self::Bcrypt(hash.to_string()))
+        } else {
+            Err("unsupported password hash: use an argon2id PHC string (kubetoken hash-password) or bcrypt".into())
+        }
+    }
+
+    /// CPU-heavy by design: call off the async executor.
+    pub fn verify(&self, password: &str) -> bool {
+        match self {
+            PasswordDigest::Argon2(h) => PasswordHash::new(h)
+                .map(|parsed| argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+                .unwrap_or(false),
+            PasswordDigest::Bcrypt(h) => bcrypt::verify(password, h).unwrap_or(false),
+        }
+    }
+
+    /// A digest of a random password with default parameters: verified against for unknown users, so that
+    /// response time does not reveal whether a username exists.
+    pub fn decoy() -> &'static PasswordDigest {
+        static DECOY: OnceLock<PasswordDigest> = OnceLock::new();
+        DECOY.get_or_init(|| {
+            let random_password = SaltString::generate(&mut OsRng);
+            PasswordDigest::Argon2(hash_password(random_password.as_str()).unwrap_or_default())
+        })
+    }
+}
+
+/// Hashes a password with argon2id and the OWASP-recommended defaults (m=19 MiB, t=2, p=1).
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| format!("hashing failed: {e}"))
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub digest: PasswordDigest,
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Application {
+    /// `namespace/name` of the OAuthApplication, for logs.
+    pub name: String,
+    pub client_id: String,
+    /// SHA-256 of each accepted client secret: compared in constant time whatever the secret's length.
+    secret_digests: Vec<[u8; 32]>,
+    pub grant_types: Vec<GrantType>,
+    pub format: TokenFormat,
+    pub access_ttl: u64,
+    pub refresh_ttl: u64,
+    pub audience: Vec<String>,
+    pub client_roles: Vec<String>,
+    pub scopes: ScopePolicy,
+    pub users: HashMap<String, User>,
+    pub signer: Arc<SigningKey>,
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// What an application is made of, before secrets are reduced to digests.
+pub struct ApplicationConfig {
+    pub name: String,
+    pub client_id: String,
+    pub client_secrets: Vec<String>,
+    pub grant_types: Vec<GrantType>,
+    pub format: TokenFormat,
+    pub access_ttl: u64,
+    pub refresh_ttl: u64,
+    pub audience: Vec<String>,
+    pub client_roles: Vec<String>,
+    pub scopes: ScopePolicy,
+    pub users: HashMap<String, User>,
+    pub signer: Arc<SigningKey>,
+}
+
+impl Application {
+    pub fn new(c: ApplicationConfig) -> Self {
+        let audience = if c.audience.is_empty() { vec![c.client_id.clone()] } else { c.audience };
+        Self {
+            name: c.name,
+            secret_digests: c.client_secrets.iter().map(|s| sha256(s.as_bytes())).collect(),
+            client_id: c.client_id,
+            grant_types: c.grant_types,
+            format: c.format,
+            access_ttl: c.access_ttl,
+            refresh_ttl: c.refresh_ttl,
+            audience,
+            client_roles: c.client_roles,
+            scopes: c.scopes,
+            users: c.users,
+            signer: c.signer,
+        }
+    }
+
+    /// Constant-time: every accepted secret is compared, whatever matches.
+    pub fn secret_matches(&self, secret: &str) -> bool {
+        let candidate = sha256(secret.as_bytes());
+        let mut ok = subtle::Choice::from(0);
+        for d in &self.secret_digests {
+            ok |= d.ct_eq(&candidate);
+        }
+        ok.into()
+    }
+
+    pub fn allows(&self, grant: GrantType) -> bool {
+        self.grant_types.contains(&grant)
+    }
+
+    /// Refresh tokens are issued only to applications that may use them.
+    pub fn issues_refresh_tokens(&self) -> bool {
+        self.allows(GrantType::RefreshToken)
+    }
+}
+
+/// All applications a server knows, by client ID.
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_client_id: HashMap<String, Arc<Application>>,
+}
+
+impl Registry {
+    /// Fails when two applications share a client ID.
+    pub fn new(apps: Vec<Application>) -> Result<Self, String> {
+        let mut by_client_id = HashMap::new();
+        for app in apps {
+            if let Some(other) = by_client_id.get(&app.client_id) {
+                let other: &Arc<Application> = other;
+                return Err(format!("applications {} and {} have the same client_id", other.name, app.name));
+            }
+            by_client_id.insert(app.client_id.clone(), Arc::new(app));
+        }
+        Ok(Self { by_client_id })
+    }
+
+    pub fn get(&self, client_id: &str) -> Option<&Arc<Application>> {
+        self.by_client_id.get(client_id)
+    }
+
+    pub fn apps(&self) -> impl Iterator<Item = &Arc<Application>> {
+        self.by_client_id.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argon2_and_bcrypt_hashes_verify() {
+        let argon = PasswordDigest::parse(&hash_password("s3cret").expect("hash")).expect("parse");
+        assert!(argon.verify("s3cret"));
+        assert!(!argon.verify("wrong"));
+        let bc = PasswordDigest::parse(&bcrypt::hash("s3cret", 4).expect("bcrypt")).expect("parse");
+        assert!(bc.verify("s3cret"));
+        assert!(!bc.verify("wrong"));
+    }
+
+    #[test]
+    fn unsupported_or_malformed_hashes_are_rejected() {
+        for bad in ["plaintext", "$argon2id$garbage", "$2b$04$short", "{SHA}abc"] {
+            assert!(PasswordDigest::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Brute-force protection: after `max_failures` consecutive failures for one subject (a user of a client, or a
+//! client), the subject is locked for `lock_secs` and answered without checking the credential at all.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::clock::UnixTime;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockoutPolicy {
+    pub max_failures: u32,
+    pub lock_secs: u64,
+}
+
+impl Default for LockoutPolicy {
+    fn default() -> Self {
+        Self { max_failures: 5, lock_secs: 300 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Entry {
+    failures: u32,
+    last_failure: UnixTime,
+    locked_until: UnixTime,
+}
+
+/// Bounds memory under a spray of made-up names: past this, entries idle for a lock period are dropped.
+const PRUNE_ABOVE: usize = 10_000;
+
+#[derive(Debug, Default)]
+pub struct Lockout {
+    policy: LockoutPolicy,
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+impl Lockout {
+    pub fn new(policy: LockoutPolicy) -> Self {
+        Self { policy, entries: Mutex::default() }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // The map holds counters only; after a panic elsewhere it is still usable.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Seconds left on the lock, if `who` is locked.
+    pub fn locked(&self, who: &str, now: UnixTime) -> Option<u64> {
+        self.entries().get(who).filter(|e| e.locked_until > now).map(|e| e.locked_until - now)
+    }
+
+    /// Counts a failure; returns true when this failure locked `who`.
+    pub fn fail(&self, who: &str, now: UnixTime) -> bool {
+        let policy = self.policy;
+        let mut entries = self.entries();
+        if entries.len() > PRUNE_ABOVE {
+            entries.retain(|_, e| e.locked_until > now || e.last_failure + policy.lock_secs > now);
+        }
+        let e = entries.entry(who.to_string()).or_default();
+        // Failures spread wider apart than a lock period do not add up.
+        if e.last_failure + policy.lock_secs <= now {
+            e.failures = 0;
+        }
+        e.failures += 1;
+        e.last_failure = now;
+        if e.failures >= policy.max_failures {
+            e.failures = 0;
+            e.locked_until = now + policy.lock_secs;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn succeed(&self, who: &str) {
+        self.entries().remove(who);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locks_after_max_failures_and_unlocks_after_the_period() {
+        let l = Lockout::new(LockoutPolicy { max_failures: 3, lock_secs: 60 });
+        assert!(!l.fail("alice", 100));
+        assert!(!l.fail("alice", 101));
+        assert_eq!(l.locked("alice", 101), None);
+        assert!(l.fail("alice", 102));
+        assert_eq!(l.locked("alice", 102), Some(60));
+        assert_eq!(l.locked("bob", 102), None);
+        assert_eq!(l.locked("alice", 162), None);
+    }
+
+    #[test]
+    fn success_resets_and_old_failures_expire() {
+        let l = Lockout::new(LockoutPolicy { max_failures: 2, lock_secs: 60 });
+        l.fail("alice", 0);
+        l.succeed("alice");
+        assert!(!l.fail("alice", 1));
+        // The next failure comes after a full period: the count starts again.
+        assert!(!l.fail("alice", 100));
+        assert!(l.fail("alice", 101));
+    }
+}

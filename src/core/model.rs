@@ -1,0 +1,165 @@
+//! The token-state model.
+//!
+//! A **token key** is (client_id, subject, granted scope set). Each key has at most one **live pair**: an access
+//! token and, when the application allows refresh, a refresh token. Issuing for a key replaces its pair (the
+//! previous tokens are revoked); revoking either token of a pair removes the pair. Refresh tokens retired by
+//! rotation are remembered until they expire, so that their reuse can be detected.
+//!
+//! Storage sees only [`Change`]s: compare-and-set of one key's pair, which is what both a local log and a
+//! Kubernetes object with a `resourceVersion` can do atomically.
+
+use std::fmt;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::clock::UnixTime;
+use super::scope::ScopeSet;
+
+/// 128 random bits naming one token. Opaque token strings and JWT `jti`s are derived from it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenId(pub [u8; 16]);
+
+impl TokenId {
+    /// A fresh id from the OS CSPRNG, which fails only if the OS has no randomness at all.
+    pub fn random(rng: &dyn ring::rand::SecureRandom) -> Result<Self, ring::error::Unspecified> {
+        let mut bytes = [0u8; 16];
+        rng.fill(&mut bytes)?;
+        Ok(Self(bytes))
+    }
+
+    pub fn to_b64(self) -> String {
+        URL_SAFE_NO_PAD.encode(self.0)
+    }
+
+    pub fn from_b64(s: &str) -> Option<Self> {
+        if s.len() != 22 {
+            return None;
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(s).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+}
+
+// Token ids are credentials-adjacent: never print them in full.
+impl fmt::Debug for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenId({:02x}{:02x}…)", self.0[0], self.0[1])
+    }
+}
+
+impl Serialize for TokenId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_b64())
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Self::from_b64(&s).ok_or_else(|| serde::de::Error::custom("invalid token id"))
+    }
+}
+
+/// Who a token is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Subject {
+    /// A resource owner (password grant).
+    #[serde(rename = "u")]
+    User(String),
+    /// The client itself (client_credentials grant).
+    #[serde(rename = "c")]
+    Client,
+}
+
+/// (client_id, subject, granted scope set): the unit of "one live token".
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TokenKey {
+    #[serde(rename = "c")]
+    pub client_id: String,
+    #[serde(rename = "s")]
+    pub subject: Subject,
+    #[serde(rename = "sc")]
+    pub scopes: ScopeSet,
+}
+
+impl TokenKey {
+    /// The `sub` claim: the username, or the client ID for client_credentials.
+    pub fn sub(&self) -> &str {
+        match &self.subject {
+            Subject::User(u) => u,
+            Subject::Client => &self.client_id,
+        }
+    }
+
+    pub fn username(&self) -> Option<&str> {
+        match &self.subject {
+            Subject::User(u) => Some(u),
+            Subject::Client => None,
+        }
+    }
+}
+
+pub type SharedKey = Arc<TokenKey>;
+
+/// A refresh token and its expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshGrant {
+    pub id: TokenId,
+    #[serde(rename = "exp")]
+    pub expires_at: UnixTime,
+}
+
+/// The live tokens of one key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LivePair {
+    #[serde(rename = "a")]
+    pub access_id: TokenId,
+    /// The access token's scopes: the key's set, or a narrower one asked for at refresh.
+    #[serde(rename = "sc")]
+    pub access_scopes: ScopeSet,
+    #[serde(rename = "iat")]
+    pub issued_at: UnixTime,
+    #[serde(rename = "exp")]
+    pub access_expires_at: UnixTime,
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<RefreshGrant>,
+}
+
+impl LivePair {
+    pub fn access_active(&self, now: UnixTime) -> bool {
+        now < self.access_expires_at
+    }
+
+    pub fn refresh_active(&self, now: UnixTime) -> bool {
+        self.refresh.is_some_and(|r| now < r.expires_at)
+    }
+
+    /// After this instant nothing in the pair is usable and it can be forgotten.
+    pub fn dead_after(&self) -> UnixTime {
+        self.refresh.map_or(self.access_expires_at, |r| r.expires_at.max(self.access_expires_at))
+    }
+}
+
+/// One atomic state change: set `key`'s pair to `next` if its current access token is `expect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub key: TokenKey,
+    /// The access token id of the pair this decision was based on; `None` when the key had no pair.
+    pub expect: Option<TokenId>,
+    /// The new pair, or `None` to revoke the key's tokens.
+    pub next: Option<LivePair>,
+    /// A refresh token retired by rotation, remembered for reuse detection.
+    pub rotated_out: Option<RefreshGrant>,
+}
+
+/// What a refresh token is, as far as the state knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshLookup {
+    Live { key: SharedKey, pair: LivePair },
+    /// Retired by rotation: using it again is reuse.
+    Rotated { key: SharedKey },
+    Unknown,
+}

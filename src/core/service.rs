@@ -1,0 +1,483 @@
+//! The grant flows, revocation and introspection. Everything here is about token semantics; storage, time and
+//! the wire are ports and callers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ring::rand::SystemRandom;
+use serde::Serialize;
+
+use super::app::{Application, PasswordDigest, Registry};
+use super::clock::{Clock, UnixTime};
+use super::error::OAuthError;
+use super::lockout::{Lockout, LockoutPolicy};
+use super::model::{Change, LivePair, RefreshGrant, RefreshLookup, SharedKey, Subject, TokenId, TokenKey};
+use super::scope::ScopeSet;
+use super::signing::SigningKey;
+use super::store::{StoreError, TokenStore};
+use super::tokens::{AccessClaims, JtiOnly, OpaqueTokens, TokenKind};
+use crate::api::v1alpha1::{GrantType, TokenFormat};
+
+/// How many times a decision is retried when another request changed the same key in between.
+const MAX_ATTEMPTS: usize = 16;
+const INVALID_REFRESH: &str = "the refresh token is invalid, expired or revoked";
+
+#[derive(Clone)]
+pub struct ClientCredentials {
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+impl std::fmt::Debug for ClientCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCredentials").field("client_id", &self.client_id).finish_non_exhaustive()
+    }
+}
+
+pub enum Grant {
+    Password { username: String, password: String, scope: Option<String> },
+    ClientCredentials { scope: Option<String> },
+    RefreshToken { refresh_token: String, scope: Option<String> },
+}
+
+impl Grant {
+    pub fn grant_type(&self) -> GrantType {
+        match self {
+            Grant::Password { .. } => GrantType::Password,
+            Grant::ClientCredentials { .. } => GrantType::ClientCredentials,
+            Grant::RefreshToken { .. } => GrantType::RefreshToken,
+        }
+    }
+}
+
+/// A successful token response (RFC 6749 §5.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedTokens {
+    pub access_token: String,
+    pub expires_in: u64,
+    pub refresh_token: Option<String>,
+    pub scope: String,
+    /// Opaque mode handed out the key's still-valid token instead of a new one.
+    pub reused: bool,
+}
+
+/// RFC 7662 response for an active token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ActiveToken {
+    pub active: bool,
+    pub scope: String,
+    pub client_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<&'static str>,
+    /// `access_token` or `refresh_token`.
+    pub token_use: &'static str,
+    pub exp: UnixTime,
+    pub iat: UnixTime,
+    pub sub: String,
+    pub aud: Vec<String>,
+    pub iss: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Introspection {
+    Inactive,
+    Active(Box<ActiveToken>),
+}
+
+/// What to do for an issue request, given the key's current pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IssueDecision {
+    /// Opaque mode: hand out the still-valid pair again.
+    Reuse(LivePair),
+    /// Mint a new pair, replacing (and so revoking) the pair whose access token is `expect`.
+    Replace { expect: Option<TokenId> },
+}
+
+/// The per-device rule: JWT always replaces; Opaque reuses while the access token is valid.
+pub fn decide_issue(format: TokenFormat, current: Option<&LivePair>, now: UnixTime) -> IssueDecision {
+    match current {
+        Some(pair) if format == TokenFormat::Opaque && pair.access_active(now) => IssueDecision::Reuse(pair.clone()),
+        _ => IssueDecision::Replace { expect: current.map(|p| p.access_id) },
+    }
+}
+
+/// Decides the access scopes of a refreshed token: the grant's own set, or a subset of it.
+pub fn refreshed_scopes(key_scopes: &ScopeSet, requested: Option<ScopeSet>) -> Result<ScopeSet, OAuthError> {
+    match requested {
+        None => Ok(key_scopes.clone()),
+        Some(r) if r.is_empty() => Ok(key_scopes.clone()),
+        Some(r) if r.is_subset_of(key_scopes) => Ok(r),
+        Some(_) => Err(OAuthError::InvalidScope("the requested scope exceeds the scope originally granted".into())),
+    }
+}
+
+pub struct ServiceConfig {
+    pub issuer: String,
+    pub user_lockout: LockoutPolicy,
+    pub client_lockout: LockoutPolicy,
+}
+
+pub struct TokenService {
+    registry: Registry,
+    store: Arc<dyn TokenStore>,
+    clock: Arc<dyn Clock>,
+    opaque: OpaqueTokens,
+    issuer: String,
+    user_lockout: Lockout,
+    client_lockout: Lockout,
+    keys_by_header: HashMap<String, Arc<SigningKey>>,
+    rng: SystemRandom,
+}
+
+fn store_error(e: StoreError) -> OAuthError {
+    match e {
+        StoreError::Conflict => OAuthError::TemporarilyUnavailable("too many concurrent requests for one token".into()),
+        StoreError::Unavailable(reason) => {
+            tracing::error!(%reason, "token storage unavailable");
+            OAuthError::TemporarilyUnavailable("token storage is unavailable".into())
+        }
+    }
+}
+
+fn parse_scope(scope: Option<&str>) -> Result<ScopeSet, OAuthError> {
+    ScopeSet::parse(scope.unwrap_or(""))
+        .map_err(|_| OAuthError::InvalidScope("scope contains characters outside RFC 6749 section 3.3".into()))
+}
+
+impl TokenService {
+    pub fn new(
+        registry: Registry,
+        store: Arc<dyn TokenStore>,
+        clock: Arc<dyn Clock>,
+        opaque_secret: &[u8],
+        config: ServiceConfig,
+    ) -> Self {
+        let keys_by_header =
+            registry.apps().map(|a| (a.signer.header_b64().to_string(), a.signer.clone())).collect();
+        Self {
+            registry,
+            store,
+            clock,
+            opaque: OpaqueTokens::new(opaque_secret),
+            issuer: config.issuer,
+            user_lockout: Lockout::new(config.user_lockout),
+            client_lockout: Lockout::new(config.client_lockout),
+            keys_by_header,
+            rng: SystemRandom::new(),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    pub fn store_healthy(&self) -> bool {
+        self.store.healthy()
+    }
+
+    /// Every public signing key in use, as a JWK Set.
+    pub fn jwks(&self) -> serde_json::Value {
+        let mut keys: Vec<&serde_json::Value> = self.keys_by_header.values().map(|k| k.public_jwk()).collect();
+        keys.sort_by(|a, b| a["kid"].as_str().cmp(&b["kid"].as_str()));
+        serde_json::json!({ "keys": keys })
+    }
+
+    /// Client authentication, throttled per client ID.
+    pub fn authenticate_client(&self, creds: &ClientCredentials) -> Result<Arc<Application>, OAuthError> {
+        let now = self.clock.now();
+        if let Some(secs) = self.client_lockout.locked(&creds.client_id, now) {
+            return Err(OAuthError::InvalidClient(format!(
+                "too many failed client authentications; try again in {secs}s"
+            )));
+        }
+        match self.registry.get(&creds.client_id) {
+            Some(app) if app.secret_matches(&creds.client_secret) => {
+                self.client_lockout.succeed(&creds.client_id);
+                Ok(app.clone())
+            }
+            _ => {
+                if self.client_lockout.fail(&creds.client_id, now) {
+                    tracing::warn!(client_id = %creds.client_id, "client locked after repeated failed authentication");
+                } else {
+                    tracing::info!(client_id = %creds.client_id, "client authentication failed");
+                }
+                Err(OAuthError::InvalidClient("client authentication failed".into()))
+            }
+        }
+    }
+
+    /// The token endpoint.
+    pub async fn token(&self, creds: &ClientCredentials, grant: Grant) -> Result<IssuedTokens, OAuthError> {
+        let app = self.authenticate_client(creds)?;
+        let grant_type = grant.grant_type();
+        if !app.allows(grant_type) {
+            return Err(OAuthError::UnauthorizedClient(format!(
+                "this client may not use the {} grant",
+                grant_type.as_str()
+            )));
+        }
+        match grant {
+            Grant::ClientCredentials { scope } => {
+                let requested = parse_scope(scope.as_deref())?;
+                let granted = app.scopes.grant(&requested, &app.client_roles);
+                let key = TokenKey { client_id: app.client_id.clone(), subject: Subject::Client, scopes: granted };
+                // RFC 6749 §4.4.3: no refresh token for client_credentials.
+                self.issue(&app, key, false).await
+            }
+            Grant::Password { username, password, scope } => {
+                let requested = parse_scope(scope.as_deref())?;
+                let roles = self.check_password(&app, &username, password).await?;
+                let granted = app.scopes.grant(&requested, &roles);
+                let key = TokenKey { client_id: app.client_id.clone(), subject: Subject::User(username), scopes: granted };
+                self.issue(&app, key, app.issues_refresh_tokens()).await
+            }
+            Grant::RefreshToken { refresh_token, scope } => {
+                let requested = scope.as_deref().map(|s| parse_scope(Some(s))).transpose()?;
+                self.refresh(&app, &refresh_token, requested).await
+            }
+        }
+    }
+
+    /// Checks a resource owner's password (off the executor), with lockout. Returns the user's roles.
+    async fn check_password(&self, app: &Application, username: &str, password: String) -> Result<Vec<String>, OAuthError> {
+        let lock_key = format!("{}\u{0}{}", app.client_id, username);
+        let now = self.clock.now();
+        if let Some(secs) = self.user_lockout.locked(&lock_key, now) {
+            return Err(OAuthError::InvalidGrant(format!("the account is temporarily locked; try again in {secs}s")));
+        }
+        let user = app.users.get(username);
+        // Unknown users are checked against a decoy hash so that timing does not reveal which usernames exist.
+        let digest = user.map_or_else(|| PasswordDigest::decoy().clone(), |u| u.digest.clone());
+        let verified = tokio::task::spawn_blocking(move || digest.verify(&password))
+            .await
+            .map_err(|_| OAuthError::ServerError("password verification failed".into()))?;
+        match user {
+            Some(u) if verified => {
+                self.user_lockout.succeed(&lock_key);
+                Ok(u.roles.clone())
+            }
+            _ => {
+                if self.user_lockout.fail(&lock_key, now) {
+                    tracing::warn!(client_id = %app.client_id, username, "user locked after repeated failed passwords");
+                }
+                Err(OAuthError::InvalidGrant("invalid username or password".into()))
+            }
+        }
+    }
+
+    fn new_pair(&self, app: &Application, access_scopes: ScopeSet, now: UnixTime, with_refresh: bool) -> Result<LivePair, OAuthError> {
+        let random_id = || TokenId::random(&self.rng).map_err(|_| OAuthError::ServerError("no randomness".into()));
+        let refresh = if with_refresh {
+            Some(RefreshGrant { id: random_id()?, expires_at: now + app.refresh_ttl })
+        } else {
+            None
+        };
+        Ok(LivePair { access_id: random_id()?, access_scopes, issued_at: now, access_expires_at: now + app.access_ttl, refresh })
+    }
+
+    /// The access token string of `pair`. JWTs are signed here, before the pair is committed, so that a signing
+    /// failure leaves the state untouched.
+    fn access_token(&self, app: &Application, key: &TokenKey, pair: &LivePair) -> Result<String, OAuthError> {
+        match app.format {
+            TokenFormat::Opaque => Ok(self.opaque.encode(TokenKind::Access, &pair.access_id)),
+            TokenFormat::Jwt => {
+                let claims = AccessClaims {
+                    iss: &self.issuer,
+                    sub: key.sub(),
+                    aud: &app.audience,
+                    exp: pair.access_expires_at,
+                    iat: pair.issued_at,
+                    jti: pair.access_id.to_b64(),
+                    client_id: &app.client_id,
+                    scope: pair.access_scopes.to_string(),
+                };
+                let json = serde_json::to_vec(&claims).map_err(|_| OAuthError::ServerError("claims encoding".into()))?;
+                app.signer.sign_jwt(&json).map_err(|_| OAuthError::ServerError("token signing failed".into()))
+            }
+        }
+    }
+
+    fn response(&self, access_token: String, pair: &LivePair, now: UnixTime, reused: bool) -> IssuedTokens {
+        IssuedTokens {
+            access_token,
+            expires_in: pair.access_expires_at.saturating_sub(now),
+            refresh_token: pair.refresh.map(|r| self.opaque.encode(TokenKind::Refresh, &r.id)),
+            scope: pair.access_scopes.to_string(),
+            reused,
+        }
+    }
+
+    /// Issues for `key`: at most one live pair per key.
+    async fn issue(&self, app: &Application, key: TokenKey, with_refresh: bool) -> Result<IssuedTokens, OAuthError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let now = self.clock.now();
+            let current = self.store.pair(&key);
+            match decide_issue(app.format, current.as_ref(), now) {
+                IssueDecision::Reuse(pair) => {
+                    // The pair may have been written by a request still waiting for its fsync.
+                    self.store.sync().await.map_err(store_error)?;
+                    let token = self.access_token(app, &key, &pair)?;
+                    return Ok(self.response(token, &pair, now, true));
+                }
+                IssueDecision::Replace { expect } => {
+                    let pair = self.new_pair(app, key.scopes.clone(), now, with_refresh)?;
+                    let token = self.access_token(app, &key, &pair)?;
+                    let change = Change { key: key.clone(), expect, next: Some(pair.clone()), rotated_out: None };
+                    match self.store.commit(change).await {
+                        Ok(()) => return Ok(self.response(token, &pair, now, false)),
+                        Err(StoreError::Conflict) => continue,
+                        Err(e) => return Err(store_error(e)),
+                    }
+                }
+            }
+        }
+        Err(store_error(StoreError::Conflict))
+    }
+
+    async fn refresh(&self, app: &Application, token: &str, requested: Option<ScopeSet>) -> Result<IssuedTokens, OAuthError> {
+        let id = self
+            .opaque
+            .decode(TokenKind::Refresh, token)
+            .ok_or_else(|| OAuthError::InvalidGrant(INVALID_REFRESH.into()))?;
+        for _ in 0..MAX_ATTEMPTS {
+            let now = self.clock.now();
+            match self.store.find_refresh(&id) {
+                RefreshLookup::Unknown => return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into())),
+                RefreshLookup::Rotated { key } => {
+                    if key.client_id != app.client_id {
+                        return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
+                    }
+                    tracing::warn!(client_id = %app.client_id, sub = key.sub(), "refresh token reuse detected; revoking the grant's live tokens");
+                    self.revoke_key(&key).await?;
+                    return Err(OAuthError::InvalidGrant(
+                        "the refresh token was already used; the tokens of this grant are revoked".into(),
+                    ));
+                }
+                RefreshLookup::Live { key, pair } => {
+                    if key.client_id != app.client_id || !pair.refresh_active(now) {
+                        return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
+                    }
+                    if let Some(user) = key.username()
+                        && !app.users.contains_key(user)
+                    {
+                        return Err(OAuthError::InvalidGrant("the user no longer exists".into()));
+                    }
+                    let scopes = refreshed_scopes(&key.scopes, requested.clone())?;
+                    let next = self.new_pair(app, scopes, now, true)?;
+                    let access = self.access_token(app, &key, &next)?;
+                    let change = Change {
+                        key: (*key).clone(),
+                        expect: Some(pair.access_id),
+                        next: Some(next.clone()),
+                        rotated_out: pair.refresh,
+                    };
+                    match self.store.commit(change).await {
+                        Ok(()) => return Ok(self.response(access, &next, now, false)),
+                        Err(StoreError::Conflict) => continue,
+                        Err(e) => return Err(store_error(e)),
+                    }
+                }
+            }
+        }
+        Err(store_error(StoreError::Conflict))
+    }
+
+    /// Removes `key`'s live pair, whatever it is now.
+    async fn revoke_key(&self, key: &TokenKey) -> Result<(), OAuthError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(current) = self.store.pair(key) else { return Ok(()) };
+            let change = Change { key: key.clone(), expect: Some(current.access_id), next: None, rotated_out: None };
+            match self.store.commit(change).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        Err(store_error(StoreError::Conflict))
+    }
+
+    /// Finds the live pair `token` belongs to, if it is a current token of that pair.
+    fn locate(&self, token: &str) -> Option<(SharedKey, LivePair, TokenKind)> {
+        if token.contains('.') {
+            let header = token.split('.').next()?;
+            let key = self.keys_by_header.get(header)?;
+            let claims: JtiOnly = serde_json::from_slice(&key.verify_jwt(token)?).ok()?;
+            let (k, p) = self.store.find_access(&TokenId::from_b64(&claims.jti)?)?;
+            return Some((k, p, TokenKind::Access));
+        }
+        if let Some(id) = self.opaque.decode(TokenKind::Access, token) {
+            let (k, p) = self.store.find_access(&id)?;
+            return Some((k, p, TokenKind::Access));
+        }
+        let id = self.opaque.decode(TokenKind::Refresh, token)?;
+        match self.store.find_refresh(&id) {
+            RefreshLookup::Live { key, pair } => Some((key, pair, TokenKind::Refresh)),
+            _ => None,
+        }
+    }
+
+    /// RFC 7009. Revoking either token of a pair revokes both. Unknown tokens and other clients' tokens are
+    /// answered like success, without effect. Returns whether anything was revoked.
+    pub async fn revoke(&self, creds: &ClientCredentials, token: &str) -> Result<bool, OAuthError> {
+        let app = self.authenticate_client(creds)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((key, pair, _)) = self.locate(token) else { return Ok(false) };
+            if key.client_id != app.client_id {
+                tracing::info!(client_id = %app.client_id, "revocation of another client's token ignored");
+                return Ok(false);
+            }
+            let change = Change { key: (*key).clone(), expect: Some(pair.access_id), next: None, rotated_out: None };
+            match self.store.commit(change).await {
+                Ok(()) => return Ok(true),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        Err(store_error(StoreError::Conflict))
+    }
+
+    /// RFC 7662. Only the application's own tokens are reported active.
+    pub async fn introspect(&self, creds: &ClientCredentials, token: &str) -> Result<Introspection, OAuthError> {
+        let app = self.authenticate_client(creds)?;
+        let now = self.clock.now();
+        let Some((key, pair, kind)) = self.locate(token) else { return Ok(Introspection::Inactive) };
+        if key.client_id != app.client_id {
+            return Ok(Introspection::Inactive);
+        }
+        let active = ActiveToken {
+            active: true,
+            scope: match kind {
+                TokenKind::Access => pair.access_scopes.to_string(),
+                TokenKind::Refresh => key.scopes.to_string(),
+            },
+            client_id: key.client_id.clone(),
+            username: key.username().map(str::to_string),
+            token_type: (kind == TokenKind::Access).then_some("Bearer"),
+            token_use: match kind {
+                TokenKind::Access => "access_token",
+                TokenKind::Refresh => "refresh_token",
+            },
+            exp: match (kind, pair.refresh) {
+                (TokenKind::Refresh, Some(r)) => r.expires_at,
+                _ => pair.access_expires_at,
+            },
+            iat: pair.issued_at,
+            sub: key.sub().to_string(),
+            aud: app.audience.clone(),
+            iss: self.issuer.clone(),
+            jti: (kind == TokenKind::Access && app.format == TokenFormat::Jwt).then(|| pair.access_id.to_b64()),
+        };
+        if now >= active.exp {
+            return Ok(Introspection::Inactive);
+        }
+        Ok(Introspection::Active(Box::new(active)))
+    }
+}

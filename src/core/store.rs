@@ -1,0 +1,77 @@
+//! The storage port. The core decides; a store makes one key's change atomic, durable and visible.
+//!
+//! Reads come from the store's current view (in memory for every adapter). A change is a compare-and-set on one
+//! key ([`Change::expect`]); `commit` resolves only once the change is durable, so no token reaches a client before
+//! the revocation of its predecessor would survive a crash.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use super::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
+use super::state::{Conflict, TokenState};
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The key changed since the decision was made: decide again.
+    #[error("concurrent change to the same token key")]
+    Conflict,
+    /// The change could not be made durable; nothing should be returned to the client.
+    #[error("token storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<Conflict> for StoreError {
+    fn from(_: Conflict) -> Self {
+        StoreError::Conflict
+    }
+}
+
+pub trait TokenStore: Send + Sync {
+    fn pair(&self, key: &TokenKey) -> Option<LivePair>;
+    fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)>;
+    fn find_refresh(&self, id: &TokenId) -> RefreshLookup;
+    /// Applies `change` if its expectation holds; resolves when it is durable.
+    fn commit(&self, change: Change) -> StoreFuture<'_, ()>;
+    /// Resolves when everything visible to reads so far is durable (before handing out a token read, not written).
+    fn sync(&self) -> StoreFuture<'_, ()>;
+    /// Whether the store can currently accept changes.
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+/// A store with no durability: core tests and handler tests.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<TokenState>,
+}
+
+impl MemoryStore {
+    fn with<T>(&self, f: impl FnOnce(&mut TokenState) -> T) -> T {
+        // A poisoned lock means a panic mid-update in a test; the state itself stays consistent per call.
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+}
+
+impl TokenStore for MemoryStore {
+    fn pair(&self, key: &TokenKey) -> Option<LivePair> {
+        self.with(|s| s.pair(key).cloned())
+    }
+    fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
+        self.with(|s| s.find_access(id))
+    }
+    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
+        self.with(|s| s.find_refresh(id))
+    }
+    fn commit(&self, change: Change) -> StoreFuture<'_, ()> {
+        let result = self.with(|s| s.commit(change)).map_err(StoreError::from);
+        Box::pin(async move { result })
+    }
+    fn sync(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
