@@ -1,1 +1,120 @@
-fn main(){}
+//! The `kubetoken` binary: one executable, one subcommand per role.
+#![forbid(unsafe_code)]
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use kubetoken::api::duration::parse_duration;
+use kubetoken::core::lockout::LockoutPolicy;
+use kubetoken::standalone::{StandaloneOptions, run};
+
+#[derive(Parser)]
+#[command(name = "kubetoken", version, about = "Kubernetes-native OAuth2 token service with per-device access tokens")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the token endpoint with no cluster: applications from manifest files, state on local disk.
+    Standalone(StandaloneArgs),
+    /// Read a password on stdin and print an argon2id hash for a users Secret.
+    HashPassword,
+}
+
+#[derive(Args)]
+struct StandaloneArgs {
+    /// Directory of YAML manifests: OAuthApplications and the Secrets they reference.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// Directory for signing keys, generated credentials and the token log.
+    #[arg(long, default_value = "kubetoken-state")]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Issuer (`iss`) and base of the metadata endpoint URLs; defaults to http://<listen address>.
+    #[arg(long)]
+    issuer: Option<String>,
+    /// Failed passwords in a row that lock a user (per application).
+    #[arg(long, default_value_t = 5)]
+    lockout_max_failures: u32,
+    /// How long a locked user stays locked.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    lockout_duration: u64,
+    /// Failed client authentications in a row that lock a client ID.
+    #[arg(long, default_value_t = 10)]
+    client_lockout_max_failures: u32,
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    client_lockout_duration: u64,
+    /// Runtime worker threads; defaults to the number of CPUs.
+    #[arg(long)]
+    worker_threads: Option<usize>,
+}
+
+fn init_logging() {
+    // KUBETOKEN_LOG takes tracing targets syntax, e.g. `info` or `kubetoken=debug`.
+    let filter = std::env::var("KUBETOKEN_LOG")
+        .ok()
+        .and_then(|s| s.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false))
+        .with(filter)
+        .init();
+}
+
+fn standalone(args: StandaloneArgs) -> Result<(), String> {
+    if args.lockout_max_failures == 0 || args.client_lockout_max_failures == 0 {
+        return Err("lockout failure counts must be at least 1".into());
+    }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = args.worker_threads {
+        runtime.worker_threads(n.max(1));
+    }
+    let runtime = runtime.build().map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(run(StandaloneOptions {
+        manifests: args.manifests,
+        state_dir: args.state_dir,
+        listen: args.listen,
+        issuer: args.issuer,
+        user_lockout: LockoutPolicy { max_failures: args.lockout_max_failures, lock_secs: args.lockout_duration },
+        client_lockout: LockoutPolicy {
+            max_failures: args.client_lockout_max_failures,
+            lock_secs: args.client_lockout_duration,
+        },
+    }))
+}
+
+fn hash_password() -> Result<(), String> {
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input).map_err(|e| format!("cannot read stdin: {e}"))?;
+    let password = input.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s)).unwrap_or(&input);
+    if password.is_empty() {
+        return Err("empty password on stdin".into());
+    }
+    println!("{}", kubetoken::core::app::hash_password(password)?);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Standalone(args) => standalone(args),
+        Command::HashPassword => hash_password(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("kubetoken: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

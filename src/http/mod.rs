@@ -1,1 +1,226 @@
-//! HTTP
+//! The HTTP server, the same for standalone mode and the in-cluster sidecar. Handlers only parse, call the core
+//! and map errors ([`error`] is the one place that happens).
+
+pub mod error;
+pub mod form;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use self::error::{ApiError, no_store};
+use self::form::{client_credentials, read_form};
+use crate::core::error::OAuthError;
+use crate::core::service::{Grant, Introspection, IssuedTokens, TokenService};
+use crate::metrics::Metrics;
+
+pub struct AppState {
+    pub service: Arc<TokenService>,
+    pub metrics: Arc<Metrics>,
+    /// RFC 8414 metadata and the JWKS do not change while the server runs: rendered once.
+    metadata: Value,
+    jwks: Value,
+}
+
+impl AppState {
+    pub fn new(service: Arc<TokenService>, metrics: Arc<Metrics>) -> Self {
+        let metadata = server_metadata(&service);
+        let jwks = service.jwks();
+        Self { service, metrics, metadata, jwks }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let post_only = || async { ApiError::MethodNotAllowed("POST") };
+    Router::new()
+        .route("/oauth2/token", post(token).fallback(post_only))
+        .route("/oauth2/revoke", post(revoke).fallback(post_only))
+        .route("/oauth2/introspect", post(introspect).fallback(post_only))
+        .route("/oauth2/jwks", get(jwks))
+        .route("/.well-known/oauth-authorization-server", get(metadata))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// RFC 8414 metadata, true to what this server does.
+fn server_metadata(service: &TokenService) -> Value {
+    let issuer = service.issuer().trim_end_matches('/');
+    let mut grants: Vec<&str> =
+        service.registry().apps().flat_map(|a| a.grant_types.iter().map(|g| g.as_str())).collect();
+    grants.sort_unstable();
+    grants.dedup();
+    let mut scopes: Vec<&str> = service.registry().apps().flat_map(|a| a.scopes.declared_names()).collect();
+    scopes.push(crate::core::scope::DEFAULT_SCOPE);
+    scopes.sort_unstable();
+    scopes.dedup();
+    let auth_methods = ["client_secret_basic", "client_secret_post"];
+    json!({
+        "issuer": service.issuer(),
+        "token_endpoint": format!("{issuer}/oauth2/token"),
+        "revocation_endpoint": format!("{issuer}/oauth2/revoke"),
+        "introspection_endpoint": format!("{issuer}/oauth2/introspect"),
+        "jwks_uri": format!("{issuer}/oauth2/jwks"),
+        "grant_types_supported": grants,
+        // No authorization endpoint: no response types.
+        "response_types_supported": [],
+        "scopes_supported": scopes,
+        "token_endpoint_auth_methods_supported": auth_methods,
+        "revocation_endpoint_auth_methods_supported": auth_methods,
+        "introspection_endpoint_auth_methods_supported": auth_methods,
+    })
+}
+
+fn token_response(t: IssuedTokens) -> Response {
+    let mut body = json!({
+        "access_token": t.access_token,
+        "token_type": "Bearer",
+        "expires_in": t.expires_in,
+        "scope": t.scope,
+    });
+    if let (Some(refresh), Value::Object(map)) = (t.refresh_token, &mut body) {
+        map.insert("refresh_token".into(), Value::String(refresh));
+    }
+    let mut response = axum::Json(body).into_response();
+    no_store(&mut response);
+    response
+}
+
+fn log_rejection(endpoint: &str, e: &ApiError) {
+    match e {
+        ApiError::OAuth(OAuthError::ServerError(d) | OAuthError::TemporarilyUnavailable(d), _) => {
+            tracing::error!(endpoint, description = %d, "request failed")
+        }
+        ApiError::OAuth(err, _) => {
+            tracing::info!(endpoint, error = err.code(), description = err.description(), "request rejected")
+        }
+        other => tracing::info!(endpoint, error = ?other, "request rejected"),
+    }
+}
+
+const GRANT_TYPES: [&str; 3] = ["password", "client_credentials", "refresh_token"];
+
+async fn token(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let mut grant_label = "unknown";
+    let result: Result<IssuedTokens, ApiError> = async {
+        let mut form = read_form(&headers, body).await?;
+        let grant_type = form.get("grant_type").map(str::to_string);
+        grant_label = GRANT_TYPES.iter().find(|g| Some(**g) == grant_type.as_deref()).copied().unwrap_or("unknown");
+        let (creds, scheme) = client_credentials(&headers, &mut form)?;
+        let with_scheme = |e: OAuthError| ApiError::OAuth(e, scheme);
+        let grant = match grant_type.as_deref() {
+            None => return Err(with_scheme(OAuthError::InvalidRequest("missing parameter grant_type".into()))),
+            Some("password") => Grant::Password {
+                username: form.require("username").map_err(with_scheme)?,
+                password: form.require("password").map_err(with_scheme)?,
+                scope: form.take("scope"),
+            },
+            Some("client_credentials") => Grant::ClientCredentials { scope: form.take("scope") },
+            Some("refresh_token") => Grant::RefreshToken {
+                refresh_token: form.require("refresh_token").map_err(with_scheme)?,
+                scope: form.take("scope"),
+            },
+            Some(_) => {
+                return Err(with_scheme(OAuthError::UnsupportedGrantType(
+                    "supported grant types: password, client_credentials, refresh_token".into(),
+                )));
+            }
+        };
+        s.service.token(&creds, grant).await.map_err(with_scheme)
+    }
+    .await;
+    s.metrics.observe_latency("token", started.elapsed().as_secs_f64());
+    match result {
+        Ok(t) => {
+            s.metrics.token_outcome(grant_label, if t.reused { "reused" } else { "issued" });
+            token_response(t)
+        }
+        Err(e) => {
+            s.metrics.token_outcome(grant_label, e.code());
+            log_rejection("token", &e);
+            e.into_response()
+        }
+    }
+}
+
+async fn revoke(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let result: Result<bool, ApiError> = async {
+        let mut form = read_form(&headers, body).await?;
+        let (creds, scheme) = client_credentials(&headers, &mut form)?;
+        let token = form.require("token").map_err(|e| ApiError::OAuth(e, scheme))?;
+        // token_type_hint is only a hint (RFC 7009 §2.1): both token kinds are recognised without it.
+        s.service.revoke(&creds, &token).await.map_err(|e| ApiError::OAuth(e, scheme))
+    }
+    .await;
+    s.metrics.observe_latency("revoke", started.elapsed().as_secs_f64());
+    match result {
+        Ok(revoked) => {
+            if revoked {
+                s.metrics.revoked();
+            }
+            let mut r = StatusCode::OK.into_response();
+            no_store(&mut r);
+            r
+        }
+        Err(e) => {
+            log_rejection("revoke", &e);
+            e.into_response()
+        }
+    }
+}
+
+async fn introspect(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let result: Result<Introspection, ApiError> = async {
+        let mut form = read_form(&headers, body).await?;
+        let (creds, scheme) = client_credentials(&headers, &mut form)?;
+        let token = form.require("token").map_err(|e| ApiError::OAuth(e, scheme))?;
+        s.service.introspect(&creds, &token).await.map_err(|e| ApiError::OAuth(e, scheme))
+    }
+    .await;
+    s.metrics.observe_latency("introspect", started.elapsed().as_secs_f64());
+    let mut response = match result {
+        Ok(Introspection::Active(active)) => axum::Json(active).into_response(),
+        Ok(Introspection::Inactive) => axum::Json(json!({"active": false})).into_response(),
+        Err(e) => {
+            log_rejection("introspect", &e);
+            return e.into_response();
+        }
+    };
+    no_store(&mut response);
+    response
+}
+
+async fn jwks(State(s): State<Arc<AppState>>) -> Response {
+    let mut r = axum::Json(s.jwks.clone()).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/jwk-set+json"));
+    r
+}
+
+async fn metadata(State(s): State<Arc<AppState>>) -> Response {
+    axum::Json(s.metadata.clone()).into_response()
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    if s.service.store_healthy() {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "token storage unavailable").into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let mut r = s.metrics.render().into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    r
+}

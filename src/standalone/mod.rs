@@ -1,1 +1,219 @@
-//! standalone
+//! `kubetoken standalone`: the token service with no cluster. Applications come from manifest files, state
+//! (signing keys, generated credentials, the token log) lives in a local directory.
+
+pub mod manifests;
+pub mod state_dir;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use self::manifests::{AppManifest, Manifests};
+use self::state_dir::StateDir;
+use crate::api::v1alpha1::{DEFAULT_USERS_KEY, UserEntry};
+use crate::core::app::{Application, ApplicationConfig, PasswordDigest, Registry, User};
+use crate::core::clock::{Clock, SystemClock};
+use crate::core::lockout::LockoutPolicy;
+use crate::core::scope::ScopePolicy;
+use crate::core::service::{ServiceConfig, TokenService};
+use crate::core::signing::SigningKey;
+use crate::http::{AppState, router};
+use crate::metrics::Metrics;
+use crate::storage::file_store::{FileStore, FileStoreOptions};
+
+#[derive(Debug, Clone)]
+pub struct StandaloneOptions {
+    pub manifests: PathBuf,
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub issuer: Option<String>,
+    pub user_lockout: LockoutPolicy,
+    pub client_lockout: LockoutPolicy,
+}
+
+/// Credentials generated at start, to be shown to the operator once per start.
+pub struct GeneratedCredentials {
+    pub application: String,
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+fn utf8(bytes: &[u8]) -> Option<String> {
+    String::from_utf8(bytes.to_vec()).ok().map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// Builds the application for one manifest, reading or creating what it needs in the state dir.
+fn build_application(
+    m: &AppManifest,
+    manifests: &Manifests,
+    state: &StateDir,
+    generated: &mut Vec<GeneratedCredentials>,
+) -> Result<Application, String> {
+    let spec = &m.app.spec;
+    let ns = m.namespace();
+    let name = &m.app.metadata.name;
+    spec.validate().map_err(|e| m.error(e.path, e.message).to_string())?;
+
+    // Credentials: the Secret from the manifests if there is one, else generated once and kept in the state dir.
+    let secret_name = spec
+        .credentials
+        .as_ref()
+        .and_then(|c| c.secret_name.clone())
+        .unwrap_or_else(|| format!("{name}-credentials"));
+    let (client_id, client_secret) = match manifests.secret(ns, &secret_name) {
+        Some(secret) => {
+            let get = |key: &str| {
+                secret.data.get(key).and_then(|v| utf8(v)).filter(|v| !v.is_empty()).ok_or_else(|| {
+                    format!(
+                        "{}: Secret {ns}/{secret_name}: data.{key}: missing or empty (referenced by {})",
+                        secret.file.display(),
+                        m.object()
+                    )
+                })
+            };
+            (get("client_id")?, get("client_secret")?)
+        }
+        None => {
+            let (creds, fresh) = state.credentials(ns, name).map_err(|e| format!("{}: {e}", m.object()))?;
+            generated.push(GeneratedCredentials {
+                application: format!("{ns}/{name}{}", if fresh { " (new)" } else { "" }),
+                client_id: creds.client_id.clone(),
+                client_secret: creds.client_secret.clone(),
+            });
+            (creds.client_id, creds.client_secret)
+        }
+    };
+
+    let mut users = HashMap::new();
+    if let Some(u) = &spec.users {
+        let key = u.secret_ref.key.as_deref().unwrap_or(DEFAULT_USERS_KEY);
+        let secret = manifests.secret(ns, &u.secret_ref.name).ok_or_else(|| {
+            m.error("spec.users.secretRef.name", format!("Secret {ns}/{} is not in the manifests", u.secret_ref.name))
+                .to_string()
+        })?;
+        let where_ = format!("{}: Secret {ns}/{}: data.{key}", secret.file.display(), u.secret_ref.name);
+        let text = secret.data.get(key).and_then(|v| utf8(v)).ok_or_else(|| format!("{where_}: missing"))?;
+        let entries: Vec<UserEntry> = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
+            .map_err(|e| format!("{where_}: {}: {}", e.path(), e.inner()))?;
+        for (i, entry) in entries.into_iter().enumerate() {
+            let digest = PasswordDigest::parse(&entry.password_hash)
+                .map_err(|e| format!("{where_}: [{i}].passwordHash: {e}"))?;
+            if users.insert(entry.username.clone(), User { digest, roles: entry.roles }).is_some() {
+                return Err(format!("{where_}: [{i}].username: {:?} is listed twice", entry.username));
+            }
+        }
+    }
+
+    let alg = spec.signing.algorithm;
+    let der = state.signing_key(ns, name, alg).map_err(|e| format!("{}: signing key: {e}", m.object()))?;
+    let signer = SigningKey::from_pkcs8(alg, &der).map_err(|e| format!("{}: signing key: {e}", m.object()))?;
+
+    Ok(Application::new(ApplicationConfig {
+        name: format!("{ns}/{name}"),
+        client_id,
+        client_secrets: vec![client_secret],
+        grant_types: spec.grant_types.clone(),
+        format: spec.token_format,
+        access_ttl: spec.access_lifetime_secs().map_err(|e| m.error(e.path, e.message).to_string())?,
+        refresh_ttl: spec.refresh_lifetime_secs().map_err(|e| m.error(e.path, e.message).to_string())?,
+        audience: spec.audience.clone(),
+        client_roles: spec.client_roles.clone(),
+        scopes: ScopePolicy::new(spec.scopes.iter().map(|s| (s.name.clone(), s.roles.clone()))),
+        users,
+        signer: Arc::new(signer),
+    }))
+}
+
+/// Everything `standalone` needs before it listens. Fails with a message naming the file, object and field.
+pub struct Prepared {
+    pub service: Arc<TokenService>,
+    pub store: Arc<FileStore>,
+    pub metrics: Arc<Metrics>,
+    pub generated: Vec<GeneratedCredentials>,
+}
+
+pub fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepared, String> {
+    let manifests = Manifests::load_dir(&opts.manifests).map_err(|e| e.to_string())?;
+    if manifests.apps.is_empty() {
+        return Err(format!("{}: no OAuthApplication found", opts.manifests.display()));
+    }
+    let state = StateDir::open(&opts.state_dir).map_err(|e| format!("{}: {e}", opts.state_dir.display()))?;
+    let mut generated = Vec::new();
+    let apps = manifests
+        .apps
+        .iter()
+        .map(|m| build_application(m, &manifests, &state, &mut generated))
+        .collect::<Result<Vec<_>, _>>()?;
+    let registry = Registry::new(apps)?;
+    let mac_key = state.token_mac_key().map_err(|e| format!("{}: {e}", opts.state_dir.display()))?;
+    let metrics = Arc::new(Metrics::default());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (store, report) =
+        FileStore::open(&state.tokens_dir(), clock.clone(), metrics.storage_batch.clone(), FileStoreOptions::default())
+            .map_err(|e| format!("{}: {e}", state.tokens_dir().display()))?;
+    tracing::info!(
+        records = report.records,
+        truncated_bytes = report.truncated_bytes,
+        live_entries = report.live_entries,
+        "token state loaded"
+    );
+    let store = Arc::new(store);
+    let service = TokenService::new(
+        registry,
+        store.clone(),
+        clock,
+        &mac_key,
+        ServiceConfig { issuer, user_lockout: opts.user_lockout, client_lockout: opts.client_lockout },
+    );
+    Ok(Prepared { service: Arc::new(service), store, metrics, generated })
+}
+
+/// Binds, prints the address, serves until SIGTERM or Ctrl-C, then flushes the state.
+pub async fn run(opts: StandaloneOptions) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let issuer = opts.issuer.clone().unwrap_or_else(|| format!("http://{local}"));
+    let prepared = prepare(&opts, issuer)?;
+    for g in &prepared.generated {
+        // Printed on stdout for the operator, never into the logs.
+        println!("credentials for {}: client_id={} client_secret={}", g.application, g.client_id, g.client_secret);
+    }
+    println!("kubetoken listening on http://{local}");
+    let state = Arc::new(AppState::new(prepared.service.clone(), prepared.metrics.clone()));
+    let app = router(state);
+    use axum::serve::ListenerExt;
+    // Token responses are small: without TCP_NODELAY, Nagle plus delayed ACKs can add 40 ms to keep-alive requests.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tracing::info!(%local, "serving");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))?;
+    prepared.store.close();
+    tracing::info!("stopped; token state flushed");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,94 @@
+//! The one place where errors become HTTP responses (RFC 6749 §5.2 bodies).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::core::error::OAuthError;
+
+/// How the client tried to authenticate: decides the `invalid_client` response shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthScheme {
+    Basic,
+    Post,
+    None,
+}
+
+#[derive(Debug)]
+pub enum ApiError {
+    OAuth(OAuthError, AuthScheme),
+    UnsupportedMediaType,
+    PayloadTooLarge(usize),
+    MethodNotAllowed(&'static str),
+}
+
+impl From<OAuthError> for ApiError {
+    fn from(e: OAuthError) -> Self {
+        ApiError::OAuth(e, AuthScheme::None)
+    }
+}
+
+impl ApiError {
+    /// The `outcome` label for metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::OAuth(e, _) => e.code(),
+            ApiError::UnsupportedMediaType | ApiError::PayloadTooLarge(_) | ApiError::MethodNotAllowed(_) => {
+                "invalid_request"
+            }
+        }
+    }
+}
+
+/// Headers every OAuth endpoint response carries (RFC 6749 §5.1).
+pub fn no_store(response: &mut Response) {
+    let h = response.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+fn error_body(status: StatusCode, code: &str, description: &str) -> Response {
+    let body = serde_json::json!({ "error": code, "error_description": description });
+    let mut response = (status, axum::Json(body)).into_response();
+    no_store(&mut response);
+    response
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::OAuth(e, scheme) => {
+                let status = match &e {
+                    OAuthError::InvalidClient(_) => StatusCode::UNAUTHORIZED,
+                    OAuthError::ServerError(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                    OAuthError::TemporarilyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                let mut response = error_body(status, e.code(), e.description());
+                if status == StatusCode::UNAUTHORIZED {
+                    // RFC 6749 §5.2 requires it for Basic; HTTP (RFC 9110 §15.5.2) requires it on every 401.
+                    let challenge = match scheme {
+                        AuthScheme::Basic => "Basic realm=\"kubetoken\", error=\"invalid_client\"",
+                        AuthScheme::Post | AuthScheme::None => "Basic realm=\"kubetoken\"",
+                    };
+                    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+                }
+                response
+            }
+            ApiError::UnsupportedMediaType => error_body(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request",
+                "the request body must be application/x-www-form-urlencoded",
+            ),
+            ApiError::PayloadTooLarge(limit) => error_body(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                &format!("the request body is larger than {limit} bytes"),
+            ),
+            ApiError::MethodNotAllowed(allow) => {
+                let mut r = error_body(StatusCode::METHOD_NOT_ALLOWED, "invalid_request", &format!("use {allow}"));
+                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+                r
+            }
+        }
+    }
+}
