@@ -481,3 +481,7 @@ impl TokenService {
         Ok(Introspection::Active(Box::new(active)))
     }
 }
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;

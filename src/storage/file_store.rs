@@ -56,6 +56,8 @@ struct Inner {
     log_records: usize,
     failed: Option<String>,
     stopping: bool,
+    /// The writer is blocked waiting for records; only then does a commit need to wake it.
+    writer_idle: bool,
 }
 
 struct Shared {
@@ -196,6 +198,7 @@ impl FileStore {
                 log_records: report.records,
                 failed: None,
                 stopping: false,
+                writer_idle: false,
             }),
             wake: Condvar::new(),
             durable,
@@ -241,10 +244,25 @@ impl Drop for FileStore {
 
 fn writer_loop(shared: &Shared, mut file: File) {
     loop {
-        let (buf, seq, records, compacted) = {
+        let mut woken = false;
+        {
             let mut g = shared.lock();
             while g.pending.is_empty() && !g.stopping {
+                g.writer_idle = true;
                 g = shared.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+                g.writer_idle = false;
+                woken = true;
+            }
+        }
+        if woken {
+            // Let the request threads run first: records they commit meanwhile join this batch, so one fsync
+            // serves many tokens even when everything shares one core.
+            std::thread::yield_now();
+        }
+        let (buf, seq, records, compacted) = {
+            let mut g = shared.lock();
+            if g.pending.is_empty() && !g.stopping {
+                continue;
             }
             if g.pending.is_empty() {
                 return; // stopping, and everything is written
@@ -333,11 +351,13 @@ impl TokenStore for FileStore {
             g.state.apply(record);
             g.applied += 1;
             g.pending_records += 1;
-            Ok(g.applied)
+            Ok((g.applied, g.writer_idle))
         })();
         Box::pin(async move {
-            let seq = seq?;
-            self.shared.wake.notify_one();
+            let (seq, writer_idle) = seq?;
+            if writer_idle {
+                self.shared.wake.notify_one();
+            }
             self.wait_durable(seq).await
         })
     }

@@ -1,0 +1,360 @@
+//! Token semantics, tested on the pure core: in-memory store, manual clock, no HTTP.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::*;
+use crate::core::app::{ApplicationConfig, User};
+use crate::core::clock::ManualClock;
+use crate::core::scope::ScopePolicy;
+use crate::core::store::MemoryStore;
+
+const T0: UnixTime = 1_800_000_000;
+
+fn user(password: &str, roles: &[&str]) -> User {
+    User {
+        // bcrypt cost 4 keeps the tests fast; the digest type is what matters here.
+        digest: PasswordDigest::parse(&bcrypt::hash(password, 4).expect("hash")).expect("digest"),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+    }
+}
+
+fn app(client_id: &str, format: TokenFormat, grants: &[GrantType]) -> Application {
+    let signer = SigningKey::from_pkcs8(
+        crate::api::v1alpha1::SigningAlgorithm::ES256,
+        &SigningKey::generate_pkcs8(crate::api::v1alpha1::SigningAlgorithm::ES256).expect("key"),
+    )
+    .expect("parse");
+    Application::new(ApplicationConfig {
+        name: format!("default/{client_id}"),
+        client_id: client_id.into(),
+        client_secrets: vec!["s3cret".into()],
+        grant_types: grants.to_vec(),
+        format,
+        access_ttl: 3600,
+        refresh_ttl: 86_400,
+        audience: vec!["shop-api".into()],
+        client_roles: vec!["service".into()],
+        scopes: ScopePolicy::new([
+            ("orders:read".to_string(), vec!["customer".to_string(), "admin".to_string()]),
+            ("orders:admin".to_string(), vec!["admin".to_string()]),
+            ("catalog:read".to_string(), vec![]),
+            ("inventory:sync".to_string(), vec!["service".to_string()]),
+        ]),
+        users: HashMap::from([
+            ("alice".to_string(), user("alice-pw", &["customer"])),
+            ("bob".to_string(), user("bob-pw", &["admin"])),
+        ]),
+        signer: Arc::new(signer),
+    })
+}
+
+const ALL: &[GrantType] = &[GrantType::Password, GrantType::ClientCredentials, GrantType::RefreshToken];
+
+struct Fixture {
+    service: TokenService,
+    clock: Arc<ManualClock>,
+}
+
+fn fixture(format: TokenFormat) -> Fixture {
+    let clock = Arc::new(ManualClock::new(T0));
+    let registry = Registry::new(vec![
+        app("shop", format, ALL),
+        app("other", format, ALL),
+        app("cc-only", format, &[GrantType::ClientCredentials]),
+    ])
+    .expect("registry");
+    let service = TokenService::new(
+        registry,
+        Arc::new(MemoryStore::default()),
+        clock.clone(),
+        &[42u8; 32],
+        ServiceConfig {
+            issuer: "https://issuer.test".into(),
+            user_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
+            client_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
+        },
+    );
+    Fixture { service, clock }
+}
+
+fn client(id: &str) -> ClientCredentials {
+    ClientCredentials { client_id: id.into(), client_secret: "s3cret".into() }
+}
+
+impl Fixture {
+    async fn password(&self, user: &str, pw: &str, scope: &str) -> Result<IssuedTokens, OAuthError> {
+        let grant = Grant::Password { username: user.into(), password: pw.into(), scope: Some(scope.into()) };
+        self.service.token(&client("shop"), grant).await
+    }
+
+    async fn active(&self, token: &str) -> bool {
+        matches!(self.service.introspect(&client("shop"), token).await, Ok(Introspection::Active(_)))
+    }
+}
+
+#[tokio::test]
+async fn device_tokens_live_side_by_side_and_a_new_one_revokes_only_its_own_device() {
+    let f = fixture(TokenFormat::Jwt);
+    let ipad1 = f.password("alice", "alice-pw", "device_ipad").await.expect("ipad");
+    let iphone = f.password("alice", "alice-pw", "device_iphone").await.expect("iphone");
+    assert_ne!(ipad1.access_token, iphone.access_token);
+    assert!(f.active(&ipad1.access_token).await && f.active(&iphone.access_token).await);
+
+    let ipad2 = f.password("alice", "alice-pw", "device_ipad").await.expect("ipad again");
+    assert!(!f.active(&ipad1.access_token).await, "the first iPad token is superseded");
+    assert!(!f.active(ipad1.refresh_token.as_deref().expect("refresh")).await, "and so is its refresh token");
+    assert!(f.active(&ipad2.access_token).await);
+    assert!(f.active(&iphone.access_token).await, "the iPhone token is untouched");
+}
+
+#[tokio::test]
+async fn device_scopes_combine_with_role_checked_scopes_and_unauthorized_ones_are_dropped() {
+    let f = fixture(TokenFormat::Jwt);
+    let t = f.password("alice", "alice-pw", "orders:admin device_ipad orders:read nonsense").await.expect("token");
+    assert_eq!(t.scope, "device_ipad orders:read");
+    // The scope set is part of the key: the same device without orders:read is another key.
+    let plain = f.password("alice", "alice-pw", "device_ipad").await.expect("plain");
+    assert!(f.active(&t.access_token).await && f.active(&plain.access_token).await);
+    // Same granted set, requested differently (order, duplicates, a dropped extra): same key, so it supersedes.
+    let again = f.password("alice", "alice-pw", "orders:read device_ipad orders:read orders:admin").await.expect("again");
+    assert!(!f.active(&t.access_token).await);
+    assert!(f.active(&again.access_token).await);
+    let admin = f.password("bob", "bob-pw", "orders:admin device_ipad").await.expect("admin");
+    assert_eq!(admin.scope, "device_ipad orders:admin");
+}
+
+#[tokio::test]
+async fn nothing_granted_gives_the_default_scope() {
+    let f = fixture(TokenFormat::Jwt);
+    assert_eq!(f.password("alice", "alice-pw", "orders:admin").await.expect("t").scope, "default");
+    assert_eq!(f.password("alice", "alice-pw", "").await.expect("t").scope, "default");
+}
+
+#[tokio::test]
+async fn malformed_scope_is_invalid_scope() {
+    let f = fixture(TokenFormat::Jwt);
+    let err = f.password("alice", "alice-pw", "bad\"scope").await.expect_err("malformed");
+    assert_eq!(err.code(), "invalid_scope");
+}
+
+#[tokio::test]
+async fn opaque_mode_returns_the_same_token_until_it_expires_or_is_revoked() {
+    let f = fixture(TokenFormat::Opaque);
+    let first = f.password("alice", "alice-pw", "device_ipad").await.expect("first");
+    f.clock.advance(600);
+    let same = f.password("alice", "alice-pw", "device_ipad").await.expect("same");
+    assert_eq!(same.access_token, first.access_token);
+    assert_eq!(same.refresh_token, first.refresh_token);
+    assert_eq!(same.expires_in, first.expires_in - 600);
+    assert!(same.reused);
+    // Another device gets its own token.
+    let other = f.password("alice", "alice-pw", "device_iphone").await.expect("other");
+    assert_ne!(other.access_token, first.access_token);
+    // After expiry, a new token.
+    f.clock.advance(3000);
+    let renewed = f.password("alice", "alice-pw", "device_ipad").await.expect("renewed");
+    assert_ne!(renewed.access_token, first.access_token);
+    assert_eq!(renewed.expires_in, 3600);
+    // After revocation, a new token.
+    assert!(f.service.revoke(&client("shop"), &renewed.access_token).await.expect("revoke"));
+    let after_revoke = f.password("alice", "alice-pw", "device_ipad").await.expect("after revoke");
+    assert_ne!(after_revoke.access_token, renewed.access_token);
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_reuse_revokes_the_grant() {
+    let f = fixture(TokenFormat::Jwt);
+    let first = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("first");
+    let r1 = first.refresh_token.clone().expect("refresh token");
+    let refresh = |token: String, scope: Option<&str>| Grant::RefreshToken { refresh_token: token, scope: scope.map(str::to_string) };
+
+    let second = f.service.token(&client("shop"), refresh(r1.clone(), None)).await.expect("rotate");
+    let r2 = second.refresh_token.clone().expect("new refresh token");
+    assert_ne!(r1, r2);
+    assert_eq!(second.scope, "device_ipad orders:read");
+    assert!(!f.active(&first.access_token).await, "the previous access token of the key is revoked");
+    assert!(f.active(&second.access_token).await);
+
+    // Reusing the rotated-out token: invalid_grant, and the grant's live tokens go.
+    let err = f.service.token(&client("shop"), refresh(r1, None)).await.expect_err("reuse");
+    assert_eq!(err.code(), "invalid_grant");
+    assert!(!f.active(&second.access_token).await);
+    let err = f.service.token(&client("shop"), refresh(r2, None)).await.expect_err("revoked");
+    assert_eq!(err.code(), "invalid_grant");
+}
+
+#[tokio::test]
+async fn refresh_may_narrow_but_not_widen_the_scope() {
+    let f = fixture(TokenFormat::Jwt);
+    let t = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("token");
+    let refresh = |token: &str, scope: &str| Grant::RefreshToken { refresh_token: token.into(), scope: Some(scope.into()) };
+    let err = f
+        .service
+        .token(&client("shop"), refresh(t.refresh_token.as_deref().expect("r"), "orders:read catalog:read"))
+        .await
+        .expect_err("wider");
+    assert_eq!(err.code(), "invalid_scope");
+    let narrow = f
+        .service
+        .token(&client("shop"), refresh(t.refresh_token.as_deref().expect("r"), "orders:read"))
+        .await
+        .expect("narrower");
+    assert_eq!(narrow.scope, "orders:read");
+    // The key is unchanged: a new device_ipad+orders:read login supersedes the narrowed token.
+    let relogin = f.password("alice", "alice-pw", "orders:read device_ipad").await.expect("relogin");
+    assert!(!f.active(&narrow.access_token).await);
+    assert!(f.active(&relogin.access_token).await);
+}
+
+#[tokio::test]
+async fn refresh_tokens_are_bound_to_their_client_and_expire() {
+    let f = fixture(TokenFormat::Jwt);
+    let t = f.password("alice", "alice-pw", "device_ipad").await.expect("token");
+    let r = t.refresh_token.expect("refresh");
+    let grant = || Grant::RefreshToken { refresh_token: r.clone(), scope: None };
+    assert_eq!(f.service.token(&client("other"), grant()).await.expect_err("other client").code(), "invalid_grant");
+    f.clock.advance(86_400);
+    assert_eq!(f.service.token(&client("shop"), grant()).await.expect_err("expired").code(), "invalid_grant");
+    let garbage = Grant::RefreshToken { refresh_token: "garbage".into(), scope: None };
+    assert_eq!(f.service.token(&client("shop"), garbage).await.expect_err("garbage").code(), "invalid_grant");
+}
+
+#[tokio::test]
+async fn access_tokens_expire() {
+    let f = fixture(TokenFormat::Jwt);
+    let t = f.password("alice", "alice-pw", "device_ipad").await.expect("token");
+    f.clock.advance(3599);
+    assert!(f.active(&t.access_token).await);
+    f.clock.advance(1);
+    assert!(!f.active(&t.access_token).await);
+}
+
+#[tokio::test]
+async fn repeated_failed_passwords_lock_the_user_without_checking_the_password() {
+    let f = fixture(TokenFormat::Jwt);
+    for _ in 0..3 {
+        assert_eq!(f.password("alice", "wrong", "").await.expect_err("wrong").code(), "invalid_grant");
+    }
+    let locked = f.password("alice", "alice-pw", "").await.expect_err("locked");
+    assert_eq!(locked.code(), "invalid_grant");
+    assert!(locked.description().contains("locked"), "{locked:?}");
+    // Other users are unaffected.
+    f.password("bob", "bob-pw", "").await.expect("bob");
+    f.clock.advance(60);
+    f.password("alice", "alice-pw", "").await.expect("unlocked");
+    // Unknown users fail like wrong passwords.
+    assert_eq!(f.password("mallory", "x", "").await.expect_err("unknown").description(), "invalid username or password");
+}
+
+#[tokio::test]
+async fn repeated_failed_client_authentication_is_throttled() {
+    let f = fixture(TokenFormat::Jwt);
+    let bad = ClientCredentials { client_id: "shop".into(), client_secret: "nope".into() };
+    for _ in 0..3 {
+        let e = f.service.token(&bad, Grant::ClientCredentials { scope: None }).await.expect_err("bad");
+        assert_eq!(e.code(), "invalid_client");
+    }
+    let e = f.service.token(&client("shop"), Grant::ClientCredentials { scope: None }).await.expect_err("locked");
+    assert!(e.description().contains("try again"), "{e:?}");
+    f.clock.advance(60);
+    f.service.token(&client("shop"), Grant::ClientCredentials { scope: None }).await.expect("unlocked");
+}
+
+#[tokio::test]
+async fn client_credentials_use_client_roles_and_get_no_refresh_token() {
+    let f = fixture(TokenFormat::Jwt);
+    let grant = Grant::ClientCredentials { scope: Some("inventory:sync orders:admin device_kiosk".into()) };
+    let t = f.service.token(&client("shop"), grant).await.expect("token");
+    assert_eq!(t.scope, "device_kiosk inventory:sync");
+    assert!(t.refresh_token.is_none());
+    let Ok(Introspection::Active(info)) = f.service.introspect(&client("shop"), &t.access_token).await else {
+        panic!("token should be active")
+    };
+    assert_eq!(info.sub, "shop");
+    assert_eq!(info.username, None);
+}
+
+#[tokio::test]
+async fn grants_not_allowed_for_the_client_are_unauthorized_client() {
+    let f = fixture(TokenFormat::Jwt);
+    let grant = Grant::Password { username: "alice".into(), password: "alice-pw".into(), scope: None };
+    let e = f.service.token(&client("cc-only"), grant).await.expect_err("not allowed");
+    assert_eq!(e.code(), "unauthorized_client");
+}
+
+#[tokio::test]
+async fn revocation_and_introspection_stay_within_the_client() {
+    let f = fixture(TokenFormat::Jwt);
+    let t = f.password("alice", "alice-pw", "device_ipad").await.expect("token");
+    // Another client neither sees nor revokes it.
+    assert_eq!(f.service.introspect(&client("other"), &t.access_token).await, Ok(Introspection::Inactive));
+    assert_eq!(f.service.revoke(&client("other"), &t.access_token).await, Ok(false));
+    assert!(f.active(&t.access_token).await);
+    // Revoking the refresh token revokes the pair.
+    assert_eq!(f.service.revoke(&client("shop"), t.refresh_token.as_deref().expect("r")).await, Ok(true));
+    assert!(!f.active(&t.access_token).await);
+    // Unknown tokens: success without effect.
+    assert_eq!(f.service.revoke(&client("shop"), "not-a-token").await, Ok(false));
+}
+
+#[tokio::test]
+async fn introspection_reports_rfc7662_fields() {
+    let f = fixture(TokenFormat::Jwt);
+    let t = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("token");
+    let Ok(Introspection::Active(info)) = f.service.introspect(&client("shop"), &t.access_token).await else {
+        panic!("active")
+    };
+    assert_eq!(info.scope, "device_ipad orders:read");
+    assert_eq!(info.client_id, "shop");
+    assert_eq!(info.username.as_deref(), Some("alice"));
+    assert_eq!(info.sub, "alice");
+    assert_eq!(info.token_type, Some("Bearer"));
+    assert_eq!(info.exp, T0 + 3600);
+    assert_eq!(info.iat, T0);
+    assert_eq!(info.aud, vec!["shop-api".to_string()]);
+    assert_eq!(info.iss, "https://issuer.test");
+    // A JWT whose signature does not verify is inactive even if its jti is live.
+    let mut forged = t.access_token.clone();
+    forged.pop();
+    forged.push(if t.access_token.ends_with('A') { 'B' } else { 'A' });
+    assert!(!f.active(&forged).await);
+}
+
+#[tokio::test]
+async fn concurrent_requests_for_one_key_leave_exactly_one_live_token() {
+    let f = Arc::new(fixture(TokenFormat::Jwt));
+    let mut handles = Vec::new();
+    for _ in 0..32 {
+        let f = f.clone();
+        handles.push(tokio::spawn(async move {
+            f.service.token(&client("shop"), Grant::ClientCredentials { scope: Some("device_x".into()) }).await
+        }));
+    }
+    let mut tokens = Vec::new();
+    for h in handles {
+        tokens.push(h.await.expect("join").expect("token").access_token);
+    }
+    let mut active = 0;
+    for t in &tokens {
+        if f.active(t).await {
+            active += 1;
+        }
+    }
+    assert_eq!(active, 1);
+}
+
+#[test]
+fn decide_issue_follows_the_format_rule() {
+    let pair = LivePair {
+        access_id: TokenId([1; 16]),
+        access_scopes: ScopeSet::default(),
+        issued_at: 0,
+        access_expires_at: 100,
+        refresh: None,
+    };
+    assert_eq!(decide_issue(TokenFormat::Opaque, Some(&pair), 99), IssueDecision::Reuse(pair.clone()));
+    assert_eq!(decide_issue(TokenFormat::Opaque, Some(&pair), 100), IssueDecision::Replace { expect: Some(pair.access_id) });
+    assert_eq!(decide_issue(TokenFormat::Jwt, Some(&pair), 0), IssueDecision::Replace { expect: Some(pair.access_id) });
+    assert_eq!(decide_issue(TokenFormat::Jwt, None, 0), IssueDecision::Replace { expect: None });
+}
