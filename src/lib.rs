@@ -8,6 +8,8 @@
 //! - [`api`]: the `OAuthApplication` resource as users write it (serde + schemars).
 //! - [`standalone`]: wiring for `kubetoken standalone`: manifests on disk, state on disk.
 #![forbid(unsafe_code)]
+// Errors are handled, not unwrapped: a panic in a request would drop a client connection without an answer.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod api;
 pub mod core;

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// A cumulative histogram with fixed bucket bounds.
 #[derive(Debug)]
@@ -113,7 +113,9 @@ impl Metrics {
         for (endpoint, h) in ENDPOINTS.iter().zip(&self.latency) {
             h.render(&mut out, "kubetoken_request_duration_seconds", &format!("endpoint=\"{endpoint}\""));
         }
-        out.push_str("# HELP kubetoken_storage_batch_records State changes made durable per storage write (group commit).\n");
+        out.push_str(
+            "# HELP kubetoken_storage_batch_records State changes made durable per storage write (group commit).\n",
+        );
         out.push_str("# TYPE kubetoken_storage_batch_records histogram\n");
         self.storage_batch.render(&mut out, "kubetoken_storage_batch_records", "");
         out

@@ -87,7 +87,8 @@ fn refresh_rotation_and_reuse_detection() {
     assert_eq!(narrower.status, 200, "{}", narrower.body);
     assert_eq!(narrower.field("scope"), "orders:read");
     let r3 = narrower.field("refresh_token");
-    let wider = s.token(SHOP, &[("grant_type", "refresh_token"), ("refresh_token", &r3), ("scope", "orders:read catalog:read")]);
+    let wider = s
+        .token(SHOP, &[("grant_type", "refresh_token"), ("refresh_token", &r3), ("scope", "orders:read catalog:read")]);
     assert_eq!((wider.status, wider.error().as_str()), (400, "invalid_scope"));
 
     // Reuse of a rotated-out refresh token: invalid_grant, and the grant's live tokens are revoked.
@@ -131,7 +132,11 @@ fn revocation_and_introspection() {
     assert!(!s.active(SHOP, &t.field("refresh_token")), "revoking the access token revokes its refresh token");
     // The token_type_hint is optional and may be wrong.
     let t2 = s.password("alice", "alice-password", "device_ipad");
-    let r = post_form(&s.url("/oauth2/revoke"), Some(SHOP), &[("token", &t2.field("refresh_token")), ("token_type_hint", "access_token")]);
+    let r = post_form(
+        &s.url("/oauth2/revoke"),
+        Some(SHOP),
+        &[("token", &t2.field("refresh_token")), ("token_type_hint", "access_token")],
+    );
     assert_eq!(r.status, 200);
     assert!(!s.active(SHOP, &t2.field("access_token")));
 }
@@ -193,20 +198,28 @@ fn rfc6749_error_cases_on_the_wire() {
     let bad_basic = common::basic(("shop-app", "wrong"));
 
     // invalid_client with Basic: 401 and WWW-Authenticate.
-    let r = raw("POST", &url, &[("Content-Type", form), ("Authorization", &bad_basic)], "grant_type=client_credentials");
+    let r =
+        raw("POST", &url, &[("Content-Type", form), ("Authorization", &bad_basic)], "grant_type=client_credentials");
     assert_eq!((r.status, r.error().as_str()), (401, "invalid_client"));
     assert!(r.header("www-authenticate").expect("challenge").starts_with("Basic"));
     assert_eq!(r.header("cache-control"), Some("no-store"));
     // Unknown client via the form, and no authentication at all.
-    let r = raw("POST", &url, &[("Content-Type", form)], "grant_type=client_credentials&client_id=nobody&client_secret=x");
+    let r =
+        raw("POST", &url, &[("Content-Type", form)], "grant_type=client_credentials&client_id=nobody&client_secret=x");
     assert_eq!((r.status, r.error().as_str()), (401, "invalid_client"));
     let r = raw("POST", &url, &[("Content-Type", form)], "grant_type=client_credentials");
     assert_eq!((r.status, r.error().as_str()), (401, "invalid_client"));
     // Malformed Basic header.
-    let r = raw("POST", &url, &[("Content-Type", form), ("Authorization", "Basic !!!")], "grant_type=client_credentials");
+    let r =
+        raw("POST", &url, &[("Content-Type", form), ("Authorization", "Basic !!!")], "grant_type=client_credentials");
     assert_eq!((r.status, r.error().as_str()), (401, "invalid_client"));
     // Two authentication methods at once.
-    let r = raw("POST", &url, &[("Content-Type", form), ("Authorization", &basic)], "grant_type=client_credentials&client_secret=x");
+    let r = raw(
+        "POST",
+        &url,
+        &[("Content-Type", form), ("Authorization", &basic)],
+        "grant_type=client_credentials&client_secret=x",
+    );
     assert_eq!((r.status, r.error().as_str()), (400, "invalid_request"));
 
     let cases: &[(&str, u16, &str)] = &[
@@ -237,7 +250,12 @@ fn rfc6749_error_cases_on_the_wire() {
     let r = get(&url);
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("POST"));
-    let r = raw("POST", &url, &[("Content-Type", "application/json"), ("Authorization", &basic)], r#"{"grant_type":"client_credentials"}"#);
+    let r = raw(
+        "POST",
+        &url,
+        &[("Content-Type", "application/json"), ("Authorization", &basic)],
+        r#"{"grant_type":"client_credentials"}"#,
+    );
     assert_eq!((r.status, r.error().as_str()), (415, "invalid_request"));
     let r = raw("POST", &url, &[("Authorization", &basic)], "grant_type=client_credentials");
     assert_eq!(r.status, 415);
@@ -286,7 +304,8 @@ fn jwt_verifies_with_the_jwks_using_an_independent_library() {
     validation.set_audience(&["shop-api"]);
     validation.set_issuer(&[s.base.as_str()]);
     validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
-    let claims = decode::<Value>(&token, &DecodingKey::from_jwk(jwk).expect("key"), &validation).expect("verifies").claims;
+    let claims =
+        decode::<Value>(&token, &DecodingKey::from_jwk(jwk).expect("key"), &validation).expect("verifies").claims;
     assert_eq!(claims["sub"], "alice");
     assert_eq!(claims["client_id"], "shop-app");
     assert_eq!(claims["scope"], "device_ipad orders:read");
@@ -313,7 +332,10 @@ fn metadata_is_true_to_the_server() {
         assert_eq!(url, s.url(path));
     }
     assert_eq!(m["grant_types_supported"], serde_json::json!(["client_credentials", "password", "refresh_token"]));
-    assert_eq!(m["token_endpoint_auth_methods_supported"], serde_json::json!(["client_secret_basic", "client_secret_post"]));
+    assert_eq!(
+        m["token_endpoint_auth_methods_supported"],
+        serde_json::json!(["client_secret_basic", "client_secret_post"])
+    );
     // Every advertised endpoint answers.
     assert_eq!(get(m["jwks_uri"].as_str().expect("jwks")).status, 200);
     let r = post_form(m["introspection_endpoint"].as_str().expect("introspect"), Some(SHOP), &[("token", "x")]);
@@ -333,7 +355,10 @@ fn health_readiness_and_metrics() {
     assert!(m.header("content-type").expect("type").starts_with("text/plain"));
     let text = m.body;
     assert!(text.contains("kubetoken_tokens_total{grant_type=\"client_credentials\",outcome=\"issued\"} 2"), "{text}");
-    assert!(text.contains("kubetoken_tokens_total{grant_type=\"client_credentials\",outcome=\"invalid_scope\"} 1"), "{text}");
+    assert!(
+        text.contains("kubetoken_tokens_total{grant_type=\"client_credentials\",outcome=\"invalid_scope\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("kubetoken_revocations_total 1"), "{text}");
     assert!(text.contains("kubetoken_request_duration_seconds_count{endpoint=\"token\"} 3"), "{text}");
     assert!(text.contains("kubetoken_storage_batch_records_sum 3"), "{text}");
@@ -349,7 +374,8 @@ fn tokens_survive_a_graceful_restart_and_no_secret_is_logged() {
     let current = s.password("alice", "alice-password", "device_watch");
     assert_eq!(s.revoke(SHOP, &gone.field("access_token")).status, 200);
     let stderr = s.stop();
-    for secret in [keep.field("access_token"), keep.field("refresh_token"), SHOP.1.to_string(), "alice-password".into()] {
+    for secret in [keep.field("access_token"), keep.field("refresh_token"), SHOP.1.to_string(), "alice-password".into()]
+    {
         assert!(!stderr.contains(&secret), "a secret or token reached the logs");
     }
     let s = Server::start(&examples_dir(), state.path(), &[]);
@@ -418,10 +444,7 @@ fn rs256_applications_sign_with_rs256() {
 #[test]
 fn invalid_manifests_fail_at_start_naming_file_object_and_field() {
     let cases = [
-        (
-            "spec:\n  grantTypes: [client_credentials]\n  accessTokenLifetime: 1y\n",
-            "spec.accessTokenLifetime",
-        ),
+        ("spec:\n  grantTypes: [client_credentials]\n  accessTokenLifetime: 1y\n", "spec.accessTokenLifetime"),
         ("spec:\n  grantTypes: [client_credentials]\n  tokenFormat: Paper\n", "spec.tokenFormat"),
         ("spec:\n  grantTypes: [client_credentials]\n  scopes: [{name: 'two words'}]\n", "spec.scopes[0].name"),
         ("spec:\n  grantTypes: [password]\n  users: {secretRef: {name: missing}}\n", "spec.users.secretRef.name"),
@@ -472,12 +495,18 @@ fn hash_password_prints_an_argon2id_hash_the_server_accepts() {
     write(
         manifests.path(),
         "app.yaml",
-        &format!("apiVersion: kubetoken.io/v1alpha1\nkind: OAuthApplication\nmetadata: {{name: shop}}\nspec:\n  users: {{secretRef: {{name: users}}}}\n  credentials: {{secretName: creds}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: creds}}\nstringData: {{client_id: c, client_secret: s}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: users}}\nstringData:\n  users.yaml: |\n    - {{username: carol, passwordHash: '{hash}'}}\n"),
+        &format!(
+            "apiVersion: kubetoken.io/v1alpha1\nkind: OAuthApplication\nmetadata: {{name: shop}}\nspec:\n  users: {{secretRef: {{name: users}}}}\n  credentials: {{secretName: creds}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: creds}}\nstringData: {{client_id: c, client_secret: s}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: users}}\nstringData:\n  users.yaml: |\n    - {{username: carol, passwordHash: '{hash}'}}\n"
+        ),
     );
     let s = Server::start(manifests.path(), state.path(), &[]);
     let r = s.token(("c", "s"), &[("grant_type", "password"), ("username", "carol"), ("password", "correct horse")]);
     assert_eq!(r.status, 200, "{}", r.body);
 
-    let empty = std::process::Command::new(common::BIN).arg("hash-password").stdin(std::process::Stdio::null()).output().expect("run");
+    let empty = std::process::Command::new(common::BIN)
+        .arg("hash-password")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run");
     assert!(!empty.status.success(), "an empty password is refused");
 }

@@ -34,10 +34,7 @@ pub fn parse_duration(input: &str) -> Result<u64, DurationError> {
             return Err(err("a unit needs a number before it"));
         }
         let n: u64 = digits.parse().map_err(|_| err("number too large"))?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| err("too large"))?;
+        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(|| err("too large"))?;
         digits.clear();
     }
     if !digits.is_empty() {

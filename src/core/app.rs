@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use subtle::ConstantTimeEq;
 
 use super::scope::ScopePolicy;
@@ -46,12 +46,11 @@ impl PasswordDigest {
         }
     }
 
-    /// CPU-heavy by design: call off the async executor.
-    pub fn verify(&self, password: &str) -> bool {
+    /// CPU-heavy by design: call off the async executor. `memory` is argon2's working memory, reused between
+    /// calls so that a busy server does not allocate (and the allocator keep) 19 MiB per verification.
+    pub fn verify(&self, password: &str, memory: &mut Vec<argon2::Block>) -> bool {
         match self {
-            PasswordDigest::Argon2(h) => PasswordHash::new(h)
-                .map(|parsed| argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
-                .unwrap_or(false),
+            PasswordDigest::Argon2(h) => verify_argon2(h, password, memory).unwrap_or(false),
             PasswordDigest::Bcrypt(h) => bcrypt::verify(password, h).unwrap_or(false),
         }
     }
@@ -64,6 +63,51 @@ impl PasswordDigest {
             let random_password = SaltString::generate(&mut OsRng);
             PasswordDigest::Argon2(hash_password(random_password.as_str()).unwrap_or_default())
         })
+    }
+}
+
+fn verify_argon2(phc: &str, password: &str, memory: &mut Vec<argon2::Block>) -> Option<bool> {
+    let parsed = PasswordHash::new(phc).ok()?;
+    let params = argon2::Params::try_from(&parsed).ok()?;
+    let algorithm = argon2::Algorithm::try_from(parsed.algorithm).ok()?;
+    let version = parsed.version.map(argon2::Version::try_from).transpose().ok()?.unwrap_or_default();
+    let mut salt = [0u8; 64];
+    let salt = parsed.salt?.decode_b64(&mut salt).ok()?;
+    let expected = parsed.hash?;
+    let mut out = vec![0u8; expected.len()];
+    memory.resize(params.block_count(), argon2::Block::default());
+    argon2::Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(password.as_bytes(), salt, &mut out, &mut memory[..])
+        .ok()?;
+    Some(out.ct_eq(expected.as_bytes()).into())
+}
+
+/// Runs password verifications off the executor, at most one per CPU at a time, each with working memory kept
+/// from one verification to the next. Bounds CPU and memory under a flood of password requests.
+pub struct PasswordChecker {
+    permits: tokio::sync::Semaphore,
+    memories: std::sync::Mutex<Vec<Vec<argon2::Block>>>,
+}
+
+impl Default for PasswordChecker {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self { permits: tokio::sync::Semaphore::new(cpus), memories: std::sync::Mutex::default() }
+    }
+}
+
+impl PasswordChecker {
+    pub async fn verify(self: &Arc<Self>, digest: PasswordDigest, password: String) -> Result<bool, String> {
+        let _permit = self.permits.acquire().await.map_err(|_| "password checker closed".to_string())?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut memory = this.memories.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+            let ok = digest.verify(&password, &mut memory);
+            this.memories.lock().unwrap_or_else(|p| p.into_inner()).push(memory);
+            ok
+        })
+        .await
+        .map_err(|e| format!("password verification task failed: {e}"))
     }
 }
 
@@ -197,12 +241,25 @@ mod tests {
 
     #[test]
     fn argon2_and_bcrypt_hashes_verify() {
+        let mut memory = Vec::new();
         let argon = PasswordDigest::parse(&hash_password("s3cret").expect("hash")).expect("parse");
-        assert!(argon.verify("s3cret"));
-        assert!(!argon.verify("wrong"));
+        assert!(argon.verify("s3cret", &mut memory));
+        assert!(!argon.verify("wrong", &mut memory));
+        // A hash made by another implementation's parameters (argon2i, small memory) verifies too.
+        let other = argon2::Argon2::new(
+            argon2::Algorithm::Argon2i,
+            argon2::Version::V0x13,
+            argon2::Params::new(64, 3, 1, Some(24)).expect("params"),
+        )
+        .hash_password(b"s3cret", &SaltString::generate(&mut OsRng))
+        .expect("hash")
+        .to_string();
+        let other = PasswordDigest::parse(&other).expect("parse");
+        assert!(other.verify("s3cret", &mut memory));
+        assert!(!other.verify("s3cre", &mut memory));
         let bc = PasswordDigest::parse(&bcrypt::hash("s3cret", 4).expect("bcrypt")).expect("parse");
-        assert!(bc.verify("s3cret"));
-        assert!(!bc.verify("wrong"));
+        assert!(bc.verify("s3cret", &mut memory));
+        assert!(!bc.verify("wrong", &mut memory));
     }
 
     #[test]

@@ -158,8 +158,13 @@ pub struct Change {
 /// What a refresh token is, as far as the state knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefreshLookup {
-    Live { key: SharedKey, pair: LivePair },
+    Live {
+        key: SharedKey,
+        pair: LivePair,
+    },
     /// Retired by rotation: using it again is reuse.
-    Rotated { key: SharedKey },
+    Rotated {
+        key: SharedKey,
+    },
     Unknown,
 }

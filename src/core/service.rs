@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ring::rand::SystemRandom;
 use serde::Serialize;
 
-use super::app::{Application, PasswordDigest, Registry};
+use super::app::{Application, PasswordChecker, PasswordDigest, Registry};
 use super::clock::{Clock, UnixTime};
 use super::error::OAuthError;
 use super::lockout::{Lockout, LockoutPolicy};
@@ -131,6 +131,7 @@ pub struct TokenService {
     client_lockout: Lockout,
     keys_by_header: HashMap<String, Arc<SigningKey>>,
     rng: SystemRandom,
+    passwords: Arc<PasswordChecker>,
 }
 
 fn store_error(e: StoreError) -> OAuthError {
@@ -156,8 +157,7 @@ impl TokenService {
         opaque_secret: &[u8],
         config: ServiceConfig,
     ) -> Self {
-        let keys_by_header =
-            registry.apps().map(|a| (a.signer.header_b64().to_string(), a.signer.clone())).collect();
+        let keys_by_header = registry.apps().map(|a| (a.signer.header_b64().to_string(), a.signer.clone())).collect();
         Self {
             registry,
             store,
@@ -168,6 +168,7 @@ impl TokenService {
             client_lockout: Lockout::new(config.client_lockout),
             keys_by_header,
             rng: SystemRandom::new(),
+            passwords: Arc::default(),
         }
     }
 
@@ -236,7 +237,8 @@ impl TokenService {
                 let requested = parse_scope(scope.as_deref())?;
                 let roles = self.check_password(&app, &username, password).await?;
                 let granted = app.scopes.grant(&requested, &roles);
-                let key = TokenKey { client_id: app.client_id.clone(), subject: Subject::User(username), scopes: granted };
+                let key =
+                    TokenKey { client_id: app.client_id.clone(), subject: Subject::User(username), scopes: granted };
                 self.issue(&app, key, app.issues_refresh_tokens()).await
             }
             Grant::RefreshToken { refresh_token, scope } => {
@@ -247,7 +249,12 @@ impl TokenService {
     }
 
     /// Checks a resource owner's password (off the executor), with lockout. Returns the user's roles.
-    async fn check_password(&self, app: &Application, username: &str, password: String) -> Result<Vec<String>, OAuthError> {
+    async fn check_password(
+        &self,
+        app: &Application,
+        username: &str,
+        password: String,
+    ) -> Result<Vec<String>, OAuthError> {
         let lock_key = format!("{}\u{0}{}", app.client_id, username);
         let now = self.clock.now();
         if let Some(secs) = self.user_lockout.locked(&lock_key, now) {
@@ -256,9 +263,10 @@ impl TokenService {
         let user = app.users.get(username);
         // Unknown users are checked against a decoy hash so that timing does not reveal which usernames exist.
         let digest = user.map_or_else(|| PasswordDigest::decoy().clone(), |u| u.digest.clone());
-        let verified = tokio::task::spawn_blocking(move || digest.verify(&password))
-            .await
-            .map_err(|_| OAuthError::ServerError("password verification failed".into()))?;
+        let verified = self.passwords.verify(digest, password).await.map_err(|reason| {
+            tracing::error!(%reason, "password verification failed");
+            OAuthError::ServerError("password verification failed".into())
+        })?;
         match user {
             Some(u) if verified => {
                 self.user_lockout.succeed(&lock_key);
@@ -273,14 +281,26 @@ impl TokenService {
         }
     }
 
-    fn new_pair(&self, app: &Application, access_scopes: ScopeSet, now: UnixTime, with_refresh: bool) -> Result<LivePair, OAuthError> {
+    fn new_pair(
+        &self,
+        app: &Application,
+        access_scopes: ScopeSet,
+        now: UnixTime,
+        with_refresh: bool,
+    ) -> Result<LivePair, OAuthError> {
         let random_id = || TokenId::random(&self.rng).map_err(|_| OAuthError::ServerError("no randomness".into()));
         let refresh = if with_refresh {
             Some(RefreshGrant { id: random_id()?, expires_at: now + app.refresh_ttl })
         } else {
             None
         };
-        Ok(LivePair { access_id: random_id()?, access_scopes, issued_at: now, access_expires_at: now + app.access_ttl, refresh })
+        Ok(LivePair {
+            access_id: random_id()?,
+            access_scopes,
+            issued_at: now,
+            access_expires_at: now + app.access_ttl,
+            refresh,
+        })
     }
 
     /// The access token string of `pair`. JWTs are signed here, before the pair is committed, so that a signing
@@ -299,7 +319,8 @@ impl TokenService {
                     client_id: &app.client_id,
                     scope: pair.access_scopes.to_string(),
                 };
-                let json = serde_json::to_vec(&claims).map_err(|_| OAuthError::ServerError("claims encoding".into()))?;
+                let json =
+                    serde_json::to_vec(&claims).map_err(|_| OAuthError::ServerError("claims encoding".into()))?;
                 app.signer.sign_jwt(&json).map_err(|_| OAuthError::ServerError("token signing failed".into()))
             }
         }
@@ -342,7 +363,12 @@ impl TokenService {
         Err(store_error(StoreError::Conflict))
     }
 
-    async fn refresh(&self, app: &Application, token: &str, requested: Option<ScopeSet>) -> Result<IssuedTokens, OAuthError> {
+    async fn refresh(
+        &self,
+        app: &Application,
+        token: &str,
+        requested: Option<ScopeSet>,
+    ) -> Result<IssuedTokens, OAuthError> {
         let id = self
             .opaque
             .decode(TokenKind::Refresh, token)
@@ -429,7 +455,12 @@ impl TokenService {
     pub async fn revoke(&self, creds: &ClientCredentials, token: &str) -> Result<bool, OAuthError> {
         let app = self.authenticate_client(creds)?;
         for _ in 0..MAX_ATTEMPTS {
-            let Some((key, pair, _)) = self.locate(token) else { return Ok(false) };
+            let Some((key, pair, _)) = self.locate(token) else {
+                // The token may be gone only in memory: superseded or revoked by a change still waiting for its
+                // fsync. Answer once that change is durable, or a crash could bring back a token answered revoked.
+                self.store.sync().await.map_err(store_error)?;
+                return Ok(false);
+            };
             if key.client_id != app.client_id {
                 tracing::info!(client_id = %app.client_id, "revocation of another client's token ignored");
                 return Ok(false);

@@ -117,7 +117,8 @@ async fn device_scopes_combine_with_role_checked_scopes_and_unauthorized_ones_ar
     let plain = f.password("alice", "alice-pw", "device_ipad").await.expect("plain");
     assert!(f.active(&t.access_token).await && f.active(&plain.access_token).await);
     // Same granted set, requested differently (order, duplicates, a dropped extra): same key, so it supersedes.
-    let again = f.password("alice", "alice-pw", "orders:read device_ipad orders:read orders:admin").await.expect("again");
+    let again =
+        f.password("alice", "alice-pw", "orders:read device_ipad orders:read orders:admin").await.expect("again");
     assert!(!f.active(&t.access_token).await);
     assert!(f.active(&again.access_token).await);
     let admin = f.password("bob", "bob-pw", "orders:admin device_ipad").await.expect("admin");
@@ -167,7 +168,10 @@ async fn refresh_rotates_and_reuse_revokes_the_grant() {
     let f = fixture(TokenFormat::Jwt);
     let first = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("first");
     let r1 = first.refresh_token.clone().expect("refresh token");
-    let refresh = |token: String, scope: Option<&str>| Grant::RefreshToken { refresh_token: token, scope: scope.map(str::to_string) };
+    let refresh = |token: String, scope: Option<&str>| Grant::RefreshToken {
+        refresh_token: token,
+        scope: scope.map(str::to_string),
+    };
 
     let second = f.service.token(&client("shop"), refresh(r1.clone(), None)).await.expect("rotate");
     let r2 = second.refresh_token.clone().expect("new refresh token");
@@ -188,7 +192,8 @@ async fn refresh_rotates_and_reuse_revokes_the_grant() {
 async fn refresh_may_narrow_but_not_widen_the_scope() {
     let f = fixture(TokenFormat::Jwt);
     let t = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("token");
-    let refresh = |token: &str, scope: &str| Grant::RefreshToken { refresh_token: token.into(), scope: Some(scope.into()) };
+    let refresh =
+        |token: &str, scope: &str| Grant::RefreshToken { refresh_token: token.into(), scope: Some(scope.into()) };
     let err = f
         .service
         .token(&client("shop"), refresh(t.refresh_token.as_deref().expect("r"), "orders:read catalog:read"))
@@ -244,7 +249,10 @@ async fn repeated_failed_passwords_lock_the_user_without_checking_the_password()
     f.clock.advance(60);
     f.password("alice", "alice-pw", "").await.expect("unlocked");
     // Unknown users fail like wrong passwords.
-    assert_eq!(f.password("mallory", "x", "").await.expect_err("unknown").description(), "invalid username or password");
+    assert_eq!(
+        f.password("mallory", "x", "").await.expect_err("unknown").description(),
+        "invalid username or password"
+    );
 }
 
 #[tokio::test]
@@ -354,7 +362,10 @@ fn decide_issue_follows_the_format_rule() {
         refresh: None,
     };
     assert_eq!(decide_issue(TokenFormat::Opaque, Some(&pair), 99), IssueDecision::Reuse(pair.clone()));
-    assert_eq!(decide_issue(TokenFormat::Opaque, Some(&pair), 100), IssueDecision::Replace { expect: Some(pair.access_id) });
+    assert_eq!(
+        decide_issue(TokenFormat::Opaque, Some(&pair), 100),
+        IssueDecision::Replace { expect: Some(pair.access_id) }
+    );
     assert_eq!(decide_issue(TokenFormat::Jwt, Some(&pair), 0), IssueDecision::Replace { expect: Some(pair.access_id) });
     assert_eq!(decide_issue(TokenFormat::Jwt, None, 0), IssueDecision::Replace { expect: None });
 }

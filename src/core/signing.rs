@@ -59,11 +59,9 @@ impl SigningKey {
     pub fn generate_pkcs8(alg: SigningAlgorithm) -> Result<Vec<u8>, KeyError> {
         let rng = SystemRandom::new();
         match alg {
-            SigningAlgorithm::ES256 => {
-                EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-                    .map(|d| d.as_ref().to_vec())
-                    .map_err(|_| KeyError::Generate("ES256"))
-            }
+            SigningAlgorithm::ES256 => EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .map(|d| d.as_ref().to_vec())
+                .map_err(|_| KeyError::Generate("ES256")),
             SigningAlgorithm::EdDSA => Ed25519KeyPair::generate_pkcs8(&rng)
                 .map(|d| d.as_ref().to_vec())
                 .map_err(|_| KeyError::Generate("EdDSA")),
@@ -187,7 +185,11 @@ mod tests {
             let key = SigningKey::from_pkcs8(alg, &der).expect("parse");
             let token = key.sign_jwt(br#"{"sub":"alice"}"#).expect("sign");
             assert_eq!(key.verify_jwt(&token).as_deref(), Some(&br#"{"sub":"alice"}"#[..]));
-            let tampered = token.replacen(&URL_SAFE_NO_PAD.encode(br#"{"sub":"alice"}"#), &URL_SAFE_NO_PAD.encode(br#"{"sub":"mallory"}"#), 1);
+            let tampered = token.replacen(
+                &URL_SAFE_NO_PAD.encode(br#"{"sub":"alice"}"#),
+                &URL_SAFE_NO_PAD.encode(br#"{"sub":"mallory"}"#),
+                1,
+            );
             assert_eq!(key.verify_jwt(&tampered), None, "{alg:?}");
             assert_eq!(key.public_jwk()["kid"], key.kid());
             assert!(key.public_jwk().get("d").is_none(), "public JWK must not carry private parts");

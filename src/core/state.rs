@@ -101,7 +101,8 @@ impl TokenState {
                 if let Some(pair) = p {
                     self.access.insert(pair.access_id, key.clone());
                     if let Some(r) = pair.refresh {
-                        self.refresh.insert(r.id, RefreshEntry { key: key.clone(), expires_at: r.expires_at, rotated: false });
+                        self.refresh
+                            .insert(r.id, RefreshEntry { key: key.clone(), expires_at: r.expires_at, rotated: false });
                     }
                     self.pairs.insert(key.clone(), pair);
                 }

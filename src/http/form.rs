@@ -64,7 +64,10 @@ pub fn client_credentials(headers: &HeaderMap, form: &mut Form) -> Result<(Clien
     match basic {
         Some(value) => {
             let invalid = || {
-                ApiError::OAuth(OAuthError::InvalidClient("malformed Basic authorization header".into()), AuthScheme::Basic)
+                ApiError::OAuth(
+                    OAuthError::InvalidClient("malformed Basic authorization header".into()),
+                    AuthScheme::Basic,
+                )
             };
             let value = value.to_str().map_err(|_| invalid())?;
             let (scheme, encoded) = value.split_once(' ').ok_or_else(invalid)?;
@@ -79,7 +82,9 @@ pub fn client_credentials(headers: &HeaderMap, form: &mut Form) -> Result<(Clien
             let secret = url_decode(secret).ok_or_else(invalid)?;
             if form_secret.is_some() {
                 return Err(ApiError::OAuth(
-                    OAuthError::InvalidRequest("use one client authentication method, not Basic and client_secret".into()),
+                    OAuthError::InvalidRequest(
+                        "use one client authentication method, not Basic and client_secret".into(),
+                    ),
                     AuthScheme::Basic,
                 ));
             }

@@ -115,10 +115,8 @@ impl Manifests {
         let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
         let kind = text(&value, "kind").unwrap_or_default();
         let name = value.get("metadata").and_then(|m| text(m, "name"));
-        let namespace = value
-            .get("metadata")
-            .and_then(|m| text(m, "namespace"))
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+        let namespace =
+            value.get("metadata").and_then(|m| text(m, "namespace")).unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
         let object = format!("{kind} {namespace}/{}", name.as_deref().unwrap_or("?"));
         let err = |field: &str, message: String| ManifestError {
             file: file.to_path_buf(),
@@ -169,7 +167,9 @@ impl Manifests {
                 }
                 self.secrets.insert((namespace, name), SecretManifest { file: file.to_path_buf(), data });
             }
-            other => tracing::info!(file = %file.display(), kind = other, "ignoring an object of a kind kubetoken does not read"),
+            other => {
+                tracing::info!(file = %file.display(), kind = other, "ignoring an object of a kind kubetoken does not read")
+            }
         }
         Ok(())
     }
@@ -208,7 +208,8 @@ mod tests {
         assert_eq!(e.file, Path::new("apps.yaml"));
         assert_eq!(e.object.as_deref(), Some("OAuthApplication default/shop"));
         assert_eq!(e.field.as_deref(), Some("spec.tokenFormat"));
-        let e = load("apiVersion: kubetoken.io/v1\nkind: OAuthApplication\nmetadata: {name: shop}\nspec: {}\n").expect_err("version");
+        let e = load("apiVersion: kubetoken.io/v1\nkind: OAuthApplication\nmetadata: {name: shop}\nspec: {}\n")
+            .expect_err("version");
         assert_eq!(e.field.as_deref(), Some("apiVersion"));
         let e = load("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {a: '***'}\n").expect_err("base64");
         assert_eq!(e.field.as_deref(), Some("data.a"));

@@ -56,11 +56,8 @@ fn build_application(
     spec.validate().map_err(|e| m.error(e.path, e.message).to_string())?;
 
     // Credentials: the Secret from the manifests if there is one, else generated once and kept in the state dir.
-    let secret_name = spec
-        .credentials
-        .as_ref()
-        .and_then(|c| c.secret_name.clone())
-        .unwrap_or_else(|| format!("{name}-credentials"));
+    let secret_name =
+        spec.credentials.as_ref().and_then(|c| c.secret_name.clone()).unwrap_or_else(|| format!("{name}-credentials"));
     let (client_id, client_secret) = match manifests.secret(ns, &secret_name) {
         Some(secret) => {
             let get = |key: &str| {

@@ -179,7 +179,10 @@ impl FileStore {
         fs::create_dir_all(dir)?;
         let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK_FILE))?;
         lock.try_lock().map_err(|_| {
-            io::Error::new(io::ErrorKind::WouldBlock, format!("{} is in use by another kubetoken process", dir.display()))
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is in use by another kubetoken process", dir.display()),
+            )
         })?;
         let _ = fs::remove_file(dir.join(COMPACT_FILE)); // a compaction interrupted before its rename
         let log_path = dir.join(LOG_FILE);
@@ -411,10 +414,27 @@ mod tests {
         let clock = Arc::new(ManualClock::new(10));
         {
             let store = open(dir.path(), clock.clone(), 1000);
-            store.commit(Change { key: key(1), expect: None, next: Some(pair(1, 100)), rotated_out: None }).await.expect("c1");
-            store.commit(Change { key: key(1), expect: Some(TokenId([1; 16])), next: Some(pair(2, 100)), rotated_out: None }).await.expect("c2");
-            store.commit(Change { key: key(2), expect: None, next: Some(pair(3, 100)), rotated_out: None }).await.expect("c3");
-            store.commit(Change { key: key(2), expect: Some(TokenId([3; 16])), next: None, rotated_out: None }).await.expect("revoke");
+            store
+                .commit(Change { key: key(1), expect: None, next: Some(pair(1, 100)), rotated_out: None })
+                .await
+                .expect("c1");
+            store
+                .commit(Change {
+                    key: key(1),
+                    expect: Some(TokenId([1; 16])),
+                    next: Some(pair(2, 100)),
+                    rotated_out: None,
+                })
+                .await
+                .expect("c2");
+            store
+                .commit(Change { key: key(2), expect: None, next: Some(pair(3, 100)), rotated_out: None })
+                .await
+                .expect("c3");
+            store
+                .commit(Change { key: key(2), expect: Some(TokenId([3; 16])), next: None, rotated_out: None })
+                .await
+                .expect("revoke");
         }
         let store = open(dir.path(), clock, 1000);
         assert!(store.find_access(&TokenId([1; 16])).is_none());
@@ -428,7 +448,10 @@ mod tests {
         let clock = Arc::new(ManualClock::new(10));
         {
             let store = open(dir.path(), clock.clone(), 1000);
-            store.commit(Change { key: key(1), expect: None, next: Some(pair(1, 100)), rotated_out: None }).await.expect("c1");
+            store
+                .commit(Change { key: key(1), expect: None, next: Some(pair(1, 100)), rotated_out: None })
+                .await
+                .expect("c1");
         }
         let log = dir.path().join(LOG_FILE);
         let mut f = OpenOptions::new().append(true).open(&log).expect("log");
@@ -452,16 +475,25 @@ mod tests {
         let mut expect = None;
         for i in 0..200u32 {
             let n = (i % 200) as u8;
-            store.commit(Change { key: key(1), expect, next: Some(pair(n, 100)), rotated_out: None }).await.expect("commit");
+            store
+                .commit(Change { key: key(1), expect, next: Some(pair(n, 100)), rotated_out: None })
+                .await
+                .expect("commit");
             expect = Some(TokenId([n; 16]));
         }
         for i in 0..10u32 {
-            store.commit(Change { key: key(100 + i), expect: None, next: Some(pair(250, 20)), rotated_out: None }).await.expect("short");
+            store
+                .commit(Change { key: key(100 + i), expect: None, next: Some(pair(250, 20)), rotated_out: None })
+                .await
+                .expect("short");
         }
         clock.advance(50); // the ten short-lived pairs are now dead
         for i in 0..60u32 {
             let n = (i % 50) as u8;
-            store.commit(Change { key: key(1), expect, next: Some(pair(n, 1000)), rotated_out: None }).await.expect("commit");
+            store
+                .commit(Change { key: key(1), expect, next: Some(pair(n, 1000)), rotated_out: None })
+                .await
+                .expect("commit");
             expect = Some(TokenId([n; 16]));
         }
         let lines = fs::read_to_string(dir.path().join(LOG_FILE)).expect("log").lines().count();

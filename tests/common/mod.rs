@@ -165,11 +165,8 @@ fn into_response(result: Result<ureq::Response, ureq::Error>) -> Response {
         Err(ureq::Error::Status(_, r)) => r,
         Err(e) => panic!("transport error: {e}"),
     };
-    let headers = resp
-        .headers_names()
-        .into_iter()
-        .filter_map(|n| resp.header(&n).map(|v| (n.clone(), v.to_string())))
-        .collect();
+    let headers =
+        resp.headers_names().into_iter().filter_map(|n| resp.header(&n).map(|v| (n.clone(), v.to_string()))).collect();
     let status = resp.status();
     let body = resp.into_string().unwrap_or_default();
     Response { status, headers, body }
@@ -203,7 +200,11 @@ pub fn get(url: &str) -> Response {
 
 /// Like `post_form`, but returns `None` when the server cannot be reached (it was killed).
 pub fn try_post_form(url: &str, client: (&str, &str), params: &[(&str, &str)]) -> Option<Response> {
-    let req = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build().post(url).set("Authorization", &basic(client));
+    let req = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .post(url)
+        .set("Authorization", &basic(client));
     match req.send_form(params) {
         Ok(r) => Some(into_response(Ok(r))),
         Err(ureq::Error::Status(c, r)) => Some(into_response(Err(ureq::Error::Status(c, r)))),
