@@ -224,3 +224,6 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     r
 }
+
+#[cfg(test)]
+mod tests;

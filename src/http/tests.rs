@@ -1,0 +1,166 @@
+//! Handler tests: the router driven in-process (`oneshot`), with the in-memory store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use tower::ServiceExt;
+
+use super::*;
+use crate::api::v1alpha1::{GrantType, SigningAlgorithm, TokenFormat};
+use crate::core::app::{Application, ApplicationConfig, Registry};
+use crate::core::clock::ManualClock;
+use crate::core::lockout::LockoutPolicy;
+use crate::core::scope::ScopePolicy;
+use crate::core::service::ServiceConfig;
+use crate::core::signing::SigningKey;
+use crate::core::store::MemoryStore;
+
+/// A client whose secret needs form-encoding inside Basic credentials (RFC 6749 §2.3.1).
+const CLIENT_ID: &str = "app one";
+const CLIENT_SECRET: &str = "p@ss:word+100%";
+
+fn router_under_test() -> Router {
+    let key = SigningKey::generate_pkcs8(SigningAlgorithm::EdDSA).expect("key");
+    let app = Application::new(ApplicationConfig {
+        name: "default/one".into(),
+        client_id: CLIENT_ID.into(),
+        client_secrets: vec![CLIENT_SECRET.into()],
+        grant_types: vec![GrantType::ClientCredentials],
+        format: TokenFormat::Jwt,
+        access_ttl: 60,
+        refresh_ttl: 120,
+        audience: vec![],
+        client_roles: vec![],
+        scopes: ScopePolicy::new([("read".to_string(), vec![])]),
+        users: HashMap::new(),
+        signer: Arc::new(SigningKey::from_pkcs8(SigningAlgorithm::EdDSA, &key).expect("parse")),
+    });
+    let service = TokenService::new(
+        Registry::new(vec![app]).expect("registry"),
+        Arc::new(MemoryStore::default()),
+        Arc::new(ManualClock::new(1_000)),
+        &[1u8; 32],
+        ServiceConfig {
+            issuer: "https://tokens.example/".into(),
+            user_lockout: LockoutPolicy::default(),
+            client_lockout: LockoutPolicy::default(),
+        },
+    );
+    router(Arc::new(AppState::new(Arc::new(service), Arc::new(Metrics::default()))))
+}
+
+fn encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+fn basic() -> String {
+    format!("Basic {}", STANDARD.encode(format!("{}:{}", encode(CLIENT_ID), encode(CLIENT_SECRET))))
+}
+
+async fn send(req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+    let response = router_under_test().oneshot(req).await.expect("infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, headers, json)
+}
+
+fn post(path: &str, content_type: &str, auth: Option<&str>, body: &str) -> Request<Body> {
+    let mut b = Request::post(path).header(header::CONTENT_TYPE, content_type);
+    if let Some(a) = auth {
+        b = b.header(header::AUTHORIZATION, a);
+    }
+    b.body(Body::from(body.to_string())).expect("request")
+}
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
+#[tokio::test]
+async fn basic_credentials_are_form_decoded() {
+    let (status, headers, json) =
+        send(post("/oauth2/token", FORM, Some(&basic()), "grant_type=client_credentials&scope=read")).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["scope"], "read");
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    assert_eq!(headers[header::PRAGMA], "no-cache");
+}
+
+#[tokio::test]
+async fn client_secret_post_and_a_charset_parameter_are_accepted() {
+    let body = format!(
+        "grant_type=client_credentials&client_id={}&client_secret={}",
+        encode(CLIENT_ID),
+        encode(CLIENT_SECRET)
+    );
+    let (status, _, json) =
+        send(post("/oauth2/token", "application/x-www-form-urlencoded; charset=UTF-8", None, &body)).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+}
+
+#[tokio::test]
+async fn a_body_client_id_that_contradicts_basic_is_invalid_request() {
+    let (status, _, json) =
+        send(post("/oauth2/token", FORM, Some(&basic()), "grant_type=client_credentials&client_id=other")).await;
+    assert_eq!((status, json["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")));
+    // The same client_id in the body is fine.
+    let body = format!("grant_type=client_credentials&client_id={}", encode(CLIENT_ID));
+    let (status, _, _) = send(post("/oauth2/token", FORM, Some(&basic()), &body)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn invalid_client_is_401_with_a_challenge_for_every_scheme() {
+    for auth in [Some("Bearer abc"), Some("Basic bm9jb2xvbg=="), None] {
+        let (status, headers, json) = send(post("/oauth2/token", FORM, auth, "grant_type=client_credentials")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert_eq!(json["error"], "invalid_client");
+        assert!(headers[header::WWW_AUTHENTICATE].to_str().expect("ascii").starts_with("Basic realm="));
+    }
+}
+
+#[tokio::test]
+async fn wrong_method_type_and_size_are_rejected_with_json_errors() {
+    for path in ["/oauth2/token", "/oauth2/revoke", "/oauth2/introspect"] {
+        let (status, headers, json) = send(Request::put(path).body(Body::empty()).expect("request")).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert_eq!(headers[header::ALLOW], "POST");
+        assert_eq!(json["error"], "invalid_request");
+        let (status, _, json) = send(post(path, "multipart/form-data", Some(&basic()), "token=x")).await;
+        assert_eq!((status, json["error"].as_str()), (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("invalid_request")));
+        let big = format!("token={}", "x".repeat(form::BODY_LIMIT));
+        let (status, _, _) = send(post(path, FORM, Some(&basic()), &big)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn introspection_of_garbage_is_inactive_and_revocation_of_garbage_is_ok() {
+    for token in ["x", "a.b.c", "eyJhbGciOiJub25lIn0.e30.", &"A".repeat(43)] {
+        let body = format!("token={}", encode(token));
+        let (status, _, json) = send(post("/oauth2/introspect", FORM, Some(&basic()), &body)).await;
+        assert_eq!((status, json.clone()), (StatusCode::OK, serde_json::json!({"active": false})), "{token}");
+        let (status, _, _) = send(post("/oauth2/revoke", FORM, Some(&basic()), &body)).await;
+        assert_eq!(status, StatusCode::OK, "{token}");
+    }
+}
+
+#[tokio::test]
+async fn metadata_and_jwks_describe_this_server() {
+    let (status, _, m) =
+        send(Request::get("/.well-known/oauth-authorization-server").body(Body::empty()).expect("req")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(m["issuer"], "https://tokens.example/");
+    assert_eq!(m["token_endpoint"], "https://tokens.example/oauth2/token");
+    assert_eq!(m["grant_types_supported"], serde_json::json!(["client_credentials"]));
+    assert_eq!(m["scopes_supported"], serde_json::json!(["default", "read"]));
+    let (status, headers, jwks) = send(Request::get("/oauth2/jwks").body(Body::empty()).expect("req")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/jwk-set+json");
+    assert_eq!(jwks["keys"][0]["kty"], "OKP");
+    assert_eq!(jwks["keys"][0]["alg"], "EdDSA");
+}
