@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use subtle::ConstantTimeEq;
 
@@ -60,8 +59,8 @@ impl PasswordDigest {
     pub fn decoy() -> &'static PasswordDigest {
         static DECOY: OnceLock<PasswordDigest> = OnceLock::new();
         DECOY.get_or_init(|| {
-            let random_password = SaltString::generate(&mut OsRng);
-            PasswordDigest::Argon2(hash_password(random_password.as_str()).unwrap_or_default())
+            let random_password = random_salt().map(|s| s.as_str().to_string()).unwrap_or_default();
+            PasswordDigest::Argon2(hash_password(&random_password).unwrap_or_default())
         })
     }
 }
@@ -111,9 +110,17 @@ impl PasswordChecker {
     }
 }
 
+/// 16 random bytes from the OS, as a PHC salt.
+fn random_salt() -> Result<SaltString, String> {
+    let mut bytes = [0u8; 16];
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| "the OS random number generator failed".to_string())?;
+    SaltString::encode_b64(&bytes).map_err(|e| format!("salt encoding failed: {e}"))
+}
+
 /// Hashes a password with argon2id and the OWASP-recommended defaults (m=19 MiB, t=2, p=1).
 pub fn hash_password(password: &str) -> Result<String, String> {
-    let salt = SaltString::generate(&mut OsRng);
+    let salt = random_salt()?;
     argon2::Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
@@ -145,7 +152,7 @@ pub struct Application {
 }
 
 fn sha256(data: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
@@ -251,7 +258,7 @@ mod tests {
             argon2::Version::V0x13,
             argon2::Params::new(64, 3, 1, Some(24)).expect("params"),
         )
-        .hash_password(b"s3cret", &SaltString::generate(&mut OsRng))
+        .hash_password(b"s3cret", &random_salt().expect("salt"))
         .expect("hash")
         .to_string();
         let other = PasswordDigest::parse(&other).expect("parse");

@@ -24,7 +24,7 @@ pub struct TokenId(pub [u8; 16]);
 
 impl TokenId {
     /// A fresh id from the OS CSPRNG, which fails only if the OS has no randomness at all.
-    pub fn random(rng: &dyn ring::rand::SecureRandom) -> Result<Self, ring::error::Unspecified> {
+    pub fn random(rng: &dyn aws_lc_rs::rand::SecureRandom) -> Result<Self, aws_lc_rs::error::Unspecified> {
         let mut bytes = [0u8; 16];
         rng.fill(&mut bytes)?;
         Ok(Self(bytes))

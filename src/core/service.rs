@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ring::rand::SystemRandom;
+use aws_lc_rs::rand::SystemRandom;
 use serde::Serialize;
 
 use super::app::{Application, PasswordChecker, PasswordDigest, Registry};

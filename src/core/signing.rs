@@ -1,10 +1,11 @@
-//! JWT signing keys. A key is parsed once when loaded; signing a token never re-parses key material
+//! JWT signing keys (AWS-LC). A key is parsed once when loaded; signing a token never re-parses key material
 //! (RSA key parsing alone costs more than a signature).
 
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ring::rand::SystemRandom;
-use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
 use serde_json::{Value, json};
 
 use crate::api::v1alpha1::SigningAlgorithm;
@@ -51,7 +52,7 @@ fn b64(bytes: &[u8]) -> String {
 /// RFC 7638 JWK thumbprint of the required members, in lexicographic order.
 fn thumbprint(required_members: &Value) -> String {
     let canonical = required_members.to_string(); // serde_json sorts object keys (no preserve_order feature)
-    b64(ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()).as_ref())
+    b64(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes()).as_ref())
 }
 
 impl SigningKey {
@@ -66,11 +67,11 @@ impl SigningKey {
                 .map(|d| d.as_ref().to_vec())
                 .map_err(|_| KeyError::Generate("EdDSA")),
             SigningAlgorithm::RS256 => {
-                // ring cannot generate RSA keys; the rsa crate is used for generation only, never for signing.
-                use rsa::pkcs8::EncodePrivateKey;
-                let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
-                    .map_err(|_| KeyError::Generate("RS256"))?;
-                key.to_pkcs8_der().map(|d| d.as_bytes().to_vec()).map_err(|_| KeyError::Generate("RS256"))
+                let key =
+                    RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).map_err(|_| KeyError::Generate("RS256"))?;
+                let der: aws_lc_rs::encoding::Pkcs8V1Der<'static> =
+                    key.as_der().map_err(|_| KeyError::Generate("RS256"))?;
+                Ok(der.as_ref().to_vec())
             }
         }
     }
@@ -78,11 +79,12 @@ impl SigningKey {
     /// Parses a PKCS#8 DER private key for `alg`.
     pub fn from_pkcs8(alg: SigningAlgorithm, der: &[u8]) -> Result<Self, KeyError> {
         let rng = SystemRandom::new();
-        let rejected = |e: ring::error::KeyRejected| KeyError::Rejected { alg: alg.as_str(), reason: e.to_string() };
+        let rejected =
+            |e: aws_lc_rs::error::KeyRejected| KeyError::Rejected { alg: alg.as_str(), reason: e.to_string() };
         let (pair, required) = match alg {
             SigningAlgorithm::ES256 => {
-                let pair = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng)
-                    .map_err(rejected)?;
+                let pair =
+                    EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der).map_err(rejected)?;
                 // Uncompressed point: 0x04 || x (32 bytes) || y (32 bytes).
                 let point = pair.public_key().as_ref();
                 let required = json!({"crv": "P-256", "kty": "EC", "x": b64(&point[1..33]), "y": b64(&point[33..65])});
@@ -90,8 +92,12 @@ impl SigningKey {
             }
             SigningAlgorithm::RS256 => {
                 let pair = RsaKeyPair::from_pkcs8(der).map_err(rejected)?;
-                let public: ring::rsa::PublicKeyComponents<Vec<u8>> = pair.public().into();
-                let required = json!({"e": b64(&public.e), "kty": "RSA", "n": b64(&public.n)});
+                let public = pair.public_key();
+                let required = json!({
+                    "e": b64(public.exponent().big_endian_without_leading_zero()),
+                    "kty": "RSA",
+                    "n": b64(public.modulus().big_endian_without_leading_zero()),
+                });
                 (KeyPairKind::Rs256(pair), required)
             }
             SigningAlgorithm::EdDSA => {
@@ -134,7 +140,7 @@ impl SigningKey {
             KeyPairKind::Es256(k) => k.sign(&self.rng, out.as_bytes()).map_err(|_| SignError)?.as_ref().to_vec(),
             KeyPairKind::EdDsa(k) => k.sign(out.as_bytes()).as_ref().to_vec(),
             KeyPairKind::Rs256(k) => {
-                let mut sig = vec![0u8; k.public().modulus_len()];
+                let mut sig = vec![0u8; k.public_modulus_len()];
                 k.sign(&signature::RSA_PKCS1_SHA256, &self.rng, out.as_bytes(), &mut sig).map_err(|_| SignError)?;
                 sig
             }
@@ -160,7 +166,7 @@ impl SigningKey {
             KeyPairKind::EdDsa(k) => signature::UnparsedPublicKey::new(&signature::ED25519, k.public_key().as_ref())
                 .verify(signed.as_bytes(), &sig),
             KeyPairKind::Rs256(k) => {
-                signature::UnparsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, k.public().as_ref())
+                signature::UnparsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, k.public_key().as_ref())
                     .verify(signed.as_bytes(), &sig)
             }
         };

@@ -5,9 +5,9 @@
 //!   token can still be handed out again (opaque mode) by recomputing it.
 //! - JWT access tokens (RFC 9068) carry the id as `jti`.
 
+use aws_lc_rs::hmac;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ring::hmac;
 use serde::{Deserialize, Serialize};
 
 use super::model::TokenId;
