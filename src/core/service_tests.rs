@@ -369,3 +369,90 @@ fn decide_issue_follows_the_format_rule() {
     assert_eq!(decide_issue(TokenFormat::Jwt, Some(&pair), 0), IssueDecision::Replace { expect: Some(pair.access_id) });
     assert_eq!(decide_issue(TokenFormat::Jwt, None, 0), IssueDecision::Replace { expect: None });
 }
+
+/// A store whose changes are visible at once but durable only when the test opens the gate: the state a
+/// FileStore is in while a group commit waits for its fsync.
+struct GatedStore {
+    inner: MemoryStore,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl GatedStore {
+    fn new() -> Self {
+        Self { inner: MemoryStore::default(), open: tokio::sync::watch::channel(false).0 }
+    }
+
+    fn durable(&self) -> crate::core::store::StoreFuture<'_, ()> {
+        let mut rx = self.open.subscribe();
+        Box::pin(async move {
+            let _ = rx.wait_for(|open| *open).await;
+            Ok(())
+        })
+    }
+}
+
+impl TokenStore for GatedStore {
+    fn pair(&self, key: &TokenKey) -> Option<LivePair> {
+        self.inner.pair(key)
+    }
+    fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
+        self.inner.find_access(id)
+    }
+    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
+        self.inner.find_refresh(id)
+    }
+    fn commit(&self, change: Change) -> crate::core::store::StoreFuture<'_, ()> {
+        let applied = self.inner.with_state(|s| s.commit(change));
+        Box::pin(async move {
+            applied.map_err(StoreError::from)?;
+            self.durable().await
+        })
+    }
+    fn sync(&self) -> crate::core::store::StoreFuture<'_, ()> {
+        self.durable()
+    }
+}
+
+#[tokio::test]
+async fn a_revocation_is_answered_only_once_the_change_that_removed_the_token_is_durable() {
+    let store = Arc::new(GatedStore::new());
+    store.open.send_replace(true);
+    let registry = Registry::new(vec![app("shop", TokenFormat::Jwt, ALL)]).expect("registry");
+    let config = ServiceConfig {
+        issuer: "https://issuer.test".into(),
+        user_lockout: LockoutPolicy::default(),
+        client_lockout: LockoutPolicy::default(),
+    };
+    let service =
+        Arc::new(TokenService::new(registry, store.clone(), Arc::new(ManualClock::new(T0)), &[42u8; 32], config));
+    let grant = || Grant::ClientCredentials { scope: Some("device_x".into()) };
+    let first = service.token(&client("shop"), grant()).await.expect("first");
+
+    // A second token for the same key supersedes the first in memory, but is not durable yet.
+    store.open.send_replace(false);
+    let superseding = tokio::spawn({
+        let service = service.clone();
+        async move { service.token(&client("shop"), grant()).await }
+    });
+    tokio::task::yield_now().await;
+    while store.find_access(&TokenId::from_b64(&jti(&first.access_token)).expect("jti")).is_some() {
+        tokio::task::yield_now().await;
+    }
+    let shop = client("shop");
+    let revoke = service.revoke(&shop, &first.access_token);
+    tokio::pin!(revoke);
+    // A crash now would bring the first token back, so the revocation must not be answered yet.
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(50), &mut revoke).await.is_err());
+    store.open.send_replace(true);
+    assert_eq!(revoke.await, Ok(false));
+    superseding.await.expect("join").expect("second token");
+}
+
+fn jti(jwt: &str) -> String {
+    use base64::Engine;
+    let payload = jwt.split('.').nth(1).expect("payload");
+    let claims: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("b64"))
+            .expect("json");
+    claims["jti"].as_str().expect("jti").to_string()
+}

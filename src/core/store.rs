@@ -50,6 +50,11 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// Runs `f` on the state under the lock (for stores that wrap this one in tests).
+    pub fn with_state<T>(&self, f: impl FnOnce(&mut TokenState) -> T) -> T {
+        self.with(f)
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut TokenState) -> T) -> T {
         // A poisoned lock means a panic mid-update in a test; the state itself stays consistent per call.
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
