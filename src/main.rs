@@ -23,7 +23,20 @@ enum Command {
     /// Serve the token endpoint with no cluster: applications from manifest files, state on local disk.
     Standalone(StandaloneArgs),
     /// Read a password on stdin and print an argon2id hash for a users Secret.
-    HashPassword,
+    HashPassword(HashPasswordArgs),
+}
+
+#[derive(Args)]
+struct HashPasswordArgs {
+    /// argon2id memory cost in KiB (default: the OWASP recommendation, 19456).
+    #[arg(long, default_value_t = 19_456)]
+    m_cost: u32,
+    /// argon2id iterations.
+    #[arg(long, default_value_t = 2)]
+    t_cost: u32,
+    /// argon2id parallelism.
+    #[arg(long, default_value_t = 1)]
+    p_cost: u32,
 }
 
 #[derive(Args)]
@@ -92,14 +105,14 @@ fn standalone(args: StandaloneArgs) -> Result<(), String> {
     }))
 }
 
-fn hash_password() -> Result<(), String> {
+fn hash_password(args: HashPasswordArgs) -> Result<(), String> {
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input).map_err(|e| format!("cannot read stdin: {e}"))?;
     let password = input.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s)).unwrap_or(&input);
     if password.is_empty() {
         return Err("empty password on stdin".into());
     }
-    println!("{}", kubetoken::core::app::hash_password(password)?);
+    println!("{}", kubetoken::core::app::hash_password_with(password, args.m_cost, args.t_cost, args.p_cost)?);
     Ok(())
 }
 
@@ -108,7 +121,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Standalone(args) => standalone(args),
-        Command::HashPassword => hash_password(),
+        Command::HashPassword(args) => hash_password(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -120,8 +120,14 @@ fn random_salt() -> Result<SaltString, String> {
 
 /// Hashes a password with argon2id and the OWASP-recommended defaults (m=19 MiB, t=2, p=1).
 pub fn hash_password(password: &str) -> Result<String, String> {
+    hash_password_with(password, argon2::Params::DEFAULT_M_COST, argon2::Params::DEFAULT_T_COST, 1)
+}
+
+/// Hashes a password with argon2id and explicit costs: memory in KiB, iterations, parallelism.
+pub fn hash_password_with(password: &str, m_cost: u32, t_cost: u32, p_cost: u32) -> Result<String, String> {
+    let params = argon2::Params::new(m_cost, t_cost, p_cost, None).map_err(|e| format!("invalid argon2 cost: {e}"))?;
     let salt = random_salt()?;
-    argon2::Argon2::default()
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| format!("hashing failed: {e}"))
