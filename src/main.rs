@@ -22,8 +22,33 @@ struct Cli {
 enum Command {
     /// Serve the token endpoint with no cluster: applications from manifest files, state on local disk.
     Standalone(StandaloneArgs),
+    /// Reconcile OAuthApplications into credentials, signing keys, a JWKS and a status (KUBECONFIG or in-cluster).
+    Controller(ControllerArgs),
     /// Read a password on stdin and print an argon2id hash for a users Secret.
     HashPassword(HashPasswordArgs),
+    /// Print the OAuthApplication CustomResourceDefinition (crds/oauthapplications.kubetoken.io.yaml is this output).
+    Crd,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    listen: SocketAddr,
+    /// Namespace of the leader-election Lease (default: $POD_NAMESPACE, else `default`).
+    #[arg(long)]
+    lease_namespace: Option<String>,
+    #[arg(long, default_value = "kubetoken-controller")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: $POD_NAME, else the host name and process ID).
+    #[arg(long)]
+    identity: Option<String>,
+    /// How long a Lease holds without renewal before another replica may take over.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: u64,
 }
 
 #[derive(Args)]
@@ -105,6 +130,35 @@ fn standalone(args: StandaloneArgs) -> Result<(), String> {
     }))
 }
 
+fn controller(args: ControllerArgs) -> Result<(), String> {
+    use kubetoken::controller::leader::LeaseConfig;
+    use std::time::Duration;
+    let identity = args.identity.or_else(|| std::env::var("POD_NAME").ok()).unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let lease_namespace =
+        args.lease_namespace.or_else(|| std::env::var("POD_NAMESPACE").ok()).unwrap_or_else(|| "default".into());
+    let lease_duration = Duration::from_secs(args.lease_duration);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(kubetoken::controller::run(kubetoken::controller::ControllerOptions {
+        namespace: args.namespace,
+        listen: args.listen,
+        lease: LeaseConfig {
+            namespace: lease_namespace,
+            name: args.lease_name,
+            identity,
+            // Renew well within the lease; step down before anyone else may take over.
+            renew_deadline: lease_duration * 2 / 3,
+            retry_period: (lease_duration / 5).max(Duration::from_millis(200)),
+            lease_duration,
+        },
+    }))
+}
+
 fn hash_password(args: HashPasswordArgs) -> Result<(), String> {
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input).map_err(|e| format!("cannot read stdin: {e}"))?;
@@ -121,7 +175,9 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Standalone(args) => standalone(args),
+        Command::Controller(args) => controller(args),
         Command::HashPassword(args) => hash_password(args),
+        Command::Crd => kubetoken::api::crd_yaml().map(|yaml| print!("{yaml}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,8 @@
 //! `OAuthApplication` (`kubetoken.io/v1alpha1`): the resource users `kubectl apply`, read as-is by standalone mode
 //! and (later) reconciled by the controller. Field names follow Kubernetes conventions (camelCase).
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -14,23 +16,27 @@ pub const KIND: &str = "OAuthApplication";
 /// Key of the users Secret that holds the user list when `spec.users.secretRef.key` is not set.
 pub const DEFAULT_USERS_KEY: &str = "users.yaml";
 
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct OAuthApplication {
-    pub api_version: String,
-    pub kind: String,
-    pub metadata: ObjectMeta,
-    pub spec: OAuthApplicationSpec,
-}
+/// Annotation on an OAuthApplication asking for a new client secret: set it to a new value (e.g. a timestamp).
+pub const ROTATE_CLIENT_SECRET_ANNOTATION: &str = "kubetoken.io/rotate-client-secret";
 
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
-pub struct ObjectMeta {
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-}
+/// Durations: one or more `<number><unit>` with unit s, m, h or d.
+const DURATION_PATTERN: &str = "^([0-9]+[smhd])+$";
 
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+/// An OAuth2 application: the clients of one app, its users, scopes and token settings.
+#[derive(CustomResource, Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "kubetoken.io",
+    version = "v1alpha1",
+    kind = "OAuthApplication",
+    plural = "oauthapplications",
+    shortname = "oauthapp",
+    namespaced,
+    status = "OAuthApplicationStatus",
+    printcolumn = r#"{"name":"Client ID","type":"string","jsonPath":".status.clientId"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Key","type":"string","priority":1,"jsonPath":".status.currentKeyId"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OAuthApplicationSpec {
     /// Grants this application may use.
@@ -42,9 +48,11 @@ pub struct OAuthApplicationSpec {
     pub token_format: TokenFormat,
     /// Access token lifetime, e.g. `1h`.
     #[serde(default = "default_access_lifetime")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub access_token_lifetime: String,
     /// Refresh token lifetime, e.g. `24h`; each rotation starts a new lifetime.
     #[serde(default = "default_refresh_lifetime")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub refresh_token_lifetime: String,
     /// `aud` of access tokens; the client ID when empty.
     #[serde(default)]
@@ -98,6 +106,7 @@ pub struct SigningSpec {
     pub algorithm: SigningAlgorithm,
     /// How often the controller rotates the signing key (default 30d).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub rotation_period: Option<String>,
 }
 
@@ -107,6 +116,11 @@ pub enum SigningAlgorithm {
     ES256,
     RS256,
     EdDSA,
+    /// Any other value: one an older CRD (or none) let through. Read, so that one bad object cannot stop the
+    /// controller's watch; rejected by validation with a clear message. Not in the CRD's enum.
+    #[serde(other)]
+    #[schemars(skip)]
+    Unsupported,
 }
 
 impl SigningAlgorithm {
@@ -115,6 +129,7 @@ impl SigningAlgorithm {
             SigningAlgorithm::ES256 => "ES256",
             SigningAlgorithm::RS256 => "RS256",
             SigningAlgorithm::EdDSA => "EdDSA",
+            SigningAlgorithm::Unsupported => "unsupported",
         }
     }
 }
@@ -122,6 +137,8 @@ impl SigningAlgorithm {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScopeSpec {
+    /// RFC 6749 scope token; `device_` scopes are implicit and must not be declared.
+    #[schemars(regex(pattern = r"^[\x21\x23-\x5B\x5D-\x7E]+$"))]
     pub name: String,
     /// Roles that may have this scope; anyone may when empty.
     #[serde(default)]
@@ -149,6 +166,33 @@ pub struct CredentialsSpec {
     /// Defaults to `<name>-credentials`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+    /// How long the previous client secret stays valid after a rotation (default 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub rotation_grace_period: Option<String>,
+}
+
+/// What the controller made of an OAuthApplication.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuthApplicationStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_keys_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_config_map: Option<String>,
+    /// `kid` of the key that signs new tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_key_id: Option<String>,
+    /// `Ready` and one condition per child: `CredentialsReady`, `SigningKeysReady`, `JwksReady`, `UsersReady`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
 }
 
 /// One entry of the users Secret (`users.yaml`).
@@ -192,9 +236,15 @@ impl OAuthApplicationSpec {
     /// Checks what the type system cannot: durations, scope names, duplicates.
     pub fn validate(&self) -> Result<(), FieldError> {
         self.access_lifetime_secs()?;
+        if self.signing.algorithm == SigningAlgorithm::Unsupported {
+            return Err(field("spec.signing.algorithm", "unsupported algorithm: use ES256, RS256 or EdDSA"));
+        }
         self.refresh_lifetime_secs()?;
         if let Some(period) = &self.signing.rotation_period {
             parse_duration(period).map_err(|e| field("spec.signing.rotationPeriod", e))?;
+        }
+        if let Some(grace) = self.credentials.as_ref().and_then(|c| c.rotation_grace_period.as_ref()) {
+            parse_duration(grace).map_err(|e| field("spec.credentials.rotationGracePeriod", e))?;
         }
         if self.grant_types.is_empty() {
             return Err(field("spec.grantTypes", "must list at least one grant type"));
@@ -276,7 +326,9 @@ mod tests {
     #[test]
     fn unknown_enum_values_and_fields_are_rejected() {
         assert!(serde_yaml::from_str::<OAuthApplicationSpec>("tokenFormat: jwt").is_err());
-        assert!(serde_yaml::from_str::<OAuthApplicationSpec>("signing: {algorithm: HS256}").is_err());
+        let hs256: OAuthApplicationSpec =
+            serde_yaml::from_str("grantTypes: [client_credentials]\nsigning: {algorithm: HS256}").expect("readable");
+        assert_eq!(hs256.validate().expect_err("unsupported").path, "spec.signing.algorithm");
         assert!(serde_yaml::from_str::<OAuthApplicationSpec>("grantType: [password]").is_err());
     }
 }

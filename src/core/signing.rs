@@ -73,6 +73,7 @@ impl SigningKey {
                     key.as_der().map_err(|_| KeyError::Generate("RS256"))?;
                 Ok(der.as_ref().to_vec())
             }
+            SigningAlgorithm::Unsupported => Err(KeyError::Generate("unsupported")),
         }
     }
 
@@ -104,6 +105,9 @@ impl SigningKey {
                 let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(rejected)?;
                 let required = json!({"crv": "Ed25519", "kty": "OKP", "x": b64(pair.public_key().as_ref())});
                 (KeyPairKind::EdDsa(pair), required)
+            }
+            SigningAlgorithm::Unsupported => {
+                return Err(KeyError::Rejected { alg: "unsupported", reason: "no such signing algorithm".into() });
             }
         };
         let kid = thumbprint(&required);

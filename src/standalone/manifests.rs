@@ -56,8 +56,12 @@ impl AppManifest {
         self.app.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
     }
 
+    pub fn name(&self) -> &str {
+        self.app.metadata.name.as_deref().unwrap_or_default()
+    }
+
     pub fn object(&self) -> String {
-        format!("{KIND} {}/{}", self.namespace(), self.app.metadata.name)
+        format!("{KIND} {}/{}", self.namespace(), self.name())
     }
 
     pub fn error(&self, field: impl Into<String>, message: impl Into<String>) -> ManifestError {
@@ -138,7 +142,7 @@ impl Manifests {
                     err(&path, e.into_inner().to_string())
                 })?;
                 let manifest = AppManifest { file: file.to_path_buf(), app };
-                if self.apps.iter().any(|a| a.namespace() == manifest.namespace() && a.app.metadata.name == name) {
+                if self.apps.iter().any(|a| a.namespace() == manifest.namespace() && a.name() == name) {
                     return Err(err("metadata.name", "defined twice".into()));
                 }
                 self.apps.push(manifest);

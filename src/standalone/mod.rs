@@ -52,7 +52,7 @@ fn build_application(
 ) -> Result<Application, String> {
     let spec = &m.app.spec;
     let ns = m.namespace();
-    let name = &m.app.metadata.name;
+    let name = m.name();
     spec.validate().map_err(|e| m.error(e.path, e.message).to_string())?;
 
     // Credentials: the Secret from the manifests if there is one, else generated once and kept in the state dir.

@@ -1,0 +1,186 @@
+//! `kubetoken controller`: reconciles OAuthApplications into credentials, signing keys, a JWKS and a status.
+//!
+//! - [`reconcile`]: one reconciliation (Kubernetes I/O) and the error policy (backoff).
+//! - [`keys`]: signing-key rotation, pure.
+//! - [`status`]: conditions, pure.
+//! - [`leader`]: Lease-based leader election.
+//! - [`metrics`]: reconcile counters, durations and the leader gauge.
+
+pub mod keys;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod status;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use tokio::sync::watch;
+
+use self::leader::{LeaseConfig, LeaseLock};
+use self::metrics::ControllerMetrics;
+use self::reconcile::{Context, MANAGED_BY_LABEL, MANAGER, error_policy, reconcile};
+use crate::api::v1alpha1::OAuthApplication;
+use crate::core::clock::SystemClock;
+
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    /// Watch one namespace; all when `None`.
+    pub namespace: Option<String>,
+    pub listen: SocketAddr,
+    pub lease: LeaseConfig,
+}
+
+struct Health {
+    metrics: Arc<ControllerMetrics>,
+    /// Set once the first list of OAuthApplications succeeded (leader) or the Lease was read (standby).
+    ready: watch::Receiver<bool>,
+}
+
+fn health_router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(h): State<Arc<Health>>| async move {
+                if *h.ready.borrow() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(h): State<Arc<Health>>| async move {
+                let mut r: Response = h.metrics.render().into_response();
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+                r
+            }),
+        )
+        .with_state(health)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
+    }
+}
+
+/// Runs until SIGTERM/Ctrl-C (exit 0, Lease released) or lost leadership (error: a fresh process competes again).
+pub async fn run(opts: ControllerOptions) -> Result<(), String> {
+    let client = kube::Client::try_default().await.map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
+    let metrics = Arc::new(ControllerMetrics::default());
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let health = Arc::new(Health { metrics: metrics.clone(), ready: ready_rx });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, health_router(health)).await {
+            tracing::error!(error = %e, "health server stopped");
+        }
+    });
+    println!("kubetoken controller health on http://{local}");
+
+    let lock = Arc::new(LeaseLock::new(client.clone(), opts.lease.clone()));
+    let (leader_tx, mut leader_rx) = watch::channel(false);
+    let elector = {
+        let lock = lock.clone();
+        tokio::spawn(async move { lock.run(leader_tx).await })
+    };
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+
+    // Standby until we lead.
+    tracing::info!(identity = %opts.lease.identity, lease = %opts.lease.name, "waiting for leadership");
+    let _ = ready_tx.send(true);
+    loop {
+        if *leader_rx.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            () = &mut shutdown => {
+                elector.abort();
+                return Ok(());
+            }
+            changed = leader_rx.changed() => {
+                if changed.is_err() {
+                    return Err("leader election stopped".into());
+                }
+            }
+        }
+    }
+    metrics.set_leader(true);
+    tracing::info!(identity = %opts.lease.identity, "leading: starting the controller");
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        clock: Arc::new(SystemClock),
+        recorder: Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: Some(opts.lease.identity.clone()) }),
+        metrics: metrics.clone(),
+        failures: Mutex::new(HashMap::new()),
+    });
+    let (apps, secrets, config_maps): (Api<OAuthApplication>, Api<Secret>, Api<ConfigMap>) = match &opts.namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let children = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}=kubetoken"));
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let lost_leadership = async move {
+        while *leader_rx.borrow_and_update() {
+            if leader_rx.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    let controller = Controller::new(apps, watcher::Config::default())
+        .owns(secrets, children.clone())
+        .owns(config_maps, children)
+        .graceful_shutdown_on(async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+        });
+    tokio::pin!(controller);
+    let mut lost = false;
+    tokio::select! {
+        () = &mut controller => {}
+        () = &mut shutdown => {}
+        () = lost_leadership => { lost = true; }
+    }
+    // Let in-flight reconciles finish, then stop writing before anyone else may lead.
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    elector.abort();
+    metrics.set_leader(false);
+    if lost {
+        return Err("lost leadership; exiting so that a fresh process competes again".into());
+    }
+    lock.release().await;
+    tracing::info!("stopped; leader Lease released");
+    Ok(())
+}

@@ -1,0 +1,451 @@
+//! One reconciliation of an OAuthApplication: credentials Secret, signing-keys Secret, JWKS ConfigMap, status.
+//!
+//! Children carry an ownerReference to the application, so deleting it deletes them. A child that exists but is
+//! not owned by the application is never overwritten: the credentials Secret is then used as given
+//! (bring-your-own credentials), any other child is reported as a name conflict.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::keys::{self, KEYS_FIELD, KeyPolicy, StoredKey};
+use super::metrics::ControllerMetrics;
+use super::status::{self, Finding};
+use crate::api::duration::parse_duration;
+use crate::api::v1alpha1::{
+    DEFAULT_USERS_KEY, OAuthApplication, OAuthApplicationStatus, ROTATE_CLIENT_SECRET_ANNOTATION, UserEntry,
+};
+use crate::core::app::PasswordDigest;
+use crate::core::clock::{Clock, UnixTime};
+
+pub const MANAGER: &str = "kubetoken-controller";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const APPLICATION_LABEL: &str = "kubetoken.io/application";
+/// On an owned credentials Secret: the rotation request it last carried out.
+pub const ROTATED_FOR_ANNOTATION: &str = "kubetoken.io/rotated-for";
+pub const PREVIOUS_SECRET_KEY: &str = "previous_client_secret";
+pub const PREVIOUS_SECRET_EXPIRES_KEY: &str = "previous_client_secret_expires_at";
+
+const DEFAULT_ROTATION_PERIOD: u64 = 30 * 86_400;
+const DEFAULT_GRACE_PERIOD: u64 = 3600;
+/// Unowned inputs (a bring-your-own credentials Secret, the users Secret) are not watched: look again this often.
+const RECHECK: u64 = 300;
+const RECHECK_MISSING_INPUT: u64 = 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub struct Context {
+    pub client: kube::Client,
+    pub clock: Arc<dyn Clock>,
+    pub recorder: Recorder,
+    pub metrics: Arc<ControllerMetrics>,
+    /// Consecutive failures per application, for exponential backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+fn now_time(now: UnixTime) -> Time {
+    Time(Timestamp::from_second(now as i64).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+fn random_token(bytes: usize) -> Result<String, ReconcileError> {
+    let mut b = vec![0u8; bytes];
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| ReconcileError::Internal("the OS random number generator failed".into()))?;
+    Ok(URL_SAFE_NO_PAD.encode(b))
+}
+
+fn owned_by(meta: &ObjectMeta, uid: &str) -> bool {
+    meta.owner_references.iter().flatten().any(|o| o.uid == uid)
+}
+
+fn child_meta(app: &OAuthApplication, name: &str, owner: &OwnerReference) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: app.namespace(),
+        labels: Some(BTreeMap::from([
+            (MANAGED_BY_LABEL.to_string(), "kubetoken".to_string()),
+            (APPLICATION_LABEL.to_string(), app.name_any()),
+        ])),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn text(data: &Option<BTreeMap<String, ByteString>>, key: &str) -> Option<String> {
+    data.as_ref()?.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|s| !s.is_empty())
+}
+
+fn bytes(s: &str) -> ByteString {
+    ByteString(s.as_bytes().to_vec())
+}
+
+/// What the reconciler did, for events.
+struct Actions<'a> {
+    recorder: &'a Recorder,
+    reference: k8s_openapi::api::core::v1::ObjectReference,
+}
+
+impl Actions<'_> {
+    async fn publish(&self, type_: EventType, reason: &str, action: &str, note: String) {
+        let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+        if let Err(e) = self.recorder.publish(&event, &self.reference).await {
+            tracing::warn!(error = %e, reason, "could not publish an event");
+        }
+    }
+}
+
+struct Outcome {
+    finding: Finding,
+    /// Seconds until this child needs another look, if it does.
+    recheck_in: Option<u64>,
+}
+
+async fn reconcile_credentials(
+    app: &OAuthApplication,
+    secrets: &Api<Secret>,
+    owner: &OwnerReference,
+    now: UnixTime,
+    events: &Actions<'_>,
+    status: &mut OAuthApplicationStatus,
+) -> Result<Outcome, ReconcileError> {
+    const TYPE: &str = "CredentialsReady";
+    let spec = app.spec.credentials.as_ref();
+    let name = spec.and_then(|c| c.secret_name.clone()).unwrap_or_else(|| format!("{}-credentials", app.name_any()));
+    let grace = spec
+        .and_then(|c| c.rotation_grace_period.as_deref())
+        .and_then(|g| parse_duration(g).ok())
+        .unwrap_or(DEFAULT_GRACE_PERIOD);
+    let rotation_request = app.annotations().get(ROTATE_CLIENT_SECRET_ANNOTATION).cloned();
+    status.credentials_secret = Some(name.clone());
+    let uid = owner.uid.as_str();
+
+    let Some(mut secret) = secrets.get_opt(&name).await? else {
+        let client_id = format!("{}-{}", app.name_any(), random_token(6)?);
+        let mut meta = child_meta(app, &name, owner);
+        if let Some(request) = &rotation_request {
+            // A rotation asked for before the Secret existed is satisfied by the fresh secret.
+            meta.annotations = Some(BTreeMap::from([(ROTATED_FOR_ANNOTATION.to_string(), request.clone())]));
+        }
+        let secret = Secret {
+            metadata: meta,
+            data: Some(BTreeMap::from([
+                ("client_id".to_string(), bytes(&client_id)),
+                ("client_secret".to_string(), bytes(&random_token(32)?)),
+            ])),
+            type_: Some("Opaque".into()),
+            ..Secret::default()
+        };
+        secrets.create(&PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() }, &secret).await?;
+        events.publish(EventType::Normal, "CredentialsCreated", "CreateCredentials", format!("created Secret {name} with client ID {client_id}")).await;
+        status.client_id = Some(client_id);
+        return Ok(Outcome { finding: Finding::ok(TYPE, "Created", format!("Secret {name} holds the client credentials")), recheck_in: None });
+    };
+
+    if !owned_by(&secret.metadata, uid) {
+        // Bring-your-own credentials: used as given, never modified.
+        if rotation_request.is_some()
+            && secret.annotations().get(ROTATED_FOR_ANNOTATION) != rotation_request.as_ref()
+        {
+            tracing::info!(secret = %name, "client secret rotation requested for a Secret kubetoken does not own; not rotating");
+        }
+        return Ok(match (text(&secret.data, "client_id"), text(&secret.data, "client_secret")) {
+            (Some(id), Some(_)) => {
+                status.client_id = Some(id);
+                Outcome {
+                    finding: Finding::ok(TYPE, "ProvidedSecret", format!("using the client credentials in Secret {name}, which kubetoken does not manage")),
+                    recheck_in: Some(RECHECK),
+                }
+            }
+            _ => {
+                events.publish(EventType::Warning, "CredentialsMissingKeys", "ReadCredentials", format!("Secret {name} has no client_id or client_secret")).await;
+                status.client_id = None;
+                Outcome {
+                    finding: Finding::failed(
+                        TYPE,
+                        "MissingKeys",
+                        format!("Secret {name} exists but lacks client_id and/or client_secret; it is not owned by this application, so kubetoken will not change it: add the keys, or delete the Secret to have credentials generated"),
+                    ),
+                    recheck_in: Some(RECHECK_MISSING_INPUT),
+                }
+            }
+        });
+    }
+
+    // Owned: kubetoken manages it.
+    let mut changed = false;
+    let mut recheck_in = None;
+    let data = secret.data.get_or_insert_with(BTreeMap::new);
+    let client_id = match data.get("client_id").and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|s| !s.is_empty()) {
+        Some(id) => id,
+        None => {
+            let id = format!("{}-{}", app.name_any(), random_token(6)?);
+            data.insert("client_id".into(), bytes(&id));
+            changed = true;
+            id
+        }
+    };
+    if data.get("client_secret").is_none_or(|v| v.0.is_empty()) {
+        data.insert("client_secret".into(), bytes(&random_token(32)?));
+        changed = true;
+    }
+    let mut rotated = false;
+    if let Some(request) = &rotation_request
+        && secret.metadata.annotations.as_ref().and_then(|a| a.get(ROTATED_FOR_ANNOTATION)) != Some(request)
+    {
+        let data = secret.data.get_or_insert_with(BTreeMap::new);
+        if let Some(old) = data.insert("client_secret".into(), bytes(&random_token(32)?)) {
+            data.insert(PREVIOUS_SECRET_KEY.into(), old);
+            data.insert(PREVIOUS_SECRET_EXPIRES_KEY.into(), bytes(&(now + grace).to_string()));
+        }
+        secret.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(ROTATED_FOR_ANNOTATION.into(), request.clone());
+        changed = true;
+        rotated = true;
+    }
+    let data = secret.data.get_or_insert_with(BTreeMap::new);
+    if let Some(expires) = data.get(PREVIOUS_SECRET_EXPIRES_KEY).and_then(|v| std::str::from_utf8(&v.0).ok()?.parse::<u64>().ok()) {
+        if expires <= now {
+            data.remove(PREVIOUS_SECRET_KEY);
+            data.remove(PREVIOUS_SECRET_EXPIRES_KEY);
+            changed = true;
+        } else {
+            recheck_in = Some(expires - now);
+        }
+    }
+    if changed {
+        secret.metadata.managed_fields = None;
+        // resourceVersion is kept: a concurrent change makes this a 409 and the reconcile is retried.
+        secrets.replace(&name, &PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() }, &secret).await?;
+    }
+    if rotated {
+        events.publish(EventType::Normal, "ClientSecretRotated", "RotateClientSecret", format!("rotated the client secret in Secret {name}; the previous one stays valid for {grace}s")).await;
+    }
+    status.client_id = Some(client_id);
+    Ok(Outcome { finding: Finding::ok(TYPE, "Managed", format!("Secret {name} holds the client credentials")), recheck_in })
+}
+
+/// The signing keys (and the JWKS derived from them). Returns the JWKS to publish, if the keys are usable.
+async fn reconcile_signing_keys(
+    app: &OAuthApplication,
+    secrets: &Api<Secret>,
+    owner: &OwnerReference,
+    now: UnixTime,
+    events: &Actions<'_>,
+    status: &mut OAuthApplicationStatus,
+) -> Result<(Outcome, Option<serde_json::Value>), ReconcileError> {
+    const TYPE: &str = "SigningKeysReady";
+    let name = format!("{}-signing-keys", app.name_any());
+    status.signing_keys_secret = Some(name.clone());
+    let existing = secrets.get_opt(&name).await?;
+    if let Some(s) = &existing
+        && !owned_by(&s.metadata, &owner.uid)
+    {
+        return Ok((
+            Outcome {
+                finding: Finding::failed(TYPE, "NameConflict", format!("Secret {name} exists and is not owned by this application; kubetoken will not overwrite it: rename or delete it")),
+                recheck_in: Some(RECHECK_MISSING_INPUT),
+            },
+            None,
+        ));
+    }
+    let stored: Vec<StoredKey> = match existing.as_ref().and_then(|s| text(&s.data, KEYS_FIELD)) {
+        Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
+            tracing::warn!(secret = %name, error = %e, "unreadable key set; starting a new one");
+            Vec::new()
+        }),
+        None => Vec::new(),
+    };
+    let policy = KeyPolicy {
+        algorithm: app.spec.signing.algorithm,
+        rotation_period: app.spec.signing.rotation_period.as_deref().and_then(|p| parse_duration(p).ok()).unwrap_or(DEFAULT_ROTATION_PERIOD),
+        access_token_lifetime: app.spec.access_lifetime_secs().map_err(|e| ReconcileError::Internal(e.to_string()))?,
+    };
+    let plan = keys::plan_keys(&stored, &policy, now, StoredKey::generate).map_err(|e| ReconcileError::Internal(e.to_string()))?;
+    let jwks = keys::jwks(&plan.keys).map_err(ReconcileError::Internal)?;
+    if plan.changed {
+        let encoded = serde_json::to_string(&plan.keys).map_err(|e| ReconcileError::Internal(e.to_string()))?;
+        let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
+        match existing {
+            None => {
+                let secret = Secret {
+                    metadata: child_meta(app, &name, owner),
+                    data: Some(BTreeMap::from([(KEYS_FIELD.to_string(), bytes(&encoded))])),
+                    type_: Some("Opaque".into()),
+                    ..Secret::default()
+                };
+                secrets.create(&params, &secret).await?;
+            }
+            Some(mut secret) => {
+                secret.data.get_or_insert_with(BTreeMap::new).insert(KEYS_FIELD.into(), bytes(&encoded));
+                secret.metadata.managed_fields = None;
+                secrets.replace(&name, &params, &secret).await?;
+            }
+        }
+        if let Some(kid) = &plan.generated {
+            events.publish(EventType::Normal, "SigningKeyRotated", "RotateSigningKey", format!("new {} signing key {kid}", policy.algorithm.as_str())).await;
+        }
+        for kid in &plan.dropped {
+            events.publish(EventType::Normal, "SigningKeyRetired", "RetireSigningKey", format!("removed signing key {kid}: every token it signed has expired")).await;
+        }
+    }
+    let current = keys::current_key(&plan.keys);
+    status.current_key_id = current.map(|k| k.kid.clone());
+    let finding = Finding::ok(
+        TYPE,
+        "KeysReady",
+        format!("{} key(s) in Secret {name}; {} signs new tokens", plan.keys.len(), current.map_or("none", |k| k.kid.as_str())),
+    );
+    Ok((Outcome { finding, recheck_in: Some(plan.next_change_at.saturating_sub(now).max(1)) }, Some(jwks)))
+}
+
+async fn reconcile_jwks(
+    app: &OAuthApplication,
+    config_maps: &Api<ConfigMap>,
+    owner: &OwnerReference,
+    jwks: Option<serde_json::Value>,
+    status: &mut OAuthApplicationStatus,
+) -> Result<Outcome, ReconcileError> {
+    const TYPE: &str = "JwksReady";
+    let name = format!("{}-jwks", app.name_any());
+    status.jwks_config_map = Some(name.clone());
+    let Some(jwks) = jwks else {
+        return Ok(Outcome { finding: Finding::failed(TYPE, "NoSigningKeys", "waiting for usable signing keys"), recheck_in: None });
+    };
+    let body = serde_json::to_string_pretty(&jwks).map_err(|e| ReconcileError::Internal(e.to_string()))?;
+    let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
+    match config_maps.get_opt(&name).await? {
+        Some(cm) if !owned_by(&cm.metadata, &owner.uid) => {
+            return Ok(Outcome {
+                finding: Finding::failed(TYPE, "NameConflict", format!("ConfigMap {name} exists and is not owned by this application; kubetoken will not overwrite it: rename or delete it")),
+                recheck_in: Some(RECHECK_MISSING_INPUT),
+            });
+        }
+        Some(mut cm) => {
+            if cm.data.as_ref().and_then(|d| d.get("jwks.json")) != Some(&body) {
+                cm.data.get_or_insert_with(BTreeMap::new).insert("jwks.json".into(), body);
+                cm.metadata.managed_fields = None;
+                config_maps.replace(&name, &params, &cm).await?;
+            }
+        }
+        None => {
+            let cm = ConfigMap {
+                metadata: child_meta(app, &name, owner),
+                data: Some(BTreeMap::from([("jwks.json".to_string(), body)])),
+                ..ConfigMap::default()
+            };
+            config_maps.create(&params, &cm).await?;
+        }
+    }
+    Ok(Outcome { finding: Finding::ok(TYPE, "Published", format!("ConfigMap {name} publishes the public keys")), recheck_in: None })
+}
+
+async fn check_users(app: &OAuthApplication, secrets: &Api<Secret>) -> Result<Outcome, ReconcileError> {
+    const TYPE: &str = "UsersReady";
+    let Some(users) = &app.spec.users else {
+        return Ok(Outcome { finding: Finding::ok(TYPE, "NoUsers", "no users Secret is referenced"), recheck_in: None });
+    };
+    let name = &users.secret_ref.name;
+    let key = users.secret_ref.key.as_deref().unwrap_or(DEFAULT_USERS_KEY);
+    let missing = |reason: &str, message: String| Outcome { finding: Finding::failed(TYPE, reason, message), recheck_in: Some(RECHECK_MISSING_INPUT) };
+    let Some(secret) = secrets.get_opt(name).await? else {
+        return Ok(missing("UsersSecretNotFound", format!("Secret {name} (spec.users.secretRef) does not exist; the password grant fails until it does")));
+    };
+    let Some(yaml) = text(&secret.data, key) else {
+        return Ok(missing("UsersKeyMissing", format!("Secret {name} has no key {key}")));
+    };
+    let entries: Vec<UserEntry> = match serde_yaml::from_str(&yaml) {
+        Ok(e) => e,
+        Err(e) => return Ok(missing("InvalidUsers", format!("Secret {name}, key {key}: {e}"))),
+    };
+    for (i, entry) in entries.iter().enumerate() {
+        if let Err(e) = PasswordDigest::parse(&entry.password_hash) {
+            return Ok(missing("InvalidUsers", format!("Secret {name}, key {key}: [{i}].passwordHash: {e}")));
+        }
+    }
+    Ok(Outcome { finding: Finding::ok(TYPE, "UsersLoaded", format!("{} user(s) in Secret {name}", entries.len())), recheck_in: Some(RECHECK) })
+}
+
+pub async fn reconcile(app: Arc<OAuthApplication>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let started = Instant::now();
+    let result = reconcile_inner(&app, &ctx).await;
+    ctx.metrics.observe(result.is_ok(), started.elapsed());
+    let key = format!("{}/{}", app.namespace().unwrap_or_default(), app.name_any());
+    if result.is_ok() {
+        ctx.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+    }
+    result
+}
+
+async fn reconcile_inner(app: &OAuthApplication, ctx: &Context) -> Result<Action, ReconcileError> {
+    let ns = app.namespace().ok_or_else(|| ReconcileError::Internal("OAuthApplication without namespace".into()))?;
+    let name = app.name_any();
+    let now = ctx.clock.now();
+    let apps: Api<OAuthApplication> = Api::namespaced(ctx.client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let owner = app.controller_owner_ref(&()).ok_or_else(|| ReconcileError::Internal("object has no uid".into()))?;
+    let events = Actions { recorder: &ctx.recorder, reference: app.object_ref(&()) };
+    let old = app.status.clone().unwrap_or_default();
+    let mut status = OAuthApplicationStatus { observed_generation: app.meta().generation, ..OAuthApplicationStatus::default() };
+
+    let findings_and_recheck: Vec<Outcome> = if let Err(e) = app.spec.validate() {
+        // A spec that cannot work (e.g. let through by an older CRD): say so, touch nothing, wait for a new spec.
+        events.publish(EventType::Warning, "InvalidSpec", "Validate", e.to_string()).await;
+        status.client_id = old.client_id.clone();
+        vec![Outcome { finding: Finding::failed("SpecValid", "InvalidSpec", e.to_string()), recheck_in: None }]
+    } else {
+        let credentials = reconcile_credentials(app, &secrets, &owner, now, &events, &mut status).await?;
+        let (signing, jwks) = reconcile_signing_keys(app, &secrets, &owner, now, &events, &mut status).await?;
+        let published = reconcile_jwks(app, &config_maps, &owner, jwks, &mut status).await?;
+        let users = check_users(app, &secrets).await?;
+        vec![credentials, signing, published, users]
+    };
+    let findings: Vec<Finding> = findings_and_recheck.iter().map(|o| o.finding.clone()).collect();
+    let ready = status::ready(&findings);
+    let mut all = vec![ready.clone()];
+    all.extend(findings);
+    status.conditions = status::conditions(&old.conditions, &all, app.meta().generation, &now_time(now));
+    if status != old {
+        let patch = json!({ "status": status });
+        apps.patch_status(&name, &PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() }, &Patch::Merge(&patch))
+            .await?;
+        let was_ready = old.conditions.iter().any(|c| c.type_ == status::READY && c.status == "True");
+        if ready.ok && !was_ready {
+            events.publish(EventType::Normal, "Ready", "Reconcile", "the application's credentials, keys and JWKS are ready".into()).await;
+        }
+    }
+    let recheck = findings_and_recheck.iter().filter_map(|o| o.recheck_in).min().unwrap_or(RECHECK).min(RECHECK);
+    tracing::info!(namespace = %ns, name = %name, ready = ready.ok, recheck_in = recheck, "reconciled");
+    Ok(Action::requeue(Duration::from_secs(recheck)))
+}
+
+/// Requeue with exponential backoff per application: 1 s, 2 s, 4 s … up to 5 minutes.
+pub fn error_policy(app: Arc<OAuthApplication>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    let key = format!("{}/{}", app.namespace().unwrap_or_default(), app.name_any());
+    let attempt = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = Duration::from_secs(1u64 << attempt.min(9).saturating_sub(1)).min(Duration::from_secs(300));
+    tracing::warn!(application = %key, %error, attempt, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
