@@ -130,7 +130,13 @@ mod tests {
     }
 
     fn fake(alg: SigningAlgorithm, now: UnixTime) -> Result<StoredKey, KeyError> {
-        Ok(StoredKey { kid: format!("{}-{now}", alg.as_str()), alg, created_at: now, retired_at: None, pkcs8: String::new() })
+        Ok(StoredKey {
+            kid: format!("{}-{now}", alg.as_str()),
+            alg,
+            created_at: now,
+            retired_at: None,
+            pkcs8: String::new(),
+        })
     }
 
     #[test]

@@ -53,7 +53,9 @@ impl ControllerMetrics {
         out.push_str("# HELP kubetoken_controller_reconciles_total Reconciliations run.\n");
         out.push_str("# TYPE kubetoken_controller_reconciles_total counter\n");
         let _ = writeln!(out, "kubetoken_controller_reconciles_total {}", self.reconciles());
-        out.push_str("# HELP kubetoken_controller_reconcile_errors_total Reconciliations that failed (retried with backoff).\n");
+        out.push_str(
+            "# HELP kubetoken_controller_reconcile_errors_total Reconciliations that failed (retried with backoff).\n",
+        );
         out.push_str("# TYPE kubetoken_controller_reconcile_errors_total counter\n");
         let _ = writeln!(out, "kubetoken_controller_reconcile_errors_total {}", self.errors.load(Ordering::Relaxed));
         out.push_str("# HELP kubetoken_controller_reconcile_duration_seconds Time per reconciliation.\n");

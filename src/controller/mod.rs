@@ -56,7 +56,11 @@ fn health_router(health: Arc<Health>) -> Router {
         .route(
             "/readyz",
             get(|State(h): State<Arc<Health>>| async move {
-                if *h.ready.borrow() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+                if *h.ready.borrow() {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
             }),
         )
         .route(
@@ -136,12 +140,19 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
     let ctx = Arc::new(Context {
         client: client.clone(),
         clock: Arc::new(SystemClock),
-        recorder: Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: Some(opts.lease.identity.clone()) }),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: MANAGER.into(), instance: Some(opts.lease.identity.clone()) },
+        ),
         metrics: metrics.clone(),
         failures: Mutex::new(HashMap::new()),
     });
     let (apps, secrets, config_maps): (Api<OAuthApplication>, Api<Secret>, Api<ConfigMap>) = match &opts.namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
         None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
     };
     let children = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}=kubetoken"));

@@ -42,7 +42,7 @@ const DEFAULT_ROTATION_PERIOD: u64 = 30 * 86_400;
 const DEFAULT_GRACE_PERIOD: u64 = 3600;
 /// Unowned inputs (a bring-your-own credentials Secret, the users Secret) are not watched: look again this often.
 const RECHECK: u64 = 300;
-const RECHECK_MISSING_INPUT: u64 = 15;
+const RECHECK_MISSING_INPUT: u64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -154,34 +154,55 @@ async fn reconcile_credentials(
             ..Secret::default()
         };
         secrets.create(&PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() }, &secret).await?;
-        events.publish(EventType::Normal, "CredentialsCreated", "CreateCredentials", format!("created Secret {name} with client ID {client_id}")).await;
+        events
+            .publish(
+                EventType::Normal,
+                "CredentialsCreated",
+                "CreateCredentials",
+                format!("created Secret {name} with client ID {client_id}"),
+            )
+            .await;
         status.client_id = Some(client_id);
-        return Ok(Outcome { finding: Finding::ok(TYPE, "Created", format!("Secret {name} holds the client credentials")), recheck_in: None });
+        return Ok(Outcome {
+            finding: Finding::ok(TYPE, "Created", format!("Secret {name} holds the client credentials")),
+            recheck_in: None,
+        });
     };
 
     if !owned_by(&secret.metadata, uid) {
         // Bring-your-own credentials: used as given, never modified.
-        if rotation_request.is_some()
-            && secret.annotations().get(ROTATED_FOR_ANNOTATION) != rotation_request.as_ref()
-        {
+        if rotation_request.is_some() && secret.annotations().get(ROTATED_FOR_ANNOTATION) != rotation_request.as_ref() {
             tracing::info!(secret = %name, "client secret rotation requested for a Secret kubetoken does not own; not rotating");
         }
         return Ok(match (text(&secret.data, "client_id"), text(&secret.data, "client_secret")) {
             (Some(id), Some(_)) => {
                 status.client_id = Some(id);
                 Outcome {
-                    finding: Finding::ok(TYPE, "ProvidedSecret", format!("using the client credentials in Secret {name}, which kubetoken does not manage")),
+                    finding: Finding::ok(
+                        TYPE,
+                        "ProvidedSecret",
+                        format!("using the client credentials in Secret {name}, which kubetoken does not manage"),
+                    ),
                     recheck_in: Some(RECHECK),
                 }
             }
             _ => {
-                events.publish(EventType::Warning, "CredentialsMissingKeys", "ReadCredentials", format!("Secret {name} has no client_id or client_secret")).await;
+                events
+                    .publish(
+                        EventType::Warning,
+                        "CredentialsMissingKeys",
+                        "ReadCredentials",
+                        format!("Secret {name} has no client_id or client_secret"),
+                    )
+                    .await;
                 status.client_id = None;
                 Outcome {
                     finding: Finding::failed(
                         TYPE,
                         "MissingKeys",
-                        format!("Secret {name} exists but lacks client_id and/or client_secret; it is not owned by this application, so kubetoken will not change it: add the keys, or delete the Secret to have credentials generated"),
+                        format!(
+                            "Secret {name} exists but lacks client_id and/or client_secret; it is not owned by this application, so kubetoken will not change it: add the keys, or delete the Secret to have credentials generated"
+                        ),
                     ),
                     recheck_in: Some(RECHECK_MISSING_INPUT),
                 }
@@ -193,15 +214,16 @@ async fn reconcile_credentials(
     let mut changed = false;
     let mut recheck_in = None;
     let data = secret.data.get_or_insert_with(BTreeMap::new);
-    let client_id = match data.get("client_id").and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|s| !s.is_empty()) {
-        Some(id) => id,
-        None => {
-            let id = format!("{}-{}", app.name_any(), random_token(6)?);
-            data.insert("client_id".into(), bytes(&id));
-            changed = true;
-            id
-        }
-    };
+    let client_id =
+        match data.get("client_id").and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|s| !s.is_empty()) {
+            Some(id) => id,
+            None => {
+                let id = format!("{}-{}", app.name_any(), random_token(6)?);
+                data.insert("client_id".into(), bytes(&id));
+                changed = true;
+                id
+            }
+        };
     if data.get("client_secret").is_none_or(|v| v.0.is_empty()) {
         data.insert("client_secret".into(), bytes(&random_token(32)?));
         changed = true;
@@ -215,12 +237,18 @@ async fn reconcile_credentials(
             data.insert(PREVIOUS_SECRET_KEY.into(), old);
             data.insert(PREVIOUS_SECRET_EXPIRES_KEY.into(), bytes(&(now + grace).to_string()));
         }
-        secret.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(ROTATED_FOR_ANNOTATION.into(), request.clone());
+        secret
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(ROTATED_FOR_ANNOTATION.into(), request.clone());
         changed = true;
         rotated = true;
     }
     let data = secret.data.get_or_insert_with(BTreeMap::new);
-    if let Some(expires) = data.get(PREVIOUS_SECRET_EXPIRES_KEY).and_then(|v| std::str::from_utf8(&v.0).ok()?.parse::<u64>().ok()) {
+    if let Some(expires) =
+        data.get(PREVIOUS_SECRET_EXPIRES_KEY).and_then(|v| std::str::from_utf8(&v.0).ok()?.parse::<u64>().ok())
+    {
         if expires <= now {
             data.remove(PREVIOUS_SECRET_KEY);
             data.remove(PREVIOUS_SECRET_EXPIRES_KEY);
@@ -232,13 +260,25 @@ async fn reconcile_credentials(
     if changed {
         secret.metadata.managed_fields = None;
         // resourceVersion is kept: a concurrent change makes this a 409 and the reconcile is retried.
-        secrets.replace(&name, &PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() }, &secret).await?;
+        secrets
+            .replace(&name, &PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() }, &secret)
+            .await?;
     }
     if rotated {
-        events.publish(EventType::Normal, "ClientSecretRotated", "RotateClientSecret", format!("rotated the client secret in Secret {name}; the previous one stays valid for {grace}s")).await;
+        events
+            .publish(
+                EventType::Normal,
+                "ClientSecretRotated",
+                "RotateClientSecret",
+                format!("rotated the client secret in Secret {name}; the previous one stays valid for {grace}s"),
+            )
+            .await;
     }
     status.client_id = Some(client_id);
-    Ok(Outcome { finding: Finding::ok(TYPE, "Managed", format!("Secret {name} holds the client credentials")), recheck_in })
+    Ok(Outcome {
+        finding: Finding::ok(TYPE, "Managed", format!("Secret {name} holds the client credentials")),
+        recheck_in,
+    })
 }
 
 /// The signing keys (and the JWKS derived from them). Returns the JWKS to publish, if the keys are usable.
@@ -259,7 +299,13 @@ async fn reconcile_signing_keys(
     {
         return Ok((
             Outcome {
-                finding: Finding::failed(TYPE, "NameConflict", format!("Secret {name} exists and is not owned by this application; kubetoken will not overwrite it: rename or delete it")),
+                finding: Finding::failed(
+                    TYPE,
+                    "NameConflict",
+                    format!(
+                        "Secret {name} exists and is not owned by this application; kubetoken will not overwrite it: rename or delete it"
+                    ),
+                ),
                 recheck_in: Some(RECHECK_MISSING_INPUT),
             },
             None,
@@ -274,10 +320,17 @@ async fn reconcile_signing_keys(
     };
     let policy = KeyPolicy {
         algorithm: app.spec.signing.algorithm,
-        rotation_period: app.spec.signing.rotation_period.as_deref().and_then(|p| parse_duration(p).ok()).unwrap_or(DEFAULT_ROTATION_PERIOD),
+        rotation_period: app
+            .spec
+            .signing
+            .rotation_period
+            .as_deref()
+            .and_then(|p| parse_duration(p).ok())
+            .unwrap_or(DEFAULT_ROTATION_PERIOD),
         access_token_lifetime: app.spec.access_lifetime_secs().map_err(|e| ReconcileError::Internal(e.to_string()))?,
     };
-    let plan = keys::plan_keys(&stored, &policy, now, StoredKey::generate).map_err(|e| ReconcileError::Internal(e.to_string()))?;
+    let plan = keys::plan_keys(&stored, &policy, now, StoredKey::generate)
+        .map_err(|e| ReconcileError::Internal(e.to_string()))?;
     let jwks = keys::jwks(&plan.keys).map_err(ReconcileError::Internal)?;
     if plan.changed {
         let encoded = serde_json::to_string(&plan.keys).map_err(|e| ReconcileError::Internal(e.to_string()))?;
@@ -299,10 +352,24 @@ async fn reconcile_signing_keys(
             }
         }
         if let Some(kid) = &plan.generated {
-            events.publish(EventType::Normal, "SigningKeyRotated", "RotateSigningKey", format!("new {} signing key {kid}", policy.algorithm.as_str())).await;
+            events
+                .publish(
+                    EventType::Normal,
+                    "SigningKeyRotated",
+                    "RotateSigningKey",
+                    format!("new {} signing key {kid}", policy.algorithm.as_str()),
+                )
+                .await;
         }
         for kid in &plan.dropped {
-            events.publish(EventType::Normal, "SigningKeyRetired", "RetireSigningKey", format!("removed signing key {kid}: every token it signed has expired")).await;
+            events
+                .publish(
+                    EventType::Normal,
+                    "SigningKeyRetired",
+                    "RetireSigningKey",
+                    format!("removed signing key {kid}: every token it signed has expired"),
+                )
+                .await;
         }
     }
     let current = keys::current_key(&plan.keys);
@@ -310,7 +377,11 @@ async fn reconcile_signing_keys(
     let finding = Finding::ok(
         TYPE,
         "KeysReady",
-        format!("{} key(s) in Secret {name}; {} signs new tokens", plan.keys.len(), current.map_or("none", |k| k.kid.as_str())),
+        format!(
+            "{} key(s) in Secret {name}; {} signs new tokens",
+            plan.keys.len(),
+            current.map_or("none", |k| k.kid.as_str())
+        ),
     );
     Ok((Outcome { finding, recheck_in: Some(plan.next_change_at.saturating_sub(now).max(1)) }, Some(jwks)))
 }
@@ -326,14 +397,23 @@ async fn reconcile_jwks(
     let name = format!("{}-jwks", app.name_any());
     status.jwks_config_map = Some(name.clone());
     let Some(jwks) = jwks else {
-        return Ok(Outcome { finding: Finding::failed(TYPE, "NoSigningKeys", "waiting for usable signing keys"), recheck_in: None });
+        return Ok(Outcome {
+            finding: Finding::failed(TYPE, "NoSigningKeys", "waiting for usable signing keys"),
+            recheck_in: None,
+        });
     };
     let body = serde_json::to_string_pretty(&jwks).map_err(|e| ReconcileError::Internal(e.to_string()))?;
     let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
     match config_maps.get_opt(&name).await? {
         Some(cm) if !owned_by(&cm.metadata, &owner.uid) => {
             return Ok(Outcome {
-                finding: Finding::failed(TYPE, "NameConflict", format!("ConfigMap {name} exists and is not owned by this application; kubetoken will not overwrite it: rename or delete it")),
+                finding: Finding::failed(
+                    TYPE,
+                    "NameConflict",
+                    format!(
+                        "ConfigMap {name} exists and is not owned by this application; kubetoken will not overwrite it: rename or delete it"
+                    ),
+                ),
                 recheck_in: Some(RECHECK_MISSING_INPUT),
             });
         }
@@ -353,19 +433,31 @@ async fn reconcile_jwks(
             config_maps.create(&params, &cm).await?;
         }
     }
-    Ok(Outcome { finding: Finding::ok(TYPE, "Published", format!("ConfigMap {name} publishes the public keys")), recheck_in: None })
+    Ok(Outcome {
+        finding: Finding::ok(TYPE, "Published", format!("ConfigMap {name} publishes the public keys")),
+        recheck_in: None,
+    })
 }
 
 async fn check_users(app: &OAuthApplication, secrets: &Api<Secret>) -> Result<Outcome, ReconcileError> {
     const TYPE: &str = "UsersReady";
     let Some(users) = &app.spec.users else {
-        return Ok(Outcome { finding: Finding::ok(TYPE, "NoUsers", "no users Secret is referenced"), recheck_in: None });
+        return Ok(Outcome {
+            finding: Finding::ok(TYPE, "NoUsers", "no users Secret is referenced"),
+            recheck_in: None,
+        });
     };
     let name = &users.secret_ref.name;
     let key = users.secret_ref.key.as_deref().unwrap_or(DEFAULT_USERS_KEY);
-    let missing = |reason: &str, message: String| Outcome { finding: Finding::failed(TYPE, reason, message), recheck_in: Some(RECHECK_MISSING_INPUT) };
+    let missing = |reason: &str, message: String| Outcome {
+        finding: Finding::failed(TYPE, reason, message),
+        recheck_in: Some(RECHECK_MISSING_INPUT),
+    };
     let Some(secret) = secrets.get_opt(name).await? else {
-        return Ok(missing("UsersSecretNotFound", format!("Secret {name} (spec.users.secretRef) does not exist; the password grant fails until it does")));
+        return Ok(missing(
+            "UsersSecretNotFound",
+            format!("Secret {name} (spec.users.secretRef) does not exist; the password grant fails until it does"),
+        ));
     };
     let Some(yaml) = text(&secret.data, key) else {
         return Ok(missing("UsersKeyMissing", format!("Secret {name} has no key {key}")));
@@ -379,7 +471,10 @@ async fn check_users(app: &OAuthApplication, secrets: &Api<Secret>) -> Result<Ou
             return Ok(missing("InvalidUsers", format!("Secret {name}, key {key}: [{i}].passwordHash: {e}")));
         }
     }
-    Ok(Outcome { finding: Finding::ok(TYPE, "UsersLoaded", format!("{} user(s) in Secret {name}", entries.len())), recheck_in: Some(RECHECK) })
+    Ok(Outcome {
+        finding: Finding::ok(TYPE, "UsersLoaded", format!("{} user(s) in Secret {name}", entries.len())),
+        recheck_in: Some(RECHECK),
+    })
 }
 
 pub async fn reconcile(app: Arc<OAuthApplication>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
@@ -403,7 +498,8 @@ async fn reconcile_inner(app: &OAuthApplication, ctx: &Context) -> Result<Action
     let owner = app.controller_owner_ref(&()).ok_or_else(|| ReconcileError::Internal("object has no uid".into()))?;
     let events = Actions { recorder: &ctx.recorder, reference: app.object_ref(&()) };
     let old = app.status.clone().unwrap_or_default();
-    let mut status = OAuthApplicationStatus { observed_generation: app.meta().generation, ..OAuthApplicationStatus::default() };
+    let mut status =
+        OAuthApplicationStatus { observed_generation: app.meta().generation, ..OAuthApplicationStatus::default() };
 
     let findings_and_recheck: Vec<Outcome> = if let Err(e) = app.spec.validate() {
         // A spec that cannot work (e.g. let through by an older CRD): say so, touch nothing, wait for a new spec.
@@ -424,11 +520,22 @@ async fn reconcile_inner(app: &OAuthApplication, ctx: &Context) -> Result<Action
     status.conditions = status::conditions(&old.conditions, &all, app.meta().generation, &now_time(now));
     if status != old {
         let patch = json!({ "status": status });
-        apps.patch_status(&name, &PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() }, &Patch::Merge(&patch))
-            .await?;
+        apps.patch_status(
+            &name,
+            &PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() },
+            &Patch::Merge(&patch),
+        )
+        .await?;
         let was_ready = old.conditions.iter().any(|c| c.type_ == status::READY && c.status == "True");
         if ready.ok && !was_ready {
-            events.publish(EventType::Normal, "Ready", "Reconcile", "the application's credentials, keys and JWKS are ready".into()).await;
+            events
+                .publish(
+                    EventType::Normal,
+                    "Ready",
+                    "Reconcile",
+                    "the application's credentials, keys and JWKS are ready".into(),
+                )
+                .await;
         }
     }
     let recheck = findings_and_recheck.iter().filter_map(|o| o.recheck_in).min().unwrap_or(RECHECK).min(RECHECK);

@@ -1,0 +1,540 @@
+//! The real `kubetoken controller` binary against a Kubernetes API: the in-repo test server by default, or a real
+//! cluster when KUBETOKEN_TEST_KUBECONFIG names a kubeconfig (tests that inject API faults then skip themselves).
+//! Each test works in its own namespace.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, Config, ResourceExt};
+use kube_test_server::KubeTestServer;
+use kubetoken::api::v1alpha1::OAuthApplication;
+use kubetoken::controller::keys::StoredKey;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kubetoken");
+
+struct Cluster {
+    server: Option<KubeTestServer>,
+    kubeconfig: PathBuf,
+    client: Client,
+    namespace: String,
+}
+
+impl Cluster {
+    async fn new(test: &str) -> Cluster {
+        let (server, kubeconfig) = match std::env::var_os("KUBETOKEN_TEST_KUBECONFIG") {
+            Some(path) => (None, PathBuf::from(path)),
+            None => {
+                let server = KubeTestServer::start();
+                let path = server.kubeconfig_path().to_path_buf();
+                (Some(server), path)
+            }
+        };
+        let yaml = std::fs::read_to_string(&kubeconfig).expect("kubeconfig");
+        let kc = kube::config::Kubeconfig::from_yaml(&yaml).expect("kubeconfig parses");
+        let config = Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
+        let client = Client::try_from(config).expect("client");
+        let namespace = format!("kt-{test}-{}", std::process::id());
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let ns = serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace");
+        let _ = namespaces.create(&PostParams::default(), &ns).await;
+        let cluster = Cluster { server, kubeconfig, client, namespace };
+        cluster.install_crd().await;
+        cluster
+    }
+
+    /// Fault injection needs the test server; on a real cluster those tests are skipped.
+    fn server(&self) -> Option<&KubeTestServer> {
+        if self.server.is_none() {
+            eprintln!("skipped: needs the in-repo test server (fault injection)");
+        }
+        self.server.as_ref()
+    }
+
+    async fn install_crd(&self) {
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let text = include_str!("../crds/oauthapplications.kubetoken.io.yaml");
+        let crd: CustomResourceDefinition = serde_yaml::from_str(text).expect("crd yaml");
+        match crds.create(&PostParams::default(), &crd).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("CRD: {e}"),
+        }
+        eventually("the CRD is established", Duration::from_secs(30), || async {
+            let crd = crds.get("oauthapplications.kubetoken.io").await.ok()?;
+            let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+            established.then_some(())
+        })
+        .await;
+    }
+
+    fn apps(&self) -> Api<OAuthApplication> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+    fn config_maps(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    async fn create_app(&self, name: &str, spec: Value) -> OAuthApplication {
+        self.create_app_raw(name, spec, json!({})).await
+    }
+
+    async fn create_app_raw(&self, name: &str, spec: Value, annotations: Value) -> OAuthApplication {
+        let app = json!({
+            "apiVersion": "kubetoken.io/v1alpha1",
+            "kind": "OAuthApplication",
+            "metadata": {"name": name, "namespace": self.namespace, "annotations": annotations},
+            "spec": spec,
+        });
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.namespace,
+            &kube::api::ApiResource::erase::<OAuthApplication>(&()),
+        );
+        let obj: kube::api::DynamicObject = serde_json::from_value(app).expect("object");
+        api.create(&PostParams::default(), &obj).await.expect("create application");
+        self.apps().get(name).await.expect("created application")
+    }
+
+    fn controller(&self, identity: &str) -> ControllerProcess {
+        ControllerProcess::start(&self.kubeconfig, &self.namespace, identity)
+    }
+
+    async fn ready(&self, name: &str) -> OAuthApplication {
+        eventually(&format!("{name} is Ready"), Duration::from_secs(30), || async {
+            let app = self.apps().get(name).await.ok()?;
+            condition(&app, "Ready").filter(|(s, _)| s == "True").map(|_| app)
+        })
+        .await
+    }
+
+    async fn jwks(&self, name: &str) -> Value {
+        let cm = self.config_maps().get(&format!("{name}-jwks")).await.expect("jwks configmap");
+        serde_json::from_str(&cm.data.expect("data")["jwks.json"]).expect("jwks json")
+    }
+
+    async fn stored_keys(&self, name: &str) -> Vec<StoredKey> {
+        let s = self.secrets().get(&format!("{name}-signing-keys")).await.expect("signing keys");
+        serde_json::from_slice(&s.data.expect("data")["keys.json"].0).expect("keys json")
+    }
+}
+
+/// (status, reason) of a condition.
+fn condition(app: &OAuthApplication, type_: &str) -> Option<(String, String)> {
+    app.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+fn kids(jwks: &Value) -> Vec<String> {
+    jwks["keys"].as_array().expect("keys").iter().map(|k| k["kid"].as_str().expect("kid").to_string()).collect()
+}
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct ControllerProcess {
+    child: Child,
+    health: String,
+}
+
+impl ControllerProcess {
+    fn start(kubeconfig: &Path, namespace: &str, identity: &str) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["controller", "--listen", "127.0.0.1:0", "--lease-duration", "2s"])
+            .args(["--namespace", namespace, "--lease-namespace", namespace, "--identity", identity])
+            .env("KUBECONFIG", kubeconfig)
+            .env("KUBETOKEN_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn controller");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let health = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.strip_prefix("kubetoken controller health on ") {
+                        break url.to_string();
+                    }
+                }
+                _ => panic!("controller exited before serving health"),
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, health }
+    }
+
+    fn metric(&self, name: &str) -> Option<f64> {
+        let text = ureq::get(&format!("{}/metrics", self.health)).call().ok()?.into_string().ok()?;
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_application_gets_its_children_and_ready_and_the_jwks_verifies_its_keys() {
+    let c = Cluster::new("new").await;
+    let _controller = c.controller("c1");
+    let app = c.create_app("shop", json!({"grantTypes": ["client_credentials"], "audience": ["shop-api"]})).await;
+    let app = c.ready(&app.name_any()).await;
+    let uid = app.uid().expect("uid");
+    let status = app.status.clone().expect("status");
+    assert_eq!(status.observed_generation, app.metadata.generation);
+    for (kind, name, owner) in [
+        (
+            "Secret",
+            "shop-credentials",
+            c.secrets().get("shop-credentials").await.map(|s| s.owner_references().to_vec()),
+        ),
+        (
+            "Secret",
+            "shop-signing-keys",
+            c.secrets().get("shop-signing-keys").await.map(|s| s.owner_references().to_vec()),
+        ),
+        ("ConfigMap", "shop-jwks", c.config_maps().get("shop-jwks").await.map(|s| s.owner_references().to_vec())),
+    ] {
+        let owners = owner.unwrap_or_else(|e| panic!("{kind} {name}: {e}"));
+        assert!(owners.iter().any(|o| o.uid == uid && o.controller == Some(true)), "{kind} {name} is owned by the app");
+    }
+    let creds = c.secrets().get("shop-credentials").await.expect("credentials").data.expect("data");
+    let client_id = String::from_utf8(creds["client_id"].0.clone()).expect("utf8");
+    assert_eq!(status.client_id.as_deref(), Some(client_id.as_str()));
+    assert!(creds["client_secret"].0.len() >= 32);
+    for type_ in ["CredentialsReady", "SigningKeysReady", "JwksReady", "UsersReady"] {
+        assert_eq!(condition(&app, type_).map(|c| c.0), Some("True".into()), "{type_}");
+    }
+
+    // The JWKS in the ConfigMap verifies a token signed with the key in the Secret (independent verifier).
+    let keys = c.stored_keys("shop").await;
+    let current = keys.last().expect("a key");
+    assert_eq!(status.current_key_id.as_deref(), Some(current.kid.as_str()));
+    let signer = current.signing_key().expect("key parses");
+    let token = signer.sign_jwt(br#"{"sub":"x","aud":"shop-api","exp":4102444800}"#).expect("sign");
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(c.jwks("shop").await).expect("jwks");
+    let jwk = jwks.find(&current.kid).expect("kid published");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_audience(&["shop-api"]);
+    jsonwebtoken::decode::<Value>(&token, &jsonwebtoken::DecodingKey::from_jwk(jwk).expect("key"), &validation)
+        .expect("the JWKS verifies the Secret's key");
+    let jwks_text = serde_json::to_string(&c.jwks("shop").await).expect("text");
+    assert!(!jwks_text.contains("\"d\""), "no private key material in the ConfigMap");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_child_is_recreated_and_a_changed_spec_is_reconciled() {
+    let c = Cluster::new("heal").await;
+    let _controller = c.controller("c1");
+    c.create_app("shop", json!({"grantTypes": ["client_credentials"]})).await;
+    let before = c.ready("shop").await;
+    let first_kid = before.status.clone().and_then(|s| s.current_key_id).expect("kid");
+
+    c.config_maps().delete("shop-jwks", &DeleteParams::default()).await.expect("delete jwks");
+    let jwks = eventually("the JWKS ConfigMap is back", Duration::from_secs(20), || async {
+        c.config_maps().get("shop-jwks").await.ok()
+    })
+    .await;
+    assert!(jwks.data.expect("data")["jwks.json"].contains(&first_kid));
+
+    // A new algorithm rotates at once; the old key stays published while its tokens may live.
+    let patch = json!({"spec": {"signing": {"algorithm": "EdDSA"}}});
+    c.apps().patch("shop", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch");
+    let after = eventually("the new spec is observed", Duration::from_secs(20), || async {
+        let app = c.apps().get("shop").await.ok()?;
+        let s = app.status.clone()?;
+        (s.observed_generation == app.metadata.generation && s.current_key_id.as_deref() != Some(first_kid.as_str()))
+            .then_some(app)
+    })
+    .await;
+    let new_kid = after.status.and_then(|s| s.current_key_id).expect("kid");
+    let jwks = eventually("the JWKS has both keys", Duration::from_secs(20), || async {
+        let j = c.jwks("shop").await;
+        (kids(&j).len() == 2).then_some(j)
+    })
+    .await;
+    assert!(kids(&jwks).contains(&first_kid) && kids(&jwks).contains(&new_kid));
+    let keys = c.stored_keys("shop").await;
+    assert_eq!(keys.iter().filter(|k| k.retired_at.is_none()).count(), 1);
+    assert_eq!(format!("{:?}", keys.last().expect("key").alg), "EdDSA");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unowned_credentials_secret_is_used_as_given_and_never_touched() {
+    let c = Cluster::new("byo").await;
+    let given: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "byo-creds"},
+        "data": {"client_id": b64("my-client"), "client_secret": b64("my-secret")},
+    }))
+    .expect("secret");
+    let given = c.secrets().create(&PostParams::default(), &given).await.expect("create");
+    let lacking: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "lacking"}, "data": {"other": b64("x")}})).expect("secret");
+    let lacking = c.secrets().create(&PostParams::default(), &lacking).await.expect("create");
+    let _controller = c.controller("c1");
+    c.create_app_raw(
+        "byo",
+        json!({"grantTypes": ["client_credentials"], "credentials": {"secretName": "byo-creds"}}),
+        json!({"kubetoken.io/rotate-client-secret": "2026-11-26T00:00:00Z"}),
+    )
+    .await;
+    c.create_app("broken", json!({"grantTypes": ["client_credentials"], "credentials": {"secretName": "lacking"}}))
+        .await;
+    let app = c.ready("byo").await;
+    assert_eq!(app.status.and_then(|s| s.client_id).as_deref(), Some("my-client"));
+    let broken = eventually("the missing keys are reported", Duration::from_secs(20), || async {
+        let app = c.apps().get("broken").await.ok()?;
+        condition(&app, "CredentialsReady").filter(|(s, _)| s == "False").map(|_| app)
+    })
+    .await;
+    assert_eq!(condition(&broken, "CredentialsReady").map(|c| c.1), Some("MissingKeys".into()));
+    assert_eq!(condition(&broken, "Ready").map(|c| c.0), Some("False".into()));
+    // Neither Secret was modified (same resourceVersion), even with a rotation requested.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(c.secrets().get("byo-creds").await.expect("get").resource_version(), given.resource_version());
+    assert_eq!(c.secrets().get("lacking").await.expect("get").resource_version(), lacking.resource_version());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_keys_rotate_and_a_retired_key_leaves_the_jwks_once_its_tokens_expired() {
+    let c = Cluster::new("rotate").await;
+    let _controller = c.controller("c1");
+    c.create_app(
+        "rot",
+        json!({"grantTypes": ["client_credentials"], "accessTokenLifetime": "2s", "signing": {"rotationPeriod": "4s"}}),
+    )
+    .await;
+    let first = c.ready("rot").await.status.and_then(|s| s.current_key_id).expect("kid");
+    let both = eventually("a second key is published beside the first", Duration::from_secs(20), || async {
+        let k = kids(&c.jwks("rot").await);
+        (k.len() == 2 && k.contains(&first)).then_some(k)
+    })
+    .await;
+    let second = both.into_iter().find(|k| *k != first).expect("second kid");
+    eventually("the first key is retired from the JWKS", Duration::from_secs(20), || async {
+        let k = kids(&c.jwks("rot").await);
+        (!k.contains(&first)).then_some(())
+    })
+    .await;
+    let app = c.apps().get("rot").await.expect("app");
+    assert_ne!(app.status.and_then(|s| s.current_key_id).as_deref(), Some(first.as_str()));
+    assert!(!second.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_secret_rotation_keeps_the_previous_secret_for_the_grace_period() {
+    let c = Cluster::new("secret").await;
+    let _controller = c.controller("c1");
+    c.create_app("app", json!({"grantTypes": ["client_credentials"], "credentials": {"rotationGracePeriod": "2s"}}))
+        .await;
+    c.ready("app").await;
+    let old = c.secrets().get("app-credentials").await.expect("creds").data.expect("data")["client_secret"].clone();
+    let patch = json!({"metadata": {"annotations": {"kubetoken.io/rotate-client-secret": "now"}}});
+    c.apps().patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate");
+    let data = eventually("the secret is rotated", Duration::from_secs(20), || async {
+        let d = c.secrets().get("app-credentials").await.ok()?.data?;
+        (d.get("client_secret") != Some(&old)).then_some(d)
+    })
+    .await;
+    assert_eq!(data.get("previous_client_secret"), Some(&old), "the previous secret stays valid for a while");
+    eventually("the previous secret expires", Duration::from_secs(20), || async {
+        let d = c.secrets().get("app-credentials").await.ok()?.data?;
+        (!d.contains_key("previous_client_secret")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn specs_that_cannot_work_get_a_clear_condition_without_stopping_the_controller() {
+    let c = Cluster::new("invalid").await;
+    let _controller = c.controller("c1");
+    if c.server.is_some() {
+        // An algorithm an older CRD let through (the test server does not validate schemas).
+        c.create_app("old", json!({"grantTypes": ["client_credentials"], "signing": {"algorithm": "HS256"}})).await;
+        let app = eventually("the spec is reported invalid", Duration::from_secs(20), || async {
+            let app = c.apps().get("old").await.ok()?;
+            condition(&app, "SpecValid").map(|_| app)
+        })
+        .await;
+        assert_eq!(condition(&app, "SpecValid"), Some(("False".into(), "InvalidSpec".into())));
+        assert_eq!(condition(&app, "Ready").map(|c| c.0), Some("False".into()));
+    }
+    // A missing users Secret: a condition saying so, and Ready once it appears.
+    c.create_app("users", json!({"grantTypes": ["password"], "users": {"secretRef": {"name": "later"}}})).await;
+    let app = eventually("the missing users Secret is reported", Duration::from_secs(20), || async {
+        let app = c.apps().get("users").await.ok()?;
+        condition(&app, "UsersReady").filter(|(s, _)| s == "False").map(|_| app)
+    })
+    .await;
+    assert_eq!(condition(&app, "UsersReady").map(|c| c.1), Some("UsersSecretNotFound".into()));
+    let users: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "later"},
+        "stringData": {"users.yaml": "- {username: a, passwordHash: '$2b$04$abcdefghijklmnopqrstuuQ3pUUIW3ZiBGpP0jkC0IQ3uzx7dPpaa', roles: []}\n"},
+    }))
+    .expect("secret");
+    c.secrets().create(&PostParams::default(), &users).await.expect("create users");
+    c.ready("users").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_application_removes_its_children() {
+    let c = Cluster::new("delete").await;
+    let _controller = c.controller("c1");
+    c.create_app("gone", json!({"grantTypes": ["client_credentials"]})).await;
+    c.ready("gone").await;
+    c.apps().delete("gone", &DeleteParams::background()).await.expect("delete");
+    eventually("the children are garbage-collected", Duration::from_secs(30), || async {
+        let secrets = c.secrets().list(&ListParams::default().labels("kubetoken.io/application=gone")).await.ok()?;
+        let cms = c.config_maps().list(&ListParams::default().labels("kubetoken.io/application=gone")).await.ok()?;
+        (secrets.items.is_empty() && cms.items.is_empty()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_and_a_standby_takes_over() {
+    let c = Cluster::new("leader").await;
+    let mut a = c.controller("a");
+    let mut b = c.controller("b");
+    let (leader, standby) = eventually("one controller leads", Duration::from_secs(20), || async {
+        match (a.metric("kubetoken_controller_leader")?, b.metric("kubetoken_controller_leader")?) {
+            (1.0, 0.0) => Some(("a", "b")),
+            (0.0, 1.0) => Some(("b", "a")),
+            _ => None,
+        }
+    })
+    .await;
+    let (leader_proc, standby_proc) = if leader == "a" { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    c.create_app("app", json!({"grantTypes": ["client_credentials"]})).await;
+    c.ready("app").await;
+    assert_eq!(standby_proc.metric("kubetoken_controller_leader"), Some(0.0), "{standby} must not lead");
+    assert_eq!(standby_proc.metric("kubetoken_controller_reconciles_total"), Some(0.0), "{standby} must not write");
+    assert!(leader_proc.metric("kubetoken_controller_reconciles_total").unwrap_or(0.0) > 0.0);
+
+    leader_proc.kill9();
+    eventually("the standby takes over", Duration::from_secs(20), || async {
+        (standby_proc.metric("kubetoken_controller_leader")? == 1.0).then_some(())
+    })
+    .await;
+    c.config_maps().delete("app-jwks", &DeleteParams::default()).await.expect("delete");
+    eventually("the new leader repairs", Duration::from_secs(20), || async {
+        c.config_maps().get("app-jwks").await.ok()
+    })
+    .await;
+    assert!(!standby_proc.exited());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_faults_are_survived_without_duplicates_or_lost_updates() {
+    let c = Cluster::new("faults").await;
+    let Some(server) = c.server() else { return };
+    let _controller = c.controller("c1");
+    c.create_app("warmup", json!({"grantTypes": ["client_credentials"]})).await;
+    c.ready("warmup").await;
+
+    // 500s, 503s and 429s while an application is created (created inside the server, past the faults).
+    server.fail_next(6, 500);
+    let app = json!({
+        "apiVersion": "kubetoken.io/v1alpha1", "kind": "OAuthApplication",
+        "metadata": {"name": "shop", "namespace": c.namespace}, "spec": {"grantTypes": ["client_credentials"]},
+    });
+    server
+        .create_object(&format!("/apis/kubetoken.io/v1alpha1/namespaces/{}/oauthapplications", c.namespace), app)
+        .expect("create in the server");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.fail_next(4, 503);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.fail_next(3, 429);
+    c.ready("shop").await;
+
+    // Dropped watches: the controller re-watches and still sees changes.
+    server.close_watches();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.config_maps().delete("shop-jwks", &DeleteParams::default()).await.expect("delete");
+    eventually("the JWKS is recreated after the watches dropped", Duration::from_secs(30), || async {
+        c.config_maps().get("shop-jwks").await.ok()
+    })
+    .await;
+
+    // A conflicting writer: the controller's replace of the credentials Secret meets 409s, retries, and the
+    // requested rotation is not lost.
+    let old = c.secrets().get("shop-credentials").await.expect("creds").data.expect("data")["client_secret"].clone();
+    for i in 0..5 {
+        let touch = json!({"metadata": {"annotations": {"touched": i.to_string()}}});
+        let _ = c.secrets().patch("shop-credentials", &PatchParams::default(), &Patch::Merge(&touch)).await;
+        if i == 1 {
+            let rotate = json!({"metadata": {"annotations": {"kubetoken.io/rotate-client-secret": "r1"}}});
+            c.apps().patch("shop", &PatchParams::default(), &Patch::Merge(&rotate)).await.expect("annotate");
+        }
+    }
+    eventually("the rotation happened despite conflicts", Duration::from_secs(30), || async {
+        let d = c.secrets().get("shop-credentials").await.ok()?.data?;
+        (d.get("client_secret") != Some(&old) && d.get("previous_client_secret") == Some(&old)).then_some(())
+    })
+    .await;
+
+    // Exactly one of each child.
+    let secrets = c.secrets().list(&ListParams::default().labels("kubetoken.io/application=shop")).await.expect("list");
+    let mut names: Vec<String> = secrets.items.iter().map(|s| s.name_any()).collect();
+    names.sort();
+    assert_eq!(names, vec!["shop-credentials", "shop-signing-keys"]);
+    let cms = c.config_maps().list(&ListParams::default().labels("kubetoken.io/application=shop")).await.expect("list");
+    assert_eq!(cms.items.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_of_the_examples_gives_a_ready_application() {
+    let c = Cluster::new("kubectl").await;
+    let _controller = ControllerProcess::start(&c.kubeconfig, "default", "c1");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in ["crds", "examples"] {
+        let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+            .args(["apply", "--validate=false", "-f"])
+            .arg(root.join(dir))
+            .env("KUBECONFIG", &c.kubeconfig)
+            .output()
+            .expect("kubectl runs (install it with ../shared/tools/install-helm)");
+        assert!(out.status.success(), "kubectl apply -f {dir}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let apps: Api<OAuthApplication> = Api::namespaced(c.client.clone(), "default");
+    eventually("shop is Ready", Duration::from_secs(30), || async {
+        let app = apps.get("shop").await.ok()?;
+        condition(&app, "Ready").filter(|(s, _)| s == "True").map(|_| ())
+    })
+    .await;
+}
