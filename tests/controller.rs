@@ -446,7 +446,10 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     assert_eq!(standby_proc.metric("kubetoken_controller_reconciles_total"), Some(0.0), "{standby} must not write");
     assert!(leader_proc.metric("kubetoken_controller_reconciles_total").unwrap_or(0.0) > 0.0);
 
-    leader_proc.kill9();
+    // SIGTERM: the leader stops and releases the Lease, so the standby takes over without waiting for expiry.
+    let _ = Command::new("kill").arg("-TERM").arg(leader_proc.child.id().to_string()).status();
+    let status = leader_proc.child.wait().expect("wait");
+    assert!(status.success(), "graceful shutdown exits 0: {status:?}");
     eventually("the standby takes over", Duration::from_secs(20), || async {
         (standby_proc.metric("kubetoken_controller_leader")? == 1.0).then_some(())
     })

@@ -482,8 +482,17 @@ pub async fn reconcile(app: Arc<OAuthApplication>, ctx: Arc<Context>) -> Result<
     let result = reconcile_inner(&app, &ctx).await;
     ctx.metrics.observe(result.is_ok(), started.elapsed());
     let key = format!("{}/{}", app.namespace().unwrap_or_default(), app.name_any());
-    if result.is_ok() {
-        ctx.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+    match &result {
+        Ok(_) => {
+            ctx.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        }
+        Err(e) => {
+            // Best effort: when the API itself is failing, this fails too (and is logged).
+            let events = Actions { recorder: &ctx.recorder, reference: app.object_ref(&()) };
+            events
+                .publish(EventType::Warning, "ReconcileFailed", "Reconcile", format!("{e}; retrying with backoff"))
+                .await;
+        }
     }
     result
 }
