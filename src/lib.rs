@@ -16,5 +16,6 @@ pub mod controller;
 pub mod core;
 pub mod http;
 pub mod metrics;
+pub mod signal;
 pub mod standalone;
 pub mod storage;

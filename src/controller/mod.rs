@@ -74,21 +74,6 @@ fn health_router(health: Arc<Health>) -> Router {
         .with_state(health)
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        () = term => {},
-    }
-}
-
 /// Runs until SIGTERM/Ctrl-C (exit 0, Lease released) or lost leadership (error: a fresh process competes again).
 pub async fn run(opts: ControllerOptions) -> Result<(), String> {
     let client = kube::Client::try_default().await.map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
@@ -112,7 +97,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
         let lock = lock.clone();
         tokio::spawn(async move { lock.run(leader_tx).await })
     };
-    let shutdown = shutdown_signal();
+    let shutdown = crate::signal::shutdown();
     tokio::pin!(shutdown);
 
     // Standby until we lead.

@@ -15,10 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use self::error::{ApiError, no_store};
+use self::error::{ApiError, AuthScheme, no_store};
 use self::form::{client_credentials, read_form};
 use crate::core::error::OAuthError;
-use crate::core::service::{Grant, Introspection, IssuedTokens, TokenService};
+use crate::core::service::{ClientCredentials, Grant, Introspection, IssuedTokens, TokenService};
 use crate::metrics::Metrics;
 
 pub struct AppState {
@@ -152,13 +152,19 @@ async fn token(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -
     }
 }
 
+/// The form of the revocation and introspection endpoints: client authentication and a `token`.
+/// (`token_type_hint` is only a hint (RFC 7009 §2.1): both token kinds are recognised without it.)
+async fn token_form(headers: &HeaderMap, body: Body) -> Result<(ClientCredentials, AuthScheme, String), ApiError> {
+    let mut form = read_form(headers, body).await?;
+    let (creds, scheme) = client_credentials(headers, &mut form)?;
+    let token = form.require("token").map_err(|e| ApiError::OAuth(e, scheme))?;
+    Ok((creds, scheme, token))
+}
+
 async fn revoke(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let result: Result<bool, ApiError> = async {
-        let mut form = read_form(&headers, body).await?;
-        let (creds, scheme) = client_credentials(&headers, &mut form)?;
-        let token = form.require("token").map_err(|e| ApiError::OAuth(e, scheme))?;
-        // token_type_hint is only a hint (RFC 7009 §2.1): both token kinds are recognised without it.
+        let (creds, scheme, token) = token_form(&headers, body).await?;
         s.service.revoke(&creds, &token).await.map_err(|e| ApiError::OAuth(e, scheme))
     }
     .await;
@@ -182,9 +188,7 @@ async fn revoke(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) 
 async fn introspect(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let result: Result<Introspection, ApiError> = async {
-        let mut form = read_form(&headers, body).await?;
-        let (creds, scheme) = client_credentials(&headers, &mut form)?;
-        let token = form.require("token").map_err(|e| ApiError::OAuth(e, scheme))?;
+        let (creds, scheme, token) = token_form(&headers, body).await?;
         s.service.introspect(&creds, &token).await.map_err(|e| ApiError::OAuth(e, scheme))
     }
     .await;

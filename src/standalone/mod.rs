@@ -188,29 +188,10 @@ pub async fn run(opts: StandaloneOptions) -> Result<(), String> {
     });
     tracing::info!(%local, "serving");
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(crate::signal::shutdown())
         .await
         .map_err(|e| format!("server error: {e}"))?;
     prepared.store.close();
     tracing::info!("stopped; token state flushed");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutdown requested");
 }
