@@ -132,6 +132,7 @@ pub struct TokenService {
     keys_by_header: HashMap<String, Arc<SigningKey>>,
     rng: SystemRandom,
     passwords: Arc<PasswordChecker>,
+    key_locks: Box<[std::sync::Mutex<()>]>,
 }
 
 fn store_error(e: StoreError) -> OAuthError {
@@ -169,6 +170,7 @@ impl TokenService {
             keys_by_header,
             rng: SystemRandom::new(),
             passwords: Arc::default(),
+            key_locks: (0..64).map(|_| std::sync::Mutex::new(())).collect(),
         }
     }
 
@@ -336,28 +338,41 @@ impl TokenService {
         }
     }
 
+    /// The lock of `key`'s shard. Requests for one key are decided and applied one at a time in this process, so
+    /// they do not fight over the store's compare-and-set; signing and the durability wait happen outside it.
+    fn key_lock(&self, key: &TokenKey) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        let shard = (h.finish() % self.key_locks.len() as u64) as usize;
+        // The guarded data is `()`: a panic elsewhere cannot leave anything inconsistent.
+        self.key_locks[shard].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Issues for `key`: at most one live pair per key.
     async fn issue(&self, app: &Application, key: TokenKey, with_refresh: bool) -> Result<IssuedTokens, OAuthError> {
         for _ in 0..MAX_ATTEMPTS {
             let now = self.clock.now();
-            let current = self.store.pair(&key);
-            match decide_issue(app.format, current.as_ref(), now) {
-                IssueDecision::Reuse(pair) => {
-                    // The pair may have been written by a request still waiting for its fsync.
-                    self.store.sync().await.map_err(store_error)?;
-                    let token = self.access_token(app, &key, &pair)?;
-                    return Ok(self.response(token, &pair, now, true));
-                }
-                IssueDecision::Replace { expect } => {
-                    let pair = self.new_pair(app, key.scopes.clone(), now, with_refresh)?;
-                    let token = self.access_token(app, &key, &pair)?;
-                    let change = Change { key: key.clone(), expect, next: Some(pair.clone()), rotated_out: None };
-                    match self.store.commit(change).await {
-                        Ok(()) => return Ok(self.response(token, &pair, now, false)),
-                        Err(StoreError::Conflict) => continue,
-                        Err(e) => return Err(store_error(e)),
+            let (pair, durable, reused) = {
+                let _key_lock = self.key_lock(&key);
+                let current = self.store.pair(&key);
+                match decide_issue(app.format, current.as_ref(), now) {
+                    // The pair may have been written by a request still waiting for its fsync: wait for that too.
+                    IssueDecision::Reuse(pair) => (pair, self.store.sync(), true),
+                    IssueDecision::Replace { expect } => {
+                        let pair = self.new_pair(app, key.scopes.clone(), now, with_refresh)?;
+                        let change = Change { key: key.clone(), expect, next: Some(pair.clone()), rotated_out: None };
+                        (pair, self.store.commit(change), false)
                     }
                 }
+            };
+            // Signing overlaps the fsync. It cannot fail with a key that parsed, short of the OS RNG failing; then
+            // the client gets server_error and the key's new pair simply has no holder.
+            let token = self.access_token(app, &key, &pair)?;
+            match durable.await {
+                Ok(()) => return Ok(self.response(token, &pair, now, reused)),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(store_error(e)),
             }
         }
         Err(store_error(StoreError::Conflict))
@@ -387,25 +402,31 @@ impl TokenService {
                         "the refresh token was already used; the tokens of this grant are revoked".into(),
                     ));
                 }
-                RefreshLookup::Live { key, pair } => {
-                    if key.client_id != app.client_id || !pair.refresh_active(now) {
-                        return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
-                    }
-                    if let Some(user) = key.username()
-                        && !app.users.contains_key(user)
-                    {
-                        return Err(OAuthError::InvalidGrant("the user no longer exists".into()));
-                    }
-                    let scopes = refreshed_scopes(&key.scopes, requested.clone())?;
-                    let next = self.new_pair(app, scopes, now, true)?;
-                    let access = self.access_token(app, &key, &next)?;
-                    let change = Change {
-                        key: (*key).clone(),
-                        expect: Some(pair.access_id),
-                        next: Some(next.clone()),
-                        rotated_out: pair.refresh,
+                RefreshLookup::Live { key, .. } => {
+                    let (next, durable) = {
+                        let _key_lock = self.key_lock(&key);
+                        // Decided again under the lock: a concurrent refresh may have rotated this token meanwhile.
+                        let RefreshLookup::Live { key, pair } = self.store.find_refresh(&id) else { continue };
+                        if key.client_id != app.client_id || !pair.refresh_active(now) {
+                            return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
+                        }
+                        if let Some(user) = key.username()
+                            && !app.users.contains_key(user)
+                        {
+                            return Err(OAuthError::InvalidGrant("the user no longer exists".into()));
+                        }
+                        let scopes = refreshed_scopes(&key.scopes, requested.clone())?;
+                        let next = self.new_pair(app, scopes, now, true)?;
+                        let change = Change {
+                            key: (*key).clone(),
+                            expect: Some(pair.access_id),
+                            next: Some(next.clone()),
+                            rotated_out: pair.refresh,
+                        };
+                        (next, self.store.commit(change))
                     };
-                    match self.store.commit(change).await {
+                    let access = self.access_token(app, &key, &next)?;
+                    match durable.await {
                         Ok(()) => return Ok(self.response(access, &next, now, false)),
                         Err(StoreError::Conflict) => continue,
                         Err(e) => return Err(store_error(e)),

@@ -329,11 +329,11 @@ async fn introspection_reports_rfc7662_fields() {
     assert!(!f.active(&forged).await);
 }
 
-#[tokio::test]
-async fn concurrent_requests_for_one_key_leave_exactly_one_live_token() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_for_one_key_all_succeed_and_leave_exactly_one_live_token() {
     let f = Arc::new(fixture(TokenFormat::Jwt));
     let mut handles = Vec::new();
-    for _ in 0..32 {
+    for _ in 0..256 {
         let f = f.clone();
         handles.push(tokio::spawn(async move {
             f.service.token(&client("shop"), Grant::ClientCredentials { scope: Some("device_x".into()) }).await

@@ -33,7 +33,8 @@ pub trait TokenStore: Send + Sync {
     fn pair(&self, key: &TokenKey) -> Option<LivePair>;
     fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)>;
     fn find_refresh(&self, id: &TokenId) -> RefreshLookup;
-    /// Applies `change` if its expectation holds; resolves when it is durable.
+    /// Checks `change`'s expectation and applies it, visibly to reads, before returning; the future resolves when
+    /// the change is durable (or reports the conflict or failure).
     fn commit(&self, change: Change) -> StoreFuture<'_, ()>;
     /// Resolves when everything visible to reads so far is durable (before handing out a token read, not written).
     fn sync(&self) -> StoreFuture<'_, ()>;

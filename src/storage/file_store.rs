@@ -356,11 +356,12 @@ impl TokenStore for FileStore {
             g.pending_records += 1;
             Ok((g.applied, g.writer_idle))
         })();
+        // Wake the writer now, not when the future is first polled: the caller signs the token meanwhile.
+        if let Ok((_, true)) = seq {
+            self.shared.wake.notify_one();
+        }
         Box::pin(async move {
-            let (seq, writer_idle) = seq?;
-            if writer_idle {
-                self.shared.wake.notify_one();
-            }
+            let (seq, _) = seq?;
             self.wait_durable(seq).await
         })
     }
