@@ -255,6 +255,18 @@ async fn a_new_application_gets_its_children_and_ready_and_the_jwks_verifies_its
         .expect("the JWKS verifies the Secret's key");
     let jwks_text = serde_json::to_string(&c.jwks("shop").await).expect("text");
     assert!(!jwks_text.contains("\"d\""), "no private key material in the ConfigMap");
+
+    // Kubernetes Events say what the controller did.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.client.clone(), &c.namespace);
+    let reasons = eventually("events are published", Duration::from_secs(20), || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        let reasons: Vec<String> = list.items.iter().filter_map(|e| e.reason.clone()).collect();
+        (reasons.iter().any(|r| r == "Ready")).then_some(reasons)
+    })
+    .await;
+    for expected in ["CredentialsCreated", "SigningKeyRotated", "Ready"] {
+        assert!(reasons.iter().any(|r| r == expected), "no {expected} event in {reasons:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
