@@ -49,6 +49,9 @@ struct ControllerArgs {
     /// How long a Lease holds without renewal before another replica may take over.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     lease_duration: u64,
+    /// Tests only: shift the reconciler's clock by the number of seconds in this file (read at every use).
+    #[arg(long, hide = true)]
+    clock_offset_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -144,7 +147,12 @@ fn controller(args: ControllerArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let clock: std::sync::Arc<dyn kubetoken::core::clock::Clock> = match args.clock_offset_file {
+        Some(path) => std::sync::Arc::new(kubetoken::core::clock::OffsetFileClock::new(path)),
+        None => std::sync::Arc::new(kubetoken::core::clock::SystemClock),
+    };
     runtime.block_on(kubetoken::controller::run(kubetoken::controller::ControllerOptions {
+        clock,
         namespace: args.namespace,
         listen: args.listen,
         lease: LeaseConfig {

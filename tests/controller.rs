@@ -106,7 +106,7 @@ impl Cluster {
     }
 
     fn controller(&self, identity: &str) -> ControllerProcess {
-        ControllerProcess::start(&self.kubeconfig, &self.namespace, identity)
+        ControllerProcess::start(&self.kubeconfig, &self.namespace, identity, &[])
     }
 
     async fn ready(&self, name: &str) -> OAuthApplication {
@@ -158,10 +158,11 @@ struct ControllerProcess {
 }
 
 impl ControllerProcess {
-    fn start(kubeconfig: &Path, namespace: &str, identity: &str) -> Self {
+    fn start(kubeconfig: &Path, namespace: &str, identity: &str, extra: &[&std::ffi::OsStr]) -> Self {
         let mut child = Command::new(BIN)
             .args(["controller", "--listen", "127.0.0.1:0", "--lease-duration", "2s"])
             .args(["--namespace", namespace, "--lease-namespace", namespace, "--identity", identity])
+            .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("KUBETOKEN_LOG", "info")
             .stdout(Stdio::piped())
@@ -369,6 +370,52 @@ async fn signing_keys_rotate_and_a_retired_key_leaves_the_jwks_once_its_tokens_e
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_time_moved_forward_the_default_30_day_rotation_happens_and_the_old_key_retires_an_hour_later() {
+    let c = Cluster::new("clock").await;
+    let clock = tempfile::NamedTempFile::new().expect("clock file");
+    let _controller = ControllerProcess::start(
+        &c.kubeconfig,
+        &c.namespace,
+        "c1",
+        &["--clock-offset-file".as_ref(), clock.path().as_os_str()],
+    );
+    c.create_app("app", json!({"grantTypes": ["client_credentials"], "accessTokenLifetime": "1h"})).await;
+    let first = c.ready("app").await.status.and_then(|s| s.current_key_id).expect("kid");
+    // Any change makes the controller look again; the annotation stands in for the requeue timer, which runs in real time.
+    let advance = |secs: u64, touch: &'static str| {
+        std::fs::write(clock.path(), secs.to_string()).expect("move the clock");
+        let apps = c.apps();
+        async move {
+            let patch = json!({"metadata": {"annotations": {"test/touch": touch}}});
+            apps.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("touch");
+        }
+    };
+    advance(29 * 86_400, "29d").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(kids(&c.jwks("app").await), vec![first.clone()], "no rotation before 30 days");
+
+    advance(30 * 86_400 + 1, "30d").await;
+    let both = eventually("the 30-day rotation publishes a second key", Duration::from_secs(20), || async {
+        let k = kids(&c.jwks("app").await);
+        (k.len() == 2).then_some(k)
+    })
+    .await;
+    assert!(both.contains(&first));
+    let second = c.apps().get("app").await.expect("app").status.and_then(|s| s.current_key_id).expect("kid");
+    assert_ne!(second, first);
+
+    advance(30 * 86_400 + 1800, "30d+30m").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(kids(&c.jwks("app").await).len(), 2, "still published while its tokens may live");
+
+    advance(30 * 86_400 + 3601, "30d+1h").await;
+    eventually("the old key leaves once its last token expired", Duration::from_secs(20), || async {
+        (kids(&c.jwks("app").await) == vec![second.clone()]).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_secret_rotation_keeps_the_previous_secret_for_the_grace_period() {
     let c = Cluster::new("secret").await;
     let _controller = c.controller("c1");
@@ -535,7 +582,7 @@ async fn api_faults_are_survived_without_duplicates_or_lost_updates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_apply_of_the_examples_gives_a_ready_application() {
     let c = Cluster::new("kubectl").await;
-    let _controller = ControllerProcess::start(&c.kubeconfig, "default", "c1");
+    let _controller = ControllerProcess::start(&c.kubeconfig, "default", "c1", &[]);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for dir in ["crds", "examples"] {
         let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))

@@ -34,14 +34,15 @@ use self::leader::{LeaseConfig, LeaseLock};
 use self::metrics::ControllerMetrics;
 use self::reconcile::{Context, MANAGED_BY_LABEL, MANAGER, error_policy, reconcile};
 use crate::api::v1alpha1::OAuthApplication;
-use crate::core::clock::SystemClock;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ControllerOptions {
     /// Watch one namespace; all when `None`.
     pub namespace: Option<String>,
     pub listen: SocketAddr,
     pub lease: LeaseConfig,
+    /// The reconciler's clock (key rotation, secret grace periods). Leader election always uses the wall clock.
+    pub clock: Arc<dyn crate::core::clock::Clock>,
 }
 
 struct Health {
@@ -124,7 +125,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
 
     let ctx = Arc::new(Context {
         client: client.clone(),
-        clock: Arc::new(SystemClock),
+        clock: opts.clock.clone(),
         recorder: Recorder::new(
             client.clone(),
             Reporter { controller: MANAGER.into(), instance: Some(opts.lease.identity.clone()) },
