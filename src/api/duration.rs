@@ -1,7 +1,5 @@
 //! Durations as written in manifests: `90s`, `15m`, `1h`, `24h`, `30d`, or combined (`1h30m`).
 
-use std::fmt;
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid duration {input:?}: {reason} (expected e.g. 90s, 15m, 1h, 30d or 1h30m)")]
 pub struct DurationError {
@@ -50,25 +48,6 @@ pub fn parse_duration(input: &str) -> Result<u64, DurationError> {
     Ok(total)
 }
 
-/// Formats seconds the way [`parse_duration`] reads them.
-pub struct DisplayDuration(pub u64);
-
-impl fmt::Display for DisplayDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut rest = self.0;
-        if rest == 0 {
-            return write!(f, "0s");
-        }
-        for (unit, secs) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
-            if rest >= secs {
-                write!(f, "{}{}", rest / secs, unit)?;
-                rest %= secs;
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,13 +65,6 @@ mod tests {
     fn rejects_malformed_durations() {
         for bad in ["", "h", "10", "1x", "0s", "-1h", "1.5h", "99999999999999999999s", "4000d"] {
             assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
-        }
-    }
-
-    #[test]
-    fn display_round_trips() {
-        for s in [1, 59, 61, 3600, 5400, 86_400 + 1] {
-            assert_eq!(parse_duration(&DisplayDuration(s).to_string()), Ok(s));
         }
     }
 }

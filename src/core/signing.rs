@@ -125,10 +125,6 @@ impl SigningKey {
         &self.kid
     }
 
-    pub fn algorithm(&self) -> SigningAlgorithm {
-        self.alg
-    }
-
     /// The public key as a JWK (`kty`, `kid`, `alg`, `use` and the public parameters only).
     pub fn public_jwk(&self) -> &Value {
         &self.public_jwk
