@@ -61,12 +61,13 @@ fn main() {
             scopes: ScopePolicy::new([("orders:read".to_string(), vec![])]),
             users: HashMap::new(),
             signer: key,
+            verification_keys: vec![],
+            token_secrets: vec![vec![7u8; 32]],
         });
         let service = TokenService::new(
             Registry::new(vec![app]).expect("registry"),
             Arc::new(MemoryStore::default()),
             Arc::new(SystemClock),
-            &[7u8; 32],
             ServiceConfig {
                 issuer: "http://127.0.0.1:8080".into(),
                 user_lockout: LockoutPolicy::default(),

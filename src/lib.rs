@@ -7,6 +7,8 @@
 //! - [`http`]: the axum server; parses requests, calls the core, maps errors to RFC 6749 responses.
 //! - [`api`]: the `OAuthApplication` resource as users write it (serde + schemars).
 //! - [`standalone`]: wiring for `kubetoken standalone`: manifests on disk, state on disk.
+//! - [`sidecar`]: wiring for `kubetoken sidecar`: applications from the Kubernetes API, state in ConfigMaps.
+//! - [`controller`]: `kubetoken controller`, which reconciles OAuthApplications.
 #![forbid(unsafe_code)]
 // Errors are handled, not unwrapped: a panic in a request would drop a client connection without an answer.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -16,6 +18,7 @@ pub mod controller;
 pub mod core;
 pub mod http;
 pub mod metrics;
+pub mod sidecar;
 pub mod signal;
 pub mod standalone;
 pub mod storage;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use kubetoken::api::duration::parse_duration;
+use kubetoken::api::duration::{parse_duration, parse_duration_or_zero};
 use kubetoken::core::lockout::LockoutPolicy;
 use kubetoken::standalone::{StandaloneOptions, run};
 
@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Serve the token endpoint with no cluster: applications from manifest files, state on local disk.
     Standalone(StandaloneArgs),
+    /// Serve the token endpoint next to an app in a cluster: applications and token state from the Kubernetes API.
+    Sidecar(SidecarArgs),
     /// Reconcile OAuthApplications into credentials, signing keys, a JWKS and a status (KUBECONFIG or in-cluster).
     Controller(ControllerArgs),
     /// Read a password on stdin and print an argon2id hash for a users Secret.
@@ -49,9 +51,67 @@ struct ControllerArgs {
     /// How long a Lease holds without renewal before another replica may take over.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     lease_duration: u64,
+    /// How long a new signing key is published in the JWKS before it signs tokens.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    key_prepublication: u64,
+    /// How long a retired key stays published after the last token it signed expired (clock skew, JWKS caches).
+    #[arg(long, default_value = "5m", value_parser = parse_duration_or_zero)]
+    key_retirement_margin: u64,
     /// Tests only: shift the reconciler's clock by the number of seconds in this file (read at every use).
     #[arg(long, hide = true)]
     clock_offset_file: Option<PathBuf>,
+}
+
+/// Brute-force protection, the same for standalone and the sidecar.
+#[derive(Args)]
+struct LockoutArgs {
+    /// Failed passwords in a row that lock a user (per application).
+    #[arg(long, default_value_t = 5)]
+    lockout_max_failures: u32,
+    /// How long a locked user stays locked.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    lockout_duration: u64,
+    /// Failed client authentications in a row that lock a client ID.
+    #[arg(long, default_value_t = 10)]
+    client_lockout_max_failures: u32,
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    client_lockout_duration: u64,
+}
+
+impl LockoutArgs {
+    fn policies(&self) -> Result<(LockoutPolicy, LockoutPolicy), String> {
+        if self.lockout_max_failures == 0 || self.client_lockout_max_failures == 0 {
+            return Err("lockout failure counts must be at least 1".into());
+        }
+        Ok((
+            LockoutPolicy { max_failures: self.lockout_max_failures, lock_secs: self.lockout_duration },
+            LockoutPolicy { max_failures: self.client_lockout_max_failures, lock_secs: self.client_lockout_duration },
+        ))
+    }
+}
+
+#[derive(Args)]
+struct SidecarArgs {
+    /// OAuthApplication to serve (repeat for several).
+    #[arg(long = "application", required = true)]
+    applications: Vec<String>,
+    /// Namespace of the applications (default: the service account's, or the kubeconfig context's).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// The loopback by default, so that only the pod itself reaches the endpoint.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Issuer (`iss`) and base of the metadata endpoint URLs; defaults to http://<listen address>.
+    #[arg(long)]
+    issuer: Option<String>,
+    #[command(flatten)]
+    lockout: LockoutArgs,
+    /// Token-state writes per second this replica may send to the API server (group commit batches the rest).
+    #[arg(long, default_value_t = 5.0)]
+    api_writes_per_second: f64,
+    /// Compact the token journal into its snapshot shards once it holds this many KiB.
+    #[arg(long, default_value_t = 128)]
+    journal_compact_kib: usize,
 }
 
 #[derive(Args)]
@@ -80,17 +140,8 @@ struct StandaloneArgs {
     /// Issuer (`iss`) and base of the metadata endpoint URLs; defaults to http://<listen address>.
     #[arg(long)]
     issuer: Option<String>,
-    /// Failed passwords in a row that lock a user (per application).
-    #[arg(long, default_value_t = 5)]
-    lockout_max_failures: u32,
-    /// How long a locked user stays locked.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
-    lockout_duration: u64,
-    /// Failed client authentications in a row that lock a client ID.
-    #[arg(long, default_value_t = 10)]
-    client_lockout_max_failures: u32,
-    #[arg(long, default_value = "1m", value_parser = parse_duration)]
-    client_lockout_duration: u64,
+    #[command(flatten)]
+    lockout: LockoutArgs,
     /// Runtime worker threads; defaults to the number of CPUs.
     #[arg(long)]
     worker_threads: Option<usize>,
@@ -111,9 +162,7 @@ fn init_logging() {
 }
 
 fn standalone(args: StandaloneArgs) -> Result<(), String> {
-    if args.lockout_max_failures == 0 || args.client_lockout_max_failures == 0 {
-        return Err("lockout failure counts must be at least 1".into());
-    }
+    let (user_lockout, client_lockout) = args.lockout.policies()?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(n) = args.worker_threads {
@@ -125,10 +174,31 @@ fn standalone(args: StandaloneArgs) -> Result<(), String> {
         state_dir: args.state_dir,
         listen: args.listen,
         issuer: args.issuer,
-        user_lockout: LockoutPolicy { max_failures: args.lockout_max_failures, lock_secs: args.lockout_duration },
-        client_lockout: LockoutPolicy {
-            max_failures: args.client_lockout_max_failures,
-            lock_secs: args.client_lockout_duration,
+        user_lockout,
+        client_lockout,
+    }))
+}
+
+fn sidecar(args: SidecarArgs) -> Result<(), String> {
+    let (user_lockout, client_lockout) = args.lockout.policies()?;
+    if !(args.api_writes_per_second > 0.0) {
+        return Err("--api-writes-per-second must be positive".into());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(kubetoken::sidecar::run(kubetoken::sidecar::SidecarOptions {
+        applications: args.applications,
+        namespace: args.namespace,
+        listen: args.listen,
+        issuer: args.issuer,
+        user_lockout,
+        client_lockout,
+        store: kubetoken::storage::kube_store::KubeStoreOptions {
+            writes_per_second: args.api_writes_per_second,
+            compact_bytes: args.journal_compact_kib.max(1) * 1024,
+            ..Default::default()
         },
     }))
 }
@@ -153,6 +223,10 @@ fn controller(args: ControllerArgs) -> Result<(), String> {
     };
     runtime.block_on(kubetoken::controller::run(kubetoken::controller::ControllerOptions {
         clock,
+        key_timing: kubetoken::controller::reconcile::KeyTiming {
+            prepublication: args.key_prepublication,
+            retirement_margin: args.key_retirement_margin,
+        },
         namespace: args.namespace,
         listen: args.listen,
         lease: LeaseConfig {
@@ -183,6 +257,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Standalone(args) => standalone(args),
+        Command::Sidecar(args) => sidecar(args),
         Command::Controller(args) => controller(args),
         Command::HashPassword(args) => hash_password(args),
         Command::Crd => kubetoken::api::crd_yaml().map(|yaml| print!("{yaml}")),

@@ -8,6 +8,11 @@ pub struct DurationError {
 }
 
 /// Parses a duration into whole seconds. Zero is rejected: a zero lifetime can never issue a usable token.
+/// Like [`parse_duration`], but also accepts zero (`0` or `0s`), for margins that may be switched off.
+pub fn parse_duration_or_zero(input: &str) -> Result<u64, DurationError> {
+    if matches!(input.trim(), "0" | "0s") { Ok(0) } else { parse_duration(input) }
+}
+
 pub fn parse_duration(input: &str) -> Result<u64, DurationError> {
     let err = |reason| DurationError { input: input.to_string(), reason };
     let s = input.trim();

@@ -1,5 +1,6 @@
 //! The Kubernetes resources kubetoken reads, as users write them. One module per API version.
 pub mod duration;
+pub mod users;
 pub mod v1alpha1;
 
 /// The `OAuthApplication` CRD as YAML, with a header saying where it comes from.

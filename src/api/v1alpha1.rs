@@ -284,6 +284,43 @@ impl OAuthApplicationSpec {
     }
 }
 
+/// What an application needs besides its spec: the parts that live in Secrets.
+pub struct ApplicationParts {
+    /// `namespace/name`, for logs.
+    pub name: String,
+    pub client_id: String,
+    /// Accepted client secrets: the current one first, then one in its rotation grace period.
+    pub client_secrets: Vec<String>,
+    pub users: std::collections::HashMap<String, crate::core::app::User>,
+    pub signer: std::sync::Arc<crate::core::signing::SigningKey>,
+    pub verification_keys: Vec<std::sync::Arc<crate::core::signing::SigningKey>>,
+    pub token_secrets: Vec<Vec<u8>>,
+}
+
+impl OAuthApplicationSpec {
+    /// The core's application for this spec (validated) and its parts. Standalone mode and the sidecar both
+    /// build applications here, so they behave the same.
+    pub fn application(&self, parts: ApplicationParts) -> Result<crate::core::app::Application, FieldError> {
+        self.validate()?;
+        Ok(crate::core::app::Application::new(crate::core::app::ApplicationConfig {
+            name: parts.name,
+            client_id: parts.client_id,
+            client_secrets: parts.client_secrets,
+            grant_types: self.grant_types.clone(),
+            format: self.token_format,
+            access_ttl: self.access_lifetime_secs()?,
+            refresh_ttl: self.refresh_lifetime_secs()?,
+            audience: self.audience.clone(),
+            client_roles: self.client_roles.clone(),
+            scopes: crate::core::scope::ScopePolicy::new(self.scopes.iter().map(|s| (s.name.clone(), s.roles.clone()))),
+            users: parts.users,
+            signer: parts.signer,
+            verification_keys: parts.verification_keys,
+            token_secrets: parts.token_secrets,
+        }))
+    }
+}
+
 fn field(path: impl Into<String>, message: impl ToString) -> FieldError {
     FieldError { path: path.into(), message: message.to_string() }
 }

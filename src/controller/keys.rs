@@ -2,10 +2,13 @@
 //! parameters, so rotation and retirement are testable without waiting.
 //!
 //! Rules:
-//! - exactly one current key (not retired, of `spec.signing.algorithm`) signs new tokens;
-//! - it is replaced when it is older than the rotation period, or at once when the algorithm changes;
-//! - a replaced key is retired, not deleted: it stays published in the JWKS until every token it signed has
-//!   expired (retired at + access token lifetime), then it is dropped.
+//! - exactly one key is marked `current` and signs new tokens (explicitly, not by position);
+//! - a new key is generated when the current one is older than the rotation period minus the pre-publication
+//!   period, or when the algorithm changes. It is published (JWKS) but not used until it has been published for
+//!   the pre-publication period, so that resource servers caching the JWKS never meet an unknown `kid`. Only the
+//!   very first key of an application is current at once (no token can exist before it);
+//! - a replaced key is retired, not deleted: it stays published until every token it signed has expired (retired
+//!   at + the longest access token lifetime seen while it signed + a margin for clock skew and caches).
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -26,6 +29,12 @@ pub struct StoredKey {
     pub created_at: UnixTime,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_at: Option<UnixTime>,
+    /// This key signs new tokens. Exactly one key of a set is current.
+    #[serde(default)]
+    pub current: bool,
+    /// The longest access token lifetime configured while this key was current: how long its tokens can live.
+    #[serde(default)]
+    pub max_token_lifetime: u64,
     /// PKCS#8 DER, base64.
     pub pkcs8: String,
 }
@@ -35,7 +44,15 @@ impl StoredKey {
     pub fn generate(alg: SigningAlgorithm, now: UnixTime) -> Result<Self, KeyError> {
         let der = SigningKey::generate_pkcs8(alg)?;
         let parsed = SigningKey::from_pkcs8(alg, &der)?;
-        Ok(Self { kid: parsed.kid().to_string(), alg, created_at: now, retired_at: None, pkcs8: STANDARD.encode(der) })
+        Ok(Self {
+            kid: parsed.kid().to_string(),
+            alg,
+            created_at: now,
+            retired_at: None,
+            current: false,
+            max_token_lifetime: 0,
+            pkcs8: STANDARD.encode(der),
+        })
     }
 
     pub fn signing_key(&self) -> Result<SigningKey, String> {
@@ -62,6 +79,10 @@ pub struct KeyPolicy {
     pub algorithm: SigningAlgorithm,
     pub rotation_period: u64,
     pub access_token_lifetime: u64,
+    /// How long a new key is published before it signs.
+    pub prepublication: u64,
+    /// Extra time a retired key stays published after its last token expired (clock skew, JWKS caches).
+    pub retirement_margin: u64,
 }
 
 /// Decides the key set at `now`; `generate` makes a new key when one is needed.
@@ -72,44 +93,85 @@ pub fn plan_keys(
     generate: impl FnOnce(SigningAlgorithm, UnixTime) -> Result<StoredKey, KeyError>,
 ) -> Result<KeyPlan, KeyError> {
     let mut keys: Vec<StoredKey> = stored.to_vec();
-    let current = keys.iter().rposition(|k| k.retired_at.is_none() && k.alg == policy.algorithm);
-    let needs_new = match current {
-        None => true,
-        Some(i) => now >= keys[i].created_at.saturating_add(policy.rotation_period),
-    };
-    let mut generated = None;
-    if needs_new {
-        let new = generate(policy.algorithm, now)?;
-        generated = Some(new.kid.clone());
-        keys.push(new);
+    // Sets written before `current` existed: the newest unretired key is the current one.
+    if !keys.iter().any(|k| k.current)
+        && let Some(k) = keys.iter_mut().rev().find(|k| k.retired_at.is_none())
+    {
+        k.current = true;
     }
-    // Retire every live key but the newest one of the right algorithm.
-    let current = keys.iter().rposition(|k| k.retired_at.is_none() && k.alg == policy.algorithm);
-    for (i, k) in keys.iter_mut().enumerate() {
-        if Some(i) != current && k.retired_at.is_none() {
+    let mut generated = None;
+    let current = keys.iter().position(|k| k.current);
+    // A published key waiting to take over: unretired, not current, of the wanted algorithm.
+    let waiting = keys.iter().rposition(|k| !k.current && k.retired_at.is_none() && k.alg == policy.algorithm);
+    let rotate_at =
+        |k: &StoredKey| k.created_at.saturating_add(policy.rotation_period.saturating_sub(policy.prepublication));
+    match (current, waiting) {
+        (None, _) => {
+            // No key signs yet, so no token can be outstanding: the first key is current at once.
+            let mut new = generate(policy.algorithm, now)?;
+            new.current = true;
+            generated = Some(new.kid.clone());
+            keys.push(new);
+        }
+        (Some(c), None) if keys[c].alg != policy.algorithm || now >= rotate_at(&keys[c]) => {
+            let new = generate(policy.algorithm, now)?;
+            generated = Some(new.kid.clone());
+            keys.push(new);
+        }
+        _ => {}
+    }
+    // Promote a waiting key once it has been published long enough.
+    let waiting = keys.iter().rposition(|k| !k.current && k.retired_at.is_none() && k.alg == policy.algorithm);
+    if let Some(w) = waiting
+        && now >= keys[w].created_at.saturating_add(policy.prepublication)
+    {
+        for k in keys.iter_mut() {
+            if k.current {
+                k.current = false;
+                k.retired_at = Some(now);
+            }
+        }
+        keys[w].current = true;
+    }
+    // Waiting keys of another algorithm (the algorithm changed back) will never sign: retire them.
+    for k in keys.iter_mut() {
+        if !k.current && k.retired_at.is_none() && k.alg != policy.algorithm {
             k.retired_at = Some(now);
         }
+        if k.current {
+            k.max_token_lifetime = k.max_token_lifetime.max(policy.access_token_lifetime);
+        }
     }
+    let drop_at = |k: &StoredKey| {
+        k.retired_at.map(|at| at.saturating_add(k.max_token_lifetime).saturating_add(policy.retirement_margin))
+    };
     let mut dropped = Vec::new();
-    keys.retain(|k| match k.retired_at {
-        Some(at) if at.saturating_add(policy.access_token_lifetime) <= now => {
+    keys.retain(|k| match drop_at(k) {
+        Some(at) if at <= now => {
             dropped.push(k.kid.clone());
             false
         }
         _ => true,
     });
-    let rotation_at = current_key(&keys).map_or(now, |k| k.created_at).saturating_add(policy.rotation_period);
-    let next_change_at = keys
+    let next_promotion = keys
         .iter()
-        .filter_map(|k| k.retired_at.map(|at| at.saturating_add(policy.access_token_lifetime)))
-        .fold(rotation_at, u64::min);
+        .filter(|k| !k.current && k.retired_at.is_none())
+        .map(|k| k.created_at.saturating_add(policy.prepublication));
+    // While a key waits for promotion, the next change is that promotion, not another rotation.
+    let next_rotation = if keys.iter().any(|k| !k.current && k.retired_at.is_none()) {
+        None
+    } else {
+        current_key(&keys).map(rotate_at)
+    };
+    let next_change_at =
+        keys.iter().filter_map(drop_at).chain(next_promotion).chain(next_rotation).min().unwrap_or(now);
     let changed = keys != stored;
     Ok(KeyPlan { keys, changed, generated, dropped, next_change_at })
 }
 
 /// The current (signing) key of a planned set.
 pub fn current_key(keys: &[StoredKey]) -> Option<&StoredKey> {
-    keys.iter().rev().find(|k| k.retired_at.is_none())
+    keys.iter().find(|k| k.current)
 }
 
 /// The public JWK Set of every key in the set, current and retired.
@@ -124,9 +186,17 @@ mod tests {
     use super::*;
 
     const DAY: u64 = 86_400;
+    const PRE: u64 = 300;
+    const MARGIN: u64 = 60;
 
     fn policy(alg: SigningAlgorithm) -> KeyPolicy {
-        KeyPolicy { algorithm: alg, rotation_period: 30 * DAY, access_token_lifetime: 3600 }
+        KeyPolicy {
+            algorithm: alg,
+            rotation_period: 30 * DAY,
+            access_token_lifetime: 3600,
+            prepublication: PRE,
+            retirement_margin: MARGIN,
+        }
     }
 
     fn fake(alg: SigningAlgorithm, now: UnixTime) -> Result<StoredKey, KeyError> {
@@ -135,48 +205,77 @@ mod tests {
             alg,
             created_at: now,
             retired_at: None,
+            current: false,
+            max_token_lifetime: 0,
             pkcs8: String::new(),
         })
     }
 
+    fn current(plan: &KeyPlan) -> &str {
+        current_key(&plan.keys).map(|k| k.kid.as_str()).expect("a current key")
+    }
+
     #[test]
-    fn an_empty_set_gets_a_key_and_then_stays_put_until_the_rotation_period() {
+    fn an_empty_set_gets_a_current_key_at_once_and_then_stays_put_until_pre_publication_of_the_next() {
         let p = policy(SigningAlgorithm::ES256);
         let first = plan_keys(&[], &p, 1000, fake).expect("plan");
         assert_eq!(first.generated.as_deref(), Some("ES256-1000"));
+        assert_eq!(current(&first), "ES256-1000");
         assert!(first.changed);
-        assert_eq!(first.next_change_at, 1000 + 30 * DAY);
-        let later = plan_keys(&first.keys, &p, 1000 + 30 * DAY - 1, |_, _| panic!("no new key yet")).expect("plan");
+        assert_eq!(first.next_change_at, 1000 + 30 * DAY - PRE);
+        let later =
+            plan_keys(&first.keys, &p, 1000 + 30 * DAY - PRE - 1, |_, _| panic!("no new key yet")).expect("plan");
         assert!(!later.changed);
-        assert_eq!(later.keys, first.keys);
     }
 
     #[test]
-    fn rotation_retires_the_old_key_which_stays_published_until_its_tokens_expire() {
+    fn a_new_key_is_published_before_it_signs_and_the_old_one_stays_until_its_tokens_expire() {
         let p = policy(SigningAlgorithm::ES256);
-        let t0 = 1000;
-        let first = plan_keys(&[], &p, t0, fake).expect("plan").keys;
-        let t1 = t0 + 30 * DAY;
-        let rotated = plan_keys(&first, &p, t1, fake).expect("rotate");
-        assert_eq!(rotated.keys.len(), 2);
-        assert_eq!(rotated.keys[0].retired_at, Some(t1));
-        assert_eq!(current_key(&rotated.keys).map(|k| k.kid.as_str()), Some("ES256-2593000"));
-        assert_eq!(rotated.next_change_at, t1 + 3600, "wake up when the retired key can go");
-        let still = plan_keys(&rotated.keys, &p, t1 + 3599, |_, _| panic!("no new key")).expect("plan");
-        assert_eq!(still.keys.len(), 2);
-        let gone = plan_keys(&rotated.keys, &p, t1 + 3600, |_, _| panic!("no new key")).expect("plan");
+        let first = plan_keys(&[], &p, 1000, fake).expect("plan").keys;
+        let t1 = 1000 + 30 * DAY - PRE;
+        let next = plan_keys(&first, &p, t1, fake).expect("pre-publish");
+        assert_eq!(next.keys.len(), 2, "the next key is published");
+        assert_eq!(current(&next), "ES256-1000", "but the old key still signs");
+        assert_eq!(next.next_change_at, t1 + PRE);
+        let still = plan_keys(&next.keys, &p, t1 + PRE - 1, |_, _| panic!("no new key")).expect("plan");
+        assert_eq!(current(&still), "ES256-1000");
+        let t2 = t1 + PRE;
+        let promoted = plan_keys(&next.keys, &p, t2, |_, _| panic!("no new key")).expect("promote");
+        assert_eq!(current(&promoted), format!("ES256-{t1}"));
+        assert_eq!(promoted.keys[0].retired_at, Some(t2));
+        assert_eq!(promoted.next_change_at, t2 + 3600 + MARGIN, "wake up when the retired key can go");
+        let kept = plan_keys(&promoted.keys, &p, t2 + 3600 + MARGIN - 1, |_, _| panic!("no new key")).expect("plan");
+        assert_eq!(kept.keys.len(), 2);
+        let gone = plan_keys(&promoted.keys, &p, t2 + 3600 + MARGIN, |_, _| panic!("no new key")).expect("plan");
         assert_eq!(gone.keys.len(), 1);
         assert_eq!(gone.dropped, vec!["ES256-1000".to_string()]);
-        assert_eq!(gone.next_change_at, t1 + 30 * DAY);
     }
 
     #[test]
-    fn changing_the_algorithm_rotates_at_once() {
-        let first = plan_keys(&[], &policy(SigningAlgorithm::ES256), 1000, fake).expect("plan").keys;
-        let switched = plan_keys(&first, &policy(SigningAlgorithm::RS256), 1001, fake).expect("plan");
-        assert_eq!(switched.generated.as_deref(), Some("RS256-1001"));
-        assert_eq!(switched.keys[0].retired_at, Some(1001));
-        assert_eq!(current_key(&switched.keys).map(|k| k.alg), Some(SigningAlgorithm::RS256));
+    fn shortening_the_lifetime_does_not_drop_a_key_whose_tokens_are_still_valid() {
+        let long = KeyPolicy { access_token_lifetime: 10 * 3600, ..policy(SigningAlgorithm::ES256) };
+        let first = plan_keys(&[], &long, 1000, fake).expect("plan").keys;
+        // The lifetime is shortened to 1h and the algorithm changes, so the key is replaced.
+        let short = policy(SigningAlgorithm::EdDSA);
+        let next = plan_keys(&first, &short, 2000, fake).expect("plan").keys;
+        let promoted = plan_keys(&next, &short, 2000 + PRE, |_, _| panic!("no new key")).expect("plan");
+        assert_eq!(current_key(&promoted.keys).map(|k| k.alg), Some(SigningAlgorithm::EdDSA));
+        let retired_at = 2000 + PRE;
+        let after_short =
+            plan_keys(&promoted.keys, &short, retired_at + 3600 + MARGIN, |_, _| panic!("no")).expect("plan");
+        assert_eq!(after_short.keys.len(), 2, "its 10h tokens are still valid");
+        let after_long =
+            plan_keys(&promoted.keys, &short, retired_at + 10 * 3600 + MARGIN, |_, _| panic!("no")).expect("plan");
+        assert_eq!(after_long.keys.len(), 1);
+    }
+
+    #[test]
+    fn sets_without_the_current_flag_treat_the_newest_unretired_key_as_current() {
+        let mut old = fake(SigningAlgorithm::ES256, 1).expect("key");
+        old.retired_at = Some(5);
+        let newer = fake(SigningAlgorithm::ES256, 2).expect("key");
+        let plan = plan_keys(&[old, newer], &policy(SigningAlgorithm::ES256), 10, |_, _| panic!("no")).expect("plan");
+        assert_eq!(current(&plan), "ES256-2");
     }
 
     #[test]

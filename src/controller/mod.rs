@@ -43,6 +43,7 @@ pub struct ControllerOptions {
     pub lease: LeaseConfig,
     /// The reconciler's clock (key rotation, secret grace periods). Leader election always uses the wall clock.
     pub clock: Arc<dyn crate::core::clock::Clock>,
+    pub key_timing: self::reconcile::KeyTiming,
 }
 
 struct Health {
@@ -126,6 +127,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
     let ctx = Arc::new(Context {
         client: client.clone(),
         clock: opts.clock.clone(),
+        key_timing: opts.key_timing,
         recorder: Recorder::new(
             client.clone(),
             Reporter { controller: MANAGER.into(), instance: Some(opts.lease.identity.clone()) },

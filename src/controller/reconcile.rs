@@ -25,9 +25,8 @@ use super::metrics::ControllerMetrics;
 use super::status::{self, Finding};
 use crate::api::duration::parse_duration;
 use crate::api::v1alpha1::{
-    DEFAULT_USERS_KEY, OAuthApplication, OAuthApplicationStatus, ROTATE_CLIENT_SECRET_ANNOTATION, UserEntry,
+    DEFAULT_USERS_KEY, OAuthApplication, OAuthApplicationStatus, ROTATE_CLIENT_SECRET_ANNOTATION,
 };
-use crate::core::app::PasswordDigest;
 use crate::core::clock::{Clock, UnixTime};
 
 pub const MANAGER: &str = "kubetoken-controller";
@@ -37,6 +36,15 @@ pub const APPLICATION_LABEL: &str = "kubetoken.io/application";
 pub const ROTATED_FOR_ANNOTATION: &str = "kubetoken.io/rotated-for";
 pub const PREVIOUS_SECRET_KEY: &str = "previous_client_secret";
 pub const PREVIOUS_SECRET_EXPIRES_KEY: &str = "previous_client_secret_expires_at";
+/// Label of the token-state ConfigMaps: the application they belong to.
+pub const TOKEN_STATE_LABEL: &str = "kubetoken.io/token-state-of";
+/// Key of the token-tagging Secret.
+pub const TOKEN_SECRETS_FIELD: &str = "secrets";
+
+/// The token-tagging Secret of an application.
+pub fn token_secrets_name(app: &str) -> String {
+    format!("{app}-token-secrets")
+}
 
 const DEFAULT_ROTATION_PERIOD: u64 = 30 * 86_400;
 const DEFAULT_GRACE_PERIOD: u64 = 3600;
@@ -52,9 +60,19 @@ pub enum ReconcileError {
     Internal(String),
 }
 
+/// Signing-key timing the controller applies to every application.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyTiming {
+    /// How long a new key is published before it signs.
+    pub prepublication: u64,
+    /// How long a retired key stays published after its last token expired.
+    pub retirement_margin: u64,
+}
+
 pub struct Context {
     pub client: kube::Client,
     pub clock: Arc<dyn Clock>,
+    pub key_timing: KeyTiming,
     pub recorder: Recorder,
     pub metrics: Arc<ControllerMetrics>,
     /// Consecutive failures per application, for exponential backoff.
@@ -228,8 +246,26 @@ async fn reconcile_credentials(
         data.insert("client_secret".into(), bytes(&random_token(32)?));
         changed = true;
     }
+    // An expired previous secret goes first, so that a rotation waiting for it can happen in this pass.
+    let data = secret.data.get_or_insert_with(BTreeMap::new);
+    let previous_expires =
+        data.get(PREVIOUS_SECRET_EXPIRES_KEY).and_then(|v| std::str::from_utf8(&v.0).ok()?.parse::<u64>().ok());
+    if previous_expires.is_some_and(|e| e <= now) {
+        data.remove(PREVIOUS_SECRET_KEY);
+        data.remove(PREVIOUS_SECRET_EXPIRES_KEY);
+        changed = true;
+    }
+    let in_grace = previous_expires.filter(|e| *e > now);
     let mut rotated = false;
+    let mut deferred = None;
     if let Some(request) = &rotation_request
+        && secret.metadata.annotations.as_ref().and_then(|a| a.get(ROTATED_FOR_ANNOTATION)) != Some(request)
+        && let Some(expires) = in_grace
+    {
+        // A second rotation inside the grace period would drop the previous secret, which clients may still
+        // use: it waits until that grace period ends.
+        deferred = Some(expires);
+    } else if let Some(request) = &rotation_request
         && secret.metadata.annotations.as_ref().and_then(|a| a.get(ROTATED_FOR_ANNOTATION)) != Some(request)
     {
         let data = secret.data.get_or_insert_with(BTreeMap::new);
@@ -249,13 +285,7 @@ async fn reconcile_credentials(
     if let Some(expires) =
         data.get(PREVIOUS_SECRET_EXPIRES_KEY).and_then(|v| std::str::from_utf8(&v.0).ok()?.parse::<u64>().ok())
     {
-        if expires <= now {
-            data.remove(PREVIOUS_SECRET_KEY);
-            data.remove(PREVIOUS_SECRET_EXPIRES_KEY);
-            changed = true;
-        } else {
-            recheck_in = Some(expires - now);
-        }
+        recheck_in = Some(expires.saturating_sub(now).max(1));
     }
     if changed {
         secret.metadata.managed_fields = None;
@@ -275,6 +305,14 @@ async fn reconcile_credentials(
             .await;
     }
     status.client_id = Some(client_id);
+    if let Some(expires) = deferred {
+        let message = format!(
+            "a client secret rotation is requested while the previous secret is still in its grace period; it happens in {}s, when that period ends",
+            expires.saturating_sub(now)
+        );
+        events.publish(EventType::Normal, "ClientSecretRotationDeferred", "RotateClientSecret", message.clone()).await;
+        return Ok(Outcome { finding: Finding::ok(TYPE, "RotationDeferred", message), recheck_in });
+    }
     Ok(Outcome {
         finding: Finding::ok(TYPE, "Managed", format!("Secret {name} holds the client credentials")),
         recheck_in,
@@ -287,6 +325,7 @@ async fn reconcile_signing_keys(
     secrets: &Api<Secret>,
     owner: &OwnerReference,
     now: UnixTime,
+    key_timing: &KeyTiming,
     events: &Actions<'_>,
     status: &mut OAuthApplicationStatus,
 ) -> Result<(Outcome, Option<serde_json::Value>), ReconcileError> {
@@ -311,12 +350,39 @@ async fn reconcile_signing_keys(
             None,
         ));
     }
-    let stored: Vec<StoredKey> = match existing.as_ref().and_then(|s| text(&s.data, KEYS_FIELD)) {
-        Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
-            tracing::warn!(secret = %name, error = %e, "unreadable key set; starting a new one");
-            Vec::new()
-        }),
+    let unreadable = |reason: String| {
+        Ok((
+            Outcome {
+                finding: Finding::failed(TYPE, "UnreadableKeys", reason),
+                recheck_in: Some(RECHECK_MISSING_INPUT),
+            },
+            None,
+        ))
+    };
+    let stored: Vec<StoredKey> = match &existing {
         None => Vec::new(),
+        Some(secret) => {
+            // Replacing an unreadable set would make every issued token unverifiable: report it, touch nothing.
+            let parsed = text(&secret.data, KEYS_FIELD)
+                .ok_or_else(|| format!("Secret {name} has no {KEYS_FIELD}"))
+                .and_then(|json| {
+                    serde_json::from_str::<Vec<StoredKey>>(&json)
+                        .map_err(|e| format!("Secret {name}: {KEYS_FIELD}: {e}"))
+                })
+                .and_then(|keys| keys.iter().try_for_each(|k| k.signing_key().map(drop)).map(|()| keys));
+            match parsed {
+                Ok(keys) => keys,
+                Err(reason) => {
+                    let message = format!(
+                        "{reason}; kubetoken leaves the Secret alone: restore it, or delete it to start a new key set (tokens signed by the old keys then fail verification)"
+                    );
+                    events
+                        .publish(EventType::Warning, "UnreadableSigningKeys", "ReadSigningKeys", message.clone())
+                        .await;
+                    return unreadable(message);
+                }
+            }
+        }
     };
     let policy = KeyPolicy {
         algorithm: app.spec.signing.algorithm,
@@ -328,6 +394,8 @@ async fn reconcile_signing_keys(
             .and_then(|p| parse_duration(p).ok())
             .unwrap_or(DEFAULT_ROTATION_PERIOD),
         access_token_lifetime: app.spec.access_lifetime_secs().map_err(|e| ReconcileError::Internal(e.to_string()))?,
+        prepublication: key_timing.prepublication,
+        retirement_margin: key_timing.retirement_margin,
     };
     let plan = keys::plan_keys(&stored, &policy, now, StoredKey::generate)
         .map_err(|e| ReconcileError::Internal(e.to_string()))?;
@@ -439,6 +507,122 @@ async fn reconcile_jwks(
     })
 }
 
+/// The token-tagging Secret: the HMAC secrets of opaque and refresh token strings, shared by every sidecar of the
+/// application. One line per secret (base64url of 32 random bytes), newest first, so that a later rotation can
+/// put a new secret in front while the old ones still verify.
+async fn reconcile_token_secrets(
+    app: &OAuthApplication,
+    secrets: &Api<Secret>,
+    owner: &OwnerReference,
+) -> Result<Outcome, ReconcileError> {
+    const TYPE: &str = "TokenSecretsReady";
+    let name = token_secrets_name(&app.name_any());
+    match secrets.get_opt(&name).await? {
+        Some(s) if !owned_by(&s.metadata, &owner.uid) => Ok(Outcome {
+            finding: Finding::failed(
+                TYPE,
+                "NameConflict",
+                format!(
+                    "Secret {name} exists and is not owned by this application; kubetoken will not overwrite it: rename or delete it"
+                ),
+            ),
+            recheck_in: Some(RECHECK_MISSING_INPUT),
+        }),
+        Some(s) if text(&s.data, TOKEN_SECRETS_FIELD).is_some() => Ok(Outcome {
+            finding: Finding::ok(TYPE, "Managed", format!("Secret {name} holds the token-tagging secrets")),
+            recheck_in: None,
+        }),
+        Some(_) => Ok(Outcome {
+            // Never replaced: a new secret would invalidate every opaque and refresh token.
+            finding: Finding::failed(
+                TYPE,
+                "UnreadableSecrets",
+                format!(
+                    "Secret {name} has no {TOKEN_SECRETS_FIELD}; restore it or delete it (which logs every client out)"
+                ),
+            ),
+            recheck_in: Some(RECHECK_MISSING_INPUT),
+        }),
+        None => {
+            let secret = Secret {
+                metadata: child_meta(app, &name, owner),
+                data: Some(BTreeMap::from([(TOKEN_SECRETS_FIELD.to_string(), bytes(&random_token(32)?))])),
+                type_: Some("Opaque".into()),
+                ..Secret::default()
+            };
+            secrets
+                .create(&PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() }, &secret)
+                .await?;
+            Ok(Outcome {
+                finding: Finding::ok(TYPE, "Created", format!("Secret {name} holds the token-tagging secrets")),
+                recheck_in: None,
+            })
+        }
+    }
+}
+
+/// The ConfigMaps that hold the sidecars' token state: created empty, then written only by the sidecars (so they
+/// carry no managed-by label: their frequent changes must not wake the controller).
+async fn reconcile_token_state(
+    app: &OAuthApplication,
+    config_maps: &Api<ConfigMap>,
+    owner: &OwnerReference,
+) -> Result<Outcome, ReconcileError> {
+    const TYPE: &str = "TokenStateReady";
+    let app_name = app.name_any();
+    let existing =
+        config_maps.list(&kube::api::ListParams::default().labels(&format!("{TOKEN_STATE_LABEL}={app_name}"))).await?;
+    let mut created = 0;
+    for name in crate::storage::kube_store::layout::object_names(&app_name) {
+        if let Some(cm) = existing.items.iter().find(|c| c.metadata.name.as_deref() == Some(name.as_str())) {
+            if !owned_by(&cm.metadata, &owner.uid) {
+                return Ok(Outcome {
+                    finding: Finding::failed(
+                        TYPE,
+                        "NameConflict",
+                        format!("ConfigMap {name} exists and is not owned by this application"),
+                    ),
+                    recheck_in: Some(RECHECK_MISSING_INPUT),
+                });
+            }
+            continue;
+        }
+        let mut meta = child_meta(app, &name, owner);
+        meta.labels = Some(BTreeMap::from([(TOKEN_STATE_LABEL.to_string(), app_name.clone())]));
+        let cm = ConfigMap {
+            metadata: meta,
+            data: Some(crate::storage::kube_store::layout::empty_object(&name)),
+            ..ConfigMap::default()
+        };
+        match config_maps
+            .create(&PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() }, &cm)
+            .await
+        {
+            Ok(_) => created += 1,
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                return Ok(Outcome {
+                    finding: Finding::failed(
+                        TYPE,
+                        "NameConflict",
+                        format!("ConfigMap {name} exists without the {TOKEN_STATE_LABEL} label"),
+                    ),
+                    recheck_in: Some(RECHECK_MISSING_INPUT),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let count = crate::storage::kube_store::layout::object_names(&app_name).count();
+    Ok(Outcome {
+        finding: Finding::ok(
+            TYPE,
+            if created > 0 { "Created" } else { "Present" },
+            format!("{count} ConfigMaps hold the token state"),
+        ),
+        recheck_in: None,
+    })
+}
+
 async fn check_users(app: &OAuthApplication, secrets: &Api<Secret>) -> Result<Outcome, ReconcileError> {
     const TYPE: &str = "UsersReady";
     let Some(users) = &app.spec.users else {
@@ -462,17 +646,12 @@ async fn check_users(app: &OAuthApplication, secrets: &Api<Secret>) -> Result<Ou
     let Some(yaml) = text(&secret.data, key) else {
         return Ok(missing("UsersKeyMissing", format!("Secret {name} has no key {key}")));
     };
-    let entries: Vec<UserEntry> = match serde_yaml::from_str(&yaml) {
-        Ok(e) => e,
+    let users = match crate::api::users::parse_users(&yaml) {
+        Ok(u) => u,
         Err(e) => return Ok(missing("InvalidUsers", format!("Secret {name}, key {key}: {e}"))),
     };
-    for (i, entry) in entries.iter().enumerate() {
-        if let Err(e) = PasswordDigest::parse(&entry.password_hash) {
-            return Ok(missing("InvalidUsers", format!("Secret {name}, key {key}: [{i}].passwordHash: {e}")));
-        }
-    }
     Ok(Outcome {
-        finding: Finding::ok(TYPE, "UsersLoaded", format!("{} user(s) in Secret {name}", entries.len())),
+        finding: Finding::ok(TYPE, "UsersLoaded", format!("{} user(s) in Secret {name}", users.len())),
         recheck_in: Some(RECHECK),
     })
 }
@@ -517,10 +696,13 @@ async fn reconcile_inner(app: &OAuthApplication, ctx: &Context) -> Result<Action
         vec![Outcome { finding: Finding::failed("SpecValid", "InvalidSpec", e.to_string()), recheck_in: None }]
     } else {
         let credentials = reconcile_credentials(app, &secrets, &owner, now, &events, &mut status).await?;
-        let (signing, jwks) = reconcile_signing_keys(app, &secrets, &owner, now, &events, &mut status).await?;
+        let (signing, jwks) =
+            reconcile_signing_keys(app, &secrets, &owner, now, &ctx.key_timing, &events, &mut status).await?;
         let published = reconcile_jwks(app, &config_maps, &owner, jwks, &mut status).await?;
         let users = check_users(app, &secrets).await?;
-        vec![credentials, signing, published, users]
+        let token_secrets = reconcile_token_secrets(app, &secrets, &owner).await?;
+        let token_state = reconcile_token_state(app, &config_maps, &owner).await?;
+        vec![credentials, signing, published, users, token_secrets, token_state]
     };
     let findings: Vec<Finding> = findings_and_recheck.iter().map(|o| o.finding.clone()).collect();
     let ready = status::ready(&findings);

@@ -8,6 +8,7 @@ use subtle::ConstantTimeEq;
 
 use super::scope::ScopePolicy;
 use super::signing::SigningKey;
+use super::tokens::OpaqueTokens;
 use crate::api::v1alpha1::{GrantType, TokenFormat};
 
 /// A password hash from the user store, checked for shape when loaded.
@@ -154,7 +155,12 @@ pub struct Application {
     pub client_roles: Vec<String>,
     pub scopes: ScopePolicy,
     pub users: HashMap<String, User>,
+    /// Signs new JWT access tokens.
     pub signer: Arc<SigningKey>,
+    /// Every key whose tokens are still accepted (the signer, keys published ahead of use, retired keys).
+    pub verification_keys: Vec<Arc<SigningKey>>,
+    /// Makes and checks this application's opaque and refresh token strings.
+    pub tokens: OpaqueTokens,
 }
 
 fn sha256(data: &[u8]) -> [u8; 32] {
@@ -178,6 +184,11 @@ pub struct ApplicationConfig {
     pub scopes: ScopePolicy,
     pub users: HashMap<String, User>,
     pub signer: Arc<SigningKey>,
+    /// Keys besides `signer` whose tokens introspection still accepts.
+    pub verification_keys: Vec<Arc<SigningKey>>,
+    /// Secrets that tag opaque and refresh tokens, newest first (at least one): new tokens use the first,
+    /// any of them is accepted, so adding a secret in front does not log anyone out.
+    pub token_secrets: Vec<Vec<u8>>,
 }
 
 impl Application {
@@ -195,8 +206,17 @@ impl Application {
             client_roles: c.client_roles,
             scopes: c.scopes,
             users: c.users,
+            verification_keys: std::iter::once(c.signer.clone())
+                .chain(c.verification_keys.into_iter().filter(|k| k.kid() != c.signer.kid()))
+                .collect(),
             signer: c.signer,
+            tokens: OpaqueTokens::new(&c.token_secrets),
         }
+    }
+
+    /// The key that signed a JWT with this header segment, if it is one of this application's keys.
+    pub fn verification_key(&self, header_b64: &str) -> Option<&Arc<SigningKey>> {
+        self.verification_keys.iter().find(|k| k.header_b64() == header_b64)
     }
 
     /// Constant-time: every accepted secret is compared, whatever matches.
@@ -228,13 +248,17 @@ pub struct Registry {
 impl Registry {
     /// Fails when two applications share a client ID.
     pub fn new(apps: Vec<Application>) -> Result<Self, String> {
-        let mut by_client_id = HashMap::new();
+        Self::from_shared(apps.into_iter().map(Arc::new))
+    }
+
+    /// Like [`Registry::new`], for applications already shared (the sidecar rebuilds its registry from them).
+    pub fn from_shared(apps: impl IntoIterator<Item = Arc<Application>>) -> Result<Self, String> {
+        let mut by_client_id: HashMap<String, Arc<Application>> = HashMap::new();
         for app in apps {
             if let Some(other) = by_client_id.get(&app.client_id) {
-                let other: &Arc<Application> = other;
                 return Err(format!("applications {} and {} have the same client_id", other.name, app.name));
             }
-            by_client_id.insert(app.client_id.clone(), Arc::new(app));
+            by_client_id.insert(app.client_id.clone(), app);
         }
         Ok(Self { by_client_id })
     }

@@ -1,8 +1,7 @@
 //! The grant flows, revocation and introspection. Everything here is about token semantics; storage, time and
 //! the wire are ports and callers.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use aws_lc_rs::rand::SystemRandom;
 use serde::Serialize;
@@ -13,9 +12,8 @@ use super::error::OAuthError;
 use super::lockout::{Lockout, LockoutPolicy};
 use super::model::{Change, LivePair, RefreshGrant, RefreshLookup, SharedKey, Subject, TokenId, TokenKey};
 use super::scope::ScopeSet;
-use super::signing::SigningKey;
 use super::store::{StoreError, TokenStore};
-use super::tokens::{AccessClaims, JtiOnly, OpaqueTokens, TokenKind};
+use super::tokens::{AccessClaims, JtiOnly, TokenKind};
 use crate::api::v1alpha1::{GrantType, TokenFormat};
 
 /// How many times a decision is retried when another request changed the same key in between.
@@ -122,14 +120,14 @@ pub struct ServiceConfig {
 }
 
 pub struct TokenService {
-    registry: Registry,
+    /// Replaced whole when an application changes (the sidecar follows the cluster); requests keep the
+    /// version they started with.
+    registry: RwLock<Arc<Registry>>,
     store: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
-    opaque: OpaqueTokens,
     issuer: String,
     user_lockout: Lockout,
     client_lockout: Lockout,
-    keys_by_header: HashMap<String, Arc<SigningKey>>,
     rng: SystemRandom,
     passwords: Arc<PasswordChecker>,
     key_locks: Box<[std::sync::Mutex<()>]>,
@@ -151,31 +149,29 @@ fn parse_scope(scope: Option<&str>) -> Result<ScopeSet, OAuthError> {
 }
 
 impl TokenService {
-    pub fn new(
-        registry: Registry,
-        store: Arc<dyn TokenStore>,
-        clock: Arc<dyn Clock>,
-        opaque_secret: &[u8],
-        config: ServiceConfig,
-    ) -> Self {
-        let keys_by_header = registry.apps().map(|a| (a.signer.header_b64().to_string(), a.signer.clone())).collect();
+    pub fn new(registry: Registry, store: Arc<dyn TokenStore>, clock: Arc<dyn Clock>, config: ServiceConfig) -> Self {
         Self {
-            registry,
+            registry: RwLock::new(Arc::new(registry)),
             store,
             clock,
-            opaque: OpaqueTokens::new(opaque_secret),
             issuer: config.issuer,
             user_lockout: Lockout::new(config.user_lockout),
             client_lockout: Lockout::new(config.client_lockout),
-            keys_by_header,
             rng: SystemRandom::new(),
             passwords: Arc::default(),
             key_locks: (0..64).map(|_| std::sync::Mutex::new(())).collect(),
         }
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    /// The applications as they are now.
+    pub fn registry(&self) -> Arc<Registry> {
+        // A panic while replacing an Arc cannot leave it half-written.
+        self.registry.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Serves `registry` from now on (applications added, removed or changed).
+    pub fn set_registry(&self, registry: Registry) {
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(registry);
     }
 
     pub fn issuer(&self) -> &str {
@@ -188,8 +184,11 @@ impl TokenService {
 
     /// Every public signing key in use, as a JWK Set.
     pub fn jwks(&self) -> serde_json::Value {
-        let mut keys: Vec<&serde_json::Value> = self.keys_by_header.values().map(|k| k.public_jwk()).collect();
+        let registry = self.registry();
+        let mut keys: Vec<&serde_json::Value> =
+            registry.apps().flat_map(|a| a.verification_keys.iter().map(|k| k.public_jwk())).collect();
         keys.sort_by(|a, b| a["kid"].as_str().cmp(&b["kid"].as_str()));
+        keys.dedup_by(|a, b| a["kid"] == b["kid"]);
         serde_json::json!({ "keys": keys })
     }
 
@@ -201,7 +200,7 @@ impl TokenService {
                 "too many failed client authentications; try again in {secs}s"
             )));
         }
-        match self.registry.get(&creds.client_id) {
+        match self.registry().get(&creds.client_id) {
             Some(app) if app.secret_matches(&creds.client_secret) => {
                 self.client_lockout.succeed(&creds.client_id);
                 Ok(app.clone())
@@ -309,7 +308,7 @@ impl TokenService {
     /// failure leaves the state untouched.
     fn access_token(&self, app: &Application, key: &TokenKey, pair: &LivePair) -> Result<String, OAuthError> {
         match app.format {
-            TokenFormat::Opaque => Ok(self.opaque.encode(TokenKind::Access, &pair.access_id)),
+            TokenFormat::Opaque => Ok(app.tokens.encode(TokenKind::Access, &pair.access_id)),
             TokenFormat::Jwt => {
                 let claims = AccessClaims {
                     iss: &self.issuer,
@@ -328,11 +327,18 @@ impl TokenService {
         }
     }
 
-    fn response(&self, access_token: String, pair: &LivePair, now: UnixTime, reused: bool) -> IssuedTokens {
+    fn response(
+        &self,
+        app: &Application,
+        access_token: String,
+        pair: &LivePair,
+        now: UnixTime,
+        reused: bool,
+    ) -> IssuedTokens {
         IssuedTokens {
             access_token,
             expires_in: pair.access_expires_at.saturating_sub(now),
-            refresh_token: pair.refresh.map(|r| self.opaque.encode(TokenKind::Refresh, &r.id)),
+            refresh_token: pair.refresh.map(|r| app.tokens.encode(TokenKind::Refresh, &r.id)),
             scope: pair.access_scopes.to_string(),
             reused,
         }
@@ -370,7 +376,7 @@ impl TokenService {
             // the client gets server_error and the key's new pair simply has no holder.
             let token = self.access_token(app, &key, &pair)?;
             match durable.await {
-                Ok(()) => return Ok(self.response(token, &pair, now, reused)),
+                Ok(()) => return Ok(self.response(app, token, &pair, now, reused)),
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(store_error(e)),
             }
@@ -384,8 +390,8 @@ impl TokenService {
         token: &str,
         requested: Option<ScopeSet>,
     ) -> Result<IssuedTokens, OAuthError> {
-        let id = self
-            .opaque
+        let id = app
+            .tokens
             .decode(TokenKind::Refresh, token)
             .ok_or_else(|| OAuthError::InvalidGrant(INVALID_REFRESH.into()))?;
         for _ in 0..MAX_ATTEMPTS {
@@ -427,7 +433,7 @@ impl TokenService {
                     };
                     let access = self.access_token(app, &key, &next)?;
                     match durable.await {
-                        Ok(()) => return Ok(self.response(access, &next, now, false)),
+                        Ok(()) => return Ok(self.response(app, access, &next, now, false)),
                         Err(StoreError::Conflict) => continue,
                         Err(e) => return Err(store_error(e)),
                     }
@@ -452,19 +458,19 @@ impl TokenService {
     }
 
     /// Finds the live pair `token` belongs to, if it is a current token of that pair.
-    fn locate(&self, token: &str) -> Option<(SharedKey, LivePair, TokenKind)> {
+    fn locate(&self, app: &Application, token: &str) -> Option<(SharedKey, LivePair, TokenKind)> {
         if token.contains('.') {
             let header = token.split('.').next()?;
-            let key = self.keys_by_header.get(header)?;
+            let key = app.verification_key(header)?;
             let claims: JtiOnly = serde_json::from_slice(&key.verify_jwt(token)?).ok()?;
             let (k, p) = self.store.find_access(&TokenId::from_b64(&claims.jti)?)?;
             return Some((k, p, TokenKind::Access));
         }
-        if let Some(id) = self.opaque.decode(TokenKind::Access, token) {
+        if let Some(id) = app.tokens.decode(TokenKind::Access, token) {
             let (k, p) = self.store.find_access(&id)?;
             return Some((k, p, TokenKind::Access));
         }
-        let id = self.opaque.decode(TokenKind::Refresh, token)?;
+        let id = app.tokens.decode(TokenKind::Refresh, token)?;
         match self.store.find_refresh(&id) {
             RefreshLookup::Live { key, pair } => Some((key, pair, TokenKind::Refresh)),
             _ => None,
@@ -476,11 +482,15 @@ impl TokenService {
     pub async fn revoke(&self, creds: &ClientCredentials, token: &str) -> Result<bool, OAuthError> {
         let app = self.authenticate_client(creds)?;
         for _ in 0..MAX_ATTEMPTS {
-            let Some((key, pair, _)) = self.locate(token) else {
+            let Some((key, pair, _)) = self.locate(&app, token) else {
                 // The token may be gone only in memory: superseded or revoked by a change still waiting for its
                 // fsync. Answer once that change is durable, or a crash could bring back a token answered revoked.
-                self.store.sync().await.map_err(store_error)?;
-                return Ok(false);
+                match self.store.sync().await {
+                    Ok(()) => return Ok(false),
+                    // A change this lookup saw was not stored after all: look again.
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(store_error(e)),
+                }
             };
             if key.client_id != app.client_id {
                 tracing::info!(client_id = %app.client_id, "revocation of another client's token ignored");
@@ -500,7 +510,7 @@ impl TokenService {
     pub async fn introspect(&self, creds: &ClientCredentials, token: &str) -> Result<Introspection, OAuthError> {
         let app = self.authenticate_client(creds)?;
         let now = self.clock.now();
-        let Some((key, pair, kind)) = self.locate(token) else { return Ok(Introspection::Inactive) };
+        let Some((key, pair, kind)) = self.locate(&app, token) else { return Ok(Introspection::Inactive) };
         if key.client_id != app.client_id {
             return Ok(Introspection::Inactive);
         }

@@ -7,6 +7,7 @@ use super::*;
 use crate::core::app::{ApplicationConfig, User};
 use crate::core::clock::ManualClock;
 use crate::core::scope::ScopePolicy;
+use crate::core::signing::SigningKey;
 use crate::core::store::MemoryStore;
 
 const T0: UnixTime = 1_800_000_000;
@@ -46,6 +47,8 @@ fn app(client_id: &str, format: TokenFormat, grants: &[GrantType]) -> Applicatio
             ("bob".to_string(), user("bob-pw", &["admin"])),
         ]),
         signer: Arc::new(signer),
+        verification_keys: vec![],
+        token_secrets: vec![vec![7u8; 32]],
     })
 }
 
@@ -68,7 +71,6 @@ fn fixture(format: TokenFormat) -> Fixture {
         registry,
         Arc::new(MemoryStore::default()),
         clock.clone(),
-        &[42u8; 32],
         ServiceConfig {
             issuer: "https://issuer.test".into(),
             user_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
@@ -423,8 +425,7 @@ async fn a_revocation_is_answered_only_once_the_change_that_removed_the_token_is
         user_lockout: LockoutPolicy::default(),
         client_lockout: LockoutPolicy::default(),
     };
-    let service =
-        Arc::new(TokenService::new(registry, store.clone(), Arc::new(ManualClock::new(T0)), &[42u8; 32], config));
+    let service = Arc::new(TokenService::new(registry, store.clone(), Arc::new(ManualClock::new(T0)), config));
     let grant = || Grant::ClientCredentials { scope: Some("device_x".into()) };
     let first = service.token(&client("shop"), grant()).await.expect("first");
 

@@ -33,39 +33,55 @@ pub const OPAQUE_LEN: usize = 43;
 
 /// Makes and checks opaque token strings.
 pub struct OpaqueTokens {
-    key: hmac::Key,
+    /// Newest first: new strings are tagged with the first key, any key is accepted.
+    keys: Vec<hmac::Key>,
+}
+
+impl std::fmt::Debug for OpaqueTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpaqueTokens").field("keys", &self.keys.len()).finish()
+    }
+}
+
+fn tag(key: &hmac::Key, kind: TokenKind, id: &TokenId) -> hmac::Tag {
+    let mut ctx = hmac::Context::with_key(key);
+    ctx.update(&[kind.domain()]);
+    ctx.update(&id.0);
+    ctx.sign()
 }
 
 impl OpaqueTokens {
-    /// `secret` is the server's token key (at least 32 random bytes, kept in the state).
-    pub fn new(secret: &[u8]) -> Self {
-        Self { key: hmac::Key::new(hmac::HMAC_SHA256, secret) }
-    }
-
-    fn tag(&self, kind: TokenKind, id: &TokenId) -> hmac::Tag {
-        let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(&[kind.domain()]);
-        ctx.update(&id.0);
-        ctx.sign()
+    /// `secrets`: the token-tagging secrets (at least 32 random bytes each), newest first. With none, no string
+    /// is ever accepted and encoding uses an all-zero key (callers validate that there is one).
+    pub fn new(secrets: &[impl AsRef<[u8]>]) -> Self {
+        let mut keys: Vec<hmac::Key> = secrets.iter().map(|s| hmac::Key::new(hmac::HMAC_SHA256, s.as_ref())).collect();
+        if keys.is_empty() {
+            keys.push(hmac::Key::new(hmac::HMAC_SHA256, &[0u8; 32]));
+        }
+        Self { keys }
     }
 
     pub fn encode(&self, kind: TokenKind, id: &TokenId) -> String {
         let mut raw = [0u8; 16 + TAG_LEN];
         raw[..16].copy_from_slice(&id.0);
-        raw[16..].copy_from_slice(&self.tag(kind, id).as_ref()[..TAG_LEN]);
+        raw[16..].copy_from_slice(&tag(&self.keys[0], kind, id).as_ref()[..TAG_LEN]);
         URL_SAFE_NO_PAD.encode(raw)
     }
 
-    /// The id inside `token` if it is a genuine token of `kind` (tag checked in constant time).
+    /// The id inside `token` if it is a genuine token of `kind` under any of the secrets (tags checked in
+    /// constant time).
     pub fn decode(&self, kind: TokenKind, token: &str) -> Option<TokenId> {
         if token.len() != OPAQUE_LEN {
             return None;
         }
         let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
         let id = TokenId(raw.get(..16)?.try_into().ok()?);
-        let expected = self.tag(kind, &id);
-        let ok: bool = subtle::ConstantTimeEq::ct_eq(&expected.as_ref()[..TAG_LEN], raw.get(16..)?).into();
-        ok.then_some(id)
+        let given = raw.get(16..)?;
+        let mut ok = subtle::Choice::from(0);
+        for key in &self.keys {
+            ok |= subtle::ConstantTimeEq::ct_eq(&tag(key, kind, &id).as_ref()[..TAG_LEN], given);
+        }
+        bool::from(ok).then_some(id)
     }
 }
 
@@ -94,7 +110,7 @@ mod tests {
 
     #[test]
     fn opaque_tokens_round_trip_and_reject_forgeries() {
-        let t = OpaqueTokens::new(&[7u8; 32]);
+        let t = OpaqueTokens::new(&[[7u8; 32]]);
         let id = TokenId([9u8; 16]);
         let access = t.encode(TokenKind::Access, &id);
         assert_eq!(access.len(), OPAQUE_LEN);
@@ -102,7 +118,11 @@ mod tests {
         // The same id as a refresh token is a different string, and kinds don't cross.
         assert_eq!(t.decode(TokenKind::Refresh, &access), None);
         // Another server key, a flipped character, or garbage: rejected.
-        assert_eq!(OpaqueTokens::new(&[8u8; 32]).decode(TokenKind::Access, &access), None);
+        assert_eq!(OpaqueTokens::new(&[[8u8; 32]]).decode(TokenKind::Access, &access), None);
+        // A newer secret in front: old strings still decode, new ones use the newer secret.
+        let rotated = OpaqueTokens::new(&[[8u8; 32], [7u8; 32]]);
+        assert_eq!(rotated.decode(TokenKind::Access, &access), Some(id));
+        assert_ne!(rotated.encode(TokenKind::Access, &id), access);
         let mut flipped = access.clone().into_bytes();
         flipped[30] = if flipped[30] == b'A' { b'B' } else { b'A' };
         assert_eq!(t.decode(TokenKind::Access, &String::from_utf8(flipped).expect("ascii")), None);

@@ -72,6 +72,10 @@ impl IntoResponse for ApiError {
                     };
                     response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
                 }
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    // Storage trouble is short-lived (a busy API server, a full batch): ask clients to come back.
+                    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                }
                 response
             }
             ApiError::UnsupportedMediaType => error_body(

@@ -21,19 +21,28 @@ use crate::core::error::OAuthError;
 use crate::core::service::{ClientCredentials, Grant, Introspection, IssuedTokens, TokenService};
 use crate::metrics::Metrics;
 
+/// What besides the token storage decides readiness, and what else `/metrics` shows (the sidecar's caches and
+/// Kubernetes storage).
+pub trait ServerExtras: Send + Sync {
+    /// Why the server cannot serve tokens yet, if it cannot.
+    fn not_ready(&self) -> Option<String>;
+    /// Appends Prometheus text exposition lines.
+    fn render_metrics(&self, out: &mut String);
+}
+
 pub struct AppState {
     pub service: Arc<TokenService>,
     pub metrics: Arc<Metrics>,
-    /// RFC 8414 metadata and the JWKS do not change while the server runs: rendered once.
-    metadata: Value,
-    jwks: Value,
+    extras: Option<Arc<dyn ServerExtras>>,
 }
 
 impl AppState {
     pub fn new(service: Arc<TokenService>, metrics: Arc<Metrics>) -> Self {
-        let metadata = server_metadata(&service);
-        let jwks = service.jwks();
-        Self { service, metrics, metadata, jwks }
+        Self { service, metrics, extras: None }
+    }
+
+    pub fn with_extras(service: Arc<TokenService>, metrics: Arc<Metrics>, extras: Arc<dyn ServerExtras>) -> Self {
+        Self { service, metrics, extras: Some(extras) }
     }
 }
 
@@ -54,11 +63,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// RFC 8414 metadata, true to what this server does.
 fn server_metadata(service: &TokenService) -> Value {
     let issuer = service.issuer().trim_end_matches('/');
-    let mut grants: Vec<&str> =
-        service.registry().apps().flat_map(|a| a.grant_types.iter().map(|g| g.as_str())).collect();
+    let registry = service.registry();
+    let mut grants: Vec<&str> = registry.apps().flat_map(|a| a.grant_types.iter().map(|g| g.as_str())).collect();
     grants.sort_unstable();
     grants.dedup();
-    let mut scopes: Vec<&str> = service.registry().apps().flat_map(|a| a.scopes.declared_names()).collect();
+    let mut scopes: Vec<&str> = registry.apps().flat_map(|a| a.scopes.declared_names()).collect();
     scopes.push(crate::core::scope::DEFAULT_SCOPE);
     scopes.sort_unstable();
     scopes.dedup();
@@ -206,16 +215,19 @@ async fn introspect(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
 }
 
 async fn jwks(State(s): State<Arc<AppState>>) -> Response {
-    let mut r = axum::Json(s.jwks.clone()).into_response();
+    let mut r = axum::Json(s.service.jwks()).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/jwk-set+json"));
     r
 }
 
 async fn metadata(State(s): State<Arc<AppState>>) -> Response {
-    axum::Json(s.metadata.clone()).into_response()
+    axum::Json(server_metadata(&s.service)).into_response()
 }
 
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    if let Some(reason) = s.extras.as_ref().and_then(|e| e.not_ready()) {
+        return (StatusCode::SERVICE_UNAVAILABLE, reason).into_response();
+    }
     if s.service.store_healthy() {
         "ready".into_response()
     } else {
@@ -224,7 +236,11 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let mut r = s.metrics.render().into_response();
+    let mut text = s.metrics.render();
+    if let Some(extras) = &s.extras {
+        extras.render_metrics(&mut text);
+    }
+    let mut r = text.into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     r
 }

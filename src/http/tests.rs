@@ -38,12 +38,13 @@ fn router_under_test() -> Router {
         scopes: ScopePolicy::new([("read".to_string(), vec![])]),
         users: HashMap::new(),
         signer: Arc::new(SigningKey::from_pkcs8(SigningAlgorithm::EdDSA, &key).expect("parse")),
+        verification_keys: vec![],
+        token_secrets: vec![vec![7u8; 32]],
     });
     let service = TokenService::new(
         Registry::new(vec![app]).expect("registry"),
         Arc::new(MemoryStore::default()),
         Arc::new(ManualClock::new(1_000)),
-        &[1u8; 32],
         ServiceConfig {
             issuer: "https://tokens.example/".into(),
             user_lockout: LockoutPolicy::default(),

@@ -11,11 +11,10 @@ use std::sync::Arc;
 
 use self::manifests::{AppManifest, Manifests};
 use self::state_dir::StateDir;
-use crate::api::v1alpha1::{DEFAULT_USERS_KEY, UserEntry};
-use crate::core::app::{Application, ApplicationConfig, PasswordDigest, Registry, User};
+use crate::api::v1alpha1::{ApplicationParts, DEFAULT_USERS_KEY};
+use crate::core::app::{Application, Registry};
 use crate::core::clock::{Clock, SystemClock};
 use crate::core::lockout::LockoutPolicy;
-use crate::core::scope::ScopePolicy;
 use crate::core::service::{ServiceConfig, TokenService};
 use crate::core::signing::SigningKey;
 use crate::http::{AppState, router};
@@ -48,6 +47,7 @@ fn build_application(
     m: &AppManifest,
     manifests: &Manifests,
     state: &StateDir,
+    token_secret: &[u8],
     generated: &mut Vec<GeneratedCredentials>,
 ) -> Result<Application, String> {
     let spec = &m.app.spec;
@@ -91,35 +91,23 @@ fn build_application(
         })?;
         let where_ = format!("{}: Secret {ns}/{}: data.{key}", secret.file.display(), u.secret_ref.name);
         let text = secret.data.get(key).and_then(|v| utf8(v)).ok_or_else(|| format!("{where_}: missing"))?;
-        let entries: Vec<UserEntry> = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
-            .map_err(|e| format!("{where_}: {}: {}", e.path(), e.inner()))?;
-        for (i, entry) in entries.into_iter().enumerate() {
-            let digest = PasswordDigest::parse(&entry.password_hash)
-                .map_err(|e| format!("{where_}: [{i}].passwordHash: {e}"))?;
-            if users.insert(entry.username.clone(), User { digest, roles: entry.roles }).is_some() {
-                return Err(format!("{where_}: [{i}].username: {:?} is listed twice", entry.username));
-            }
-        }
+        users = crate::api::users::parse_users(&text).map_err(|e| format!("{where_}: {e}"))?;
     }
 
     let alg = spec.signing.algorithm;
     let der = state.signing_key(ns, name, alg).map_err(|e| format!("{}: signing key: {e}", m.object()))?;
     let signer = SigningKey::from_pkcs8(alg, &der).map_err(|e| format!("{}: signing key: {e}", m.object()))?;
 
-    Ok(Application::new(ApplicationConfig {
+    spec.application(ApplicationParts {
         name: format!("{ns}/{name}"),
         client_id,
         client_secrets: vec![client_secret],
-        grant_types: spec.grant_types.clone(),
-        format: spec.token_format,
-        access_ttl: spec.access_lifetime_secs().map_err(|e| m.error(e.path, e.message).to_string())?,
-        refresh_ttl: spec.refresh_lifetime_secs().map_err(|e| m.error(e.path, e.message).to_string())?,
-        audience: spec.audience.clone(),
-        client_roles: spec.client_roles.clone(),
-        scopes: ScopePolicy::new(spec.scopes.iter().map(|s| (s.name.clone(), s.roles.clone()))),
         users,
         signer: Arc::new(signer),
-    }))
+        verification_keys: vec![],
+        token_secrets: vec![token_secret.to_vec()],
+    })
+    .map_err(|e| m.error(e.path, e.message).to_string())
 }
 
 /// Everything `standalone` needs before it listens. Fails with a message naming the file, object and field.
@@ -136,14 +124,14 @@ pub fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepared, Str
         return Err(format!("{}: no OAuthApplication found", opts.manifests.display()));
     }
     let state = StateDir::open(&opts.state_dir).map_err(|e| format!("{}: {e}", opts.state_dir.display()))?;
+    let mac_key = state.token_mac_key().map_err(|e| format!("{}: {e}", opts.state_dir.display()))?;
     let mut generated = Vec::new();
     let apps = manifests
         .apps
         .iter()
-        .map(|m| build_application(m, &manifests, &state, &mut generated))
+        .map(|m| build_application(m, &manifests, &state, &mac_key, &mut generated))
         .collect::<Result<Vec<_>, _>>()?;
     let registry = Registry::new(apps)?;
-    let mac_key = state.token_mac_key().map_err(|e| format!("{}: {e}", opts.state_dir.display()))?;
     let metrics = Arc::new(Metrics::default());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (store, report) =
@@ -160,7 +148,6 @@ pub fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepared, Str
         registry,
         store.clone(),
         clock,
-        &mac_key,
         ServiceConfig { issuer, user_lockout: opts.user_lockout, client_lockout: opts.client_lockout },
     );
     Ok(Prepared { service: Arc::new(service), store, metrics, generated })

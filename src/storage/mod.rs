@@ -1,4 +1,6 @@
 //! Storage adapters implementing the core's [`crate::core::store::TokenStore`] port.
 //!
 //! - [`file_store`]: standalone mode. An append-only log on local disk with group commit and compaction.
+//! - [`kube_store`]: the sidecar. A journal ConfigMap shared by every replica, compacted into snapshot shards.
 pub mod file_store;
+pub mod kube_store;

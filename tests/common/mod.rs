@@ -1,6 +1,8 @@
 //! Test support for end-to-end tests: the real `kubetoken` binary over real HTTP.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

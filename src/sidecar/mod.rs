@@ -1,0 +1,213 @@
+//! `kubetoken sidecar`: the token endpoint next to an app, for the OAuthApplications it is told to serve.
+//!
+//! Everything comes from the Kubernetes API through watches of named objects (least privilege: RBAC can name
+//! them): the OAuthApplication, its credentials Secret, signing-keys Secret, users Secret and token-tagging
+//! Secret. Any change rebuilds the application and takes effect at once. Token state lives in the application's
+//! ConfigMaps ([`crate::storage::kube_store`]), shared by every replica.
+
+pub mod sources;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+
+use self::sources::{AppSnapshot, AppSources};
+use crate::core::clock::{Clock, SystemClock};
+use crate::core::lockout::LockoutPolicy;
+use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
+use crate::core::service::{ServiceConfig, TokenService};
+use crate::core::store::{StoreError, StoreFuture, TokenStore};
+use crate::http::{AppState, ServerExtras, router};
+use crate::metrics::Metrics;
+use crate::storage::kube_store::{KubeStore, KubeStoreMetrics, KubeStoreOptions};
+
+#[derive(Debug, Clone)]
+pub struct SidecarOptions {
+    pub applications: Vec<String>,
+    pub namespace: Option<String>,
+    pub listen: SocketAddr,
+    pub issuer: Option<String>,
+    pub user_lockout: LockoutPolicy,
+    pub client_lockout: LockoutPolicy,
+    pub store: KubeStoreOptions,
+}
+
+/// Routes each change to the store of the application whose client it belongs to; lookups ask every store
+/// (a sidecar serves a handful of applications).
+#[derive(Default)]
+pub struct RoutingStore {
+    by_client: Mutex<HashMap<String, KubeStore>>,
+    all: Vec<KubeStore>,
+}
+
+impl RoutingStore {
+    fn store_for(&self, client_id: &str) -> Option<KubeStore> {
+        self.by_client.lock().unwrap_or_else(|p| p.into_inner()).get(client_id).cloned()
+    }
+
+    fn set_client(&self, client_id: String, store: KubeStore) {
+        self.by_client.lock().unwrap_or_else(|p| p.into_inner()).insert(client_id, store);
+    }
+}
+
+impl TokenStore for RoutingStore {
+    fn pair(&self, key: &TokenKey) -> Option<LivePair> {
+        self.store_for(&key.client_id)?.pair(key)
+    }
+
+    fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
+        self.all.iter().find_map(|s| s.find_access(id))
+    }
+
+    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
+        for s in &self.all {
+            match s.find_refresh(id) {
+                RefreshLookup::Unknown => continue,
+                found => return found,
+            }
+        }
+        RefreshLookup::Unknown
+    }
+
+    fn commit(&self, change: Change) -> StoreFuture<'_, ()> {
+        match self.store_for(&change.key.client_id) {
+            Some(store) => Box::pin(async move { store.commit(change).await }),
+            None => Box::pin(async { Err(StoreError::Unavailable("no token state for this client".into())) }),
+        }
+    }
+
+    fn sync(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            for s in &self.all {
+                s.sync().await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn healthy(&self) -> bool {
+        self.all.iter().all(TokenStore::healthy)
+    }
+}
+
+struct Extras {
+    apps: Vec<(String, Arc<AppSources>, KubeStore)>,
+}
+
+impl ServerExtras for Extras {
+    fn not_ready(&self) -> Option<String> {
+        let reasons: Vec<String> = self
+            .apps
+            .iter()
+            .filter_map(|(name, sources, store)| {
+                let why = sources.not_ready().or_else(|| (!store.loaded()).then(|| "token state not loaded".into()))?;
+                Some(format!("{name}: {why}"))
+            })
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        out.push_str("# HELP kubetoken_sidecar_cache_synced Whether the application's watches are synced and it is Ready.\n# TYPE kubetoken_sidecar_cache_synced gauge\n");
+        for (name, sources, store) in &self.apps {
+            let synced = sources.not_ready().is_none() && store.loaded();
+            let _ = writeln!(out, "kubetoken_sidecar_cache_synced{{application=\"{name}\"}} {}", u8::from(synced));
+        }
+        out.push_str("# HELP kubetoken_sidecar_live_entries Live token pairs and remembered rotated refresh tokens.\n# TYPE kubetoken_sidecar_live_entries gauge\n");
+        for (name, _, store) in &self.apps {
+            let _ = writeln!(out, "kubetoken_sidecar_live_entries{{application=\"{name}\"}} {}", store.entries());
+        }
+        for (name, _, store) in &self.apps {
+            store.metrics().render(out, name);
+        }
+    }
+}
+
+/// Serves until SIGTERM or Ctrl-C.
+pub async fn run(opts: SidecarOptions) -> Result<(), String> {
+    if opts.applications.is_empty() {
+        return Err("name at least one application with --application".into());
+    }
+    let client = kube::Client::try_default().await.map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
+    let namespace = opts.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let issuer = opts.issuer.clone().unwrap_or_else(|| format!("http://{local}"));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let metrics = Arc::new(Metrics::default());
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+
+    let mut apps = Vec::new();
+    for name in &opts.applications {
+        let store_metrics = Arc::new(KubeStoreMetrics::new(metrics.storage_batch.clone()));
+        let store = KubeStore::new(config_maps.clone(), name, clock.clone(), opts.store.clone(), store_metrics);
+        let sources = Arc::new(AppSources::new(client.clone(), &namespace, name));
+        apps.push((name.clone(), sources, store));
+    }
+    let routing =
+        Arc::new(RoutingStore { by_client: Mutex::default(), all: apps.iter().map(|a| a.2.clone()).collect() });
+    let service = Arc::new(TokenService::new(
+        crate::core::app::Registry::default(),
+        routing.clone(),
+        clock.clone(),
+        ServiceConfig { issuer, user_lockout: opts.user_lockout, client_lockout: opts.client_lockout },
+    ));
+
+    let mut tasks = Vec::new();
+    let snapshots: Arc<Mutex<HashMap<String, AppSnapshot>>> = Arc::default();
+    for (name, sources, store) in &apps {
+        tasks.push(tokio::spawn(store.clone().run()));
+        let (sources, service, routing, store, snapshots, name, clock) = (
+            sources.clone(),
+            service.clone(),
+            routing.clone(),
+            store.clone(),
+            snapshots.clone(),
+            name.clone(),
+            clock.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            sources
+                .run(clock, move |snapshot| {
+                    let mut all = snapshots.lock().unwrap_or_else(|p| p.into_inner());
+                    match snapshot {
+                        Some(s) => {
+                            routing.set_client(s.app.client_id.clone(), store.clone());
+                            all.insert(name.clone(), s);
+                        }
+                        None => {
+                            all.remove(&name);
+                        }
+                    }
+                    match crate::core::app::Registry::from_shared(all.values().map(|s| s.app.clone())) {
+                        Ok(registry) => service.set_registry(registry),
+                        Err(e) => tracing::error!(error = %e, "applications conflict; keeping the previous set"),
+                    }
+                })
+                .await;
+        }));
+    }
+
+    println!("kubetoken sidecar listening on http://{local}");
+    tracing::info!(%local, %namespace, applications = ?opts.applications, "serving");
+    let extras = Arc::new(Extras { apps });
+    let state = Arc::new(AppState::with_extras(service, metrics, extras));
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let served = axum::serve(listener, router(state)).with_graceful_shutdown(crate::signal::shutdown()).await;
+    for t in tasks {
+        t.abort();
+    }
+    // Give in-flight journal writes a moment; a change not written is a token nobody received.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    served.map_err(|e| format!("server error: {e}"))
+}

@@ -1,0 +1,220 @@
+//! A Kubernetes API for tests: the in-repo test server by default, or a real cluster when KUBETOKEN_TEST_KUBECONFIG
+//! names a kubeconfig. Each test works in its own namespace. Also the real `kubetoken controller` as a process.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+use kube::{Client, Config};
+use kube_test_server::KubeTestServer;
+use kubetoken::api::v1alpha1::OAuthApplication;
+use kubetoken::controller::keys::StoredKey;
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kubetoken");
+
+pub struct Cluster {
+    pub server: Option<KubeTestServer>,
+    pub kubeconfig: PathBuf,
+    pub client: Client,
+    pub namespace: String,
+}
+
+impl Cluster {
+    pub async fn new(test: &str) -> Cluster {
+        let (server, kubeconfig) = match std::env::var_os("KUBETOKEN_TEST_KUBECONFIG") {
+            Some(path) => (None, PathBuf::from(path)),
+            None => {
+                let server = KubeTestServer::start();
+                let path = server.kubeconfig_path().to_path_buf();
+                (Some(server), path)
+            }
+        };
+        let yaml = std::fs::read_to_string(&kubeconfig).expect("kubeconfig");
+        let kc = kube::config::Kubeconfig::from_yaml(&yaml).expect("kubeconfig parses");
+        let config = Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
+        let client = Client::try_from(config).expect("client");
+        let namespace = format!("kt-{test}-{}", std::process::id());
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let ns = serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace");
+        let _ = namespaces.create(&PostParams::default(), &ns).await;
+        let cluster = Cluster { server, kubeconfig, client, namespace };
+        cluster.install_crd().await;
+        cluster
+    }
+
+    /// Fault injection needs the test server; on a real cluster those tests are skipped.
+    pub fn server(&self) -> Option<&KubeTestServer> {
+        if self.server.is_none() {
+            eprintln!("skipped: needs the in-repo test server (fault injection)");
+        }
+        self.server.as_ref()
+    }
+
+    pub async fn install_crd(&self) {
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let text = include_str!("../../crds/oauthapplications.kubetoken.io.yaml");
+        let crd: CustomResourceDefinition = serde_yaml::from_str(text).expect("crd yaml");
+        match crds.create(&PostParams::default(), &crd).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("CRD: {e}"),
+        }
+        eventually("the CRD is established", Duration::from_secs(30), || async {
+            let crd = crds.get("oauthapplications.kubetoken.io").await.ok()?;
+            let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+            established.then_some(())
+        })
+        .await;
+    }
+
+    pub fn apps(&self) -> Api<OAuthApplication> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+    pub fn config_maps(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub async fn create_app(&self, name: &str, spec: Value) -> OAuthApplication {
+        self.create_app_raw(name, spec, json!({})).await
+    }
+
+    pub async fn create_app_raw(&self, name: &str, spec: Value, annotations: Value) -> OAuthApplication {
+        let app = json!({
+            "apiVersion": "kubetoken.io/v1alpha1",
+            "kind": "OAuthApplication",
+            "metadata": {"name": name, "namespace": self.namespace, "annotations": annotations},
+            "spec": spec,
+        });
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.namespace,
+            &kube::api::ApiResource::erase::<OAuthApplication>(&()),
+        );
+        let obj: kube::api::DynamicObject = serde_json::from_value(app).expect("object");
+        api.create(&PostParams::default(), &obj).await.expect("create application");
+        self.apps().get(name).await.expect("created application")
+    }
+
+    pub fn controller(&self, identity: &str) -> ControllerProcess {
+        ControllerProcess::start(&self.kubeconfig, &self.namespace, identity, &[])
+    }
+
+    pub async fn ready(&self, name: &str) -> OAuthApplication {
+        eventually(&format!("{name} is Ready"), Duration::from_secs(30), || async {
+            let app = self.apps().get(name).await.ok()?;
+            condition(&app, "Ready").filter(|(s, _)| s == "True").map(|_| app)
+        })
+        .await
+    }
+
+    pub async fn jwks(&self, name: &str) -> Value {
+        let cm = self.config_maps().get(&format!("{name}-jwks")).await.expect("jwks configmap");
+        serde_json::from_str(&cm.data.expect("data")["jwks.json"]).expect("jwks json")
+    }
+
+    pub async fn stored_keys(&self, name: &str) -> Vec<StoredKey> {
+        let s = self.secrets().get(&format!("{name}-signing-keys")).await.expect("signing keys");
+        serde_json::from_slice(&s.data.expect("data")["keys.json"].0).expect("keys json")
+    }
+}
+
+/// (status, reason) of a condition.
+pub fn condition(app: &OAuthApplication, type_: &str) -> Option<(String, String)> {
+    app.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+pub fn kids(jwks: &Value) -> Vec<String> {
+    jwks["keys"].as_array().expect("keys").iter().map(|k| k["kid"].as_str().expect("kid").to_string()).collect()
+}
+
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub struct ControllerProcess {
+    pub child: Child,
+    pub health: String,
+}
+
+impl ControllerProcess {
+    pub fn start(kubeconfig: &Path, namespace: &str, identity: &str, extra: &[&std::ffi::OsStr]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["controller", "--listen", "127.0.0.1:0", "--lease-duration", "2s"])
+            .args(["--namespace", namespace, "--lease-namespace", namespace, "--identity", identity])
+            // Short key timing unless a test sets its own: tests wait seconds, not minutes.
+            .args(if extra.iter().any(|a| *a == "--key-prepublication") {
+                &[][..]
+            } else {
+                &["--key-prepublication", "2s"][..]
+            })
+            .args(if extra.iter().any(|a| *a == "--key-retirement-margin") {
+                &[][..]
+            } else {
+                &["--key-retirement-margin", "0s"][..]
+            })
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig)
+            .env("KUBETOKEN_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn controller");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let health = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.strip_prefix("kubetoken controller health on ") {
+                        break url.to_string();
+                    }
+                }
+                _ => panic!("controller exited before serving health"),
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, health }
+    }
+
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let text = ureq::get(&format!("{}/metrics", self.health)).call().ok()?.into_string().ok()?;
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
