@@ -506,10 +506,16 @@ impl State {
         }
         let rv = self.next_rv();
         meta_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
-        self.insert(&gr, key, obj.clone());
+        self.insert(&gr, key.clone(), obj.clone());
         self.emit(&gr, EventType::Added, &obj, None);
         if rt.is_crd() {
             self.register_crd(&obj);
+        }
+        // Kubernetes' garbage collector deletes an object created with owners that are all gone (a controller
+        // finishing a reconcile of an object deleted meanwhile); here that happens at once.
+        let owners = owner_uids(&obj);
+        if !owners.is_empty() && owners.iter().all(|u| !self.uids.contains_key(u)) {
+            self.delete_internal(&gr, &key, Propagation::Background);
         }
         Ok(present(rt, &obj))
     }

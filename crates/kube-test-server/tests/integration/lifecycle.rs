@@ -205,3 +205,19 @@ async fn owner_references_cascade_on_delete_unless_orphaned() {
     ns.delete("ns", &DeleteParams::default()).await.unwrap();
     assert_eq!(code(secrets.get("orphan").await).0, 404);
 }
+
+#[tokio::test]
+async fn an_object_created_for_an_owner_already_gone_is_collected() {
+    let server = KubeTestServer::start();
+    let client = client(&server).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "ns");
+    let secrets: Api<Secret> = Api::namespaced(client, "ns");
+    let owner = cms.create(&PostParams::default(), &configmap("owner", &[("a", "1")])).await.unwrap();
+    let alive = secrets.create(&PostParams::default(), &owned_by("alive", &[&owner])).await.unwrap();
+    assert!(alive.metadata.uid.is_some());
+    cms.delete("owner", &DeleteParams::default()).await.unwrap();
+    // A reconcile that read the owner before its deletion creates a child afterwards: the collector removes it.
+    secrets.create(&PostParams::default(), &owned_by("late", &[&owner])).await.unwrap();
+    assert!(secrets.get_opt("late").await.unwrap().is_none());
+    assert!(secrets.get_opt("alive").await.unwrap().is_none());
+}
