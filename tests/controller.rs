@@ -290,8 +290,10 @@ async fn deleting_the_application_removes_its_children() {
     c.apps().delete("gone", &DeleteParams::background()).await.expect("delete");
     let mut left = Vec::new();
     for _ in 0..300 {
-        let secrets = c.secrets().list(&ListParams::default().labels("kubetoken.io/application=gone")).await.expect("list");
-        let cms = c.config_maps().list(&ListParams::default().labels("kubetoken.io/application=gone")).await.expect("list");
+        let secrets =
+            c.secrets().list(&ListParams::default().labels("kubetoken.io/application=gone")).await.expect("list");
+        let cms =
+            c.config_maps().list(&ListParams::default().labels("kubetoken.io/application=gone")).await.expect("list");
         left = secrets.items.iter().map(|s| s.name_any()).chain(cms.items.iter().map(|s| s.name_any())).collect();
         if left.is_empty() {
             break;

@@ -218,3 +218,96 @@ impl Drop for ControllerProcess {
 pub fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
+
+/// A running `kubetoken sidecar` against the cluster.
+pub struct SidecarProcess {
+    pub child: Child,
+    pub base: String,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl SidecarProcess {
+    /// Starts a sidecar for `applications` on a random loopback port and waits until it listens (not until
+    /// it is ready: see [`SidecarProcess::wait_ready`]).
+    pub fn start(kubeconfig: &Path, namespace: &str, applications: &[&str], extra: &[&str]) -> Self {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["sidecar", "--listen", "127.0.0.1:0", "--namespace", namespace]);
+        for a in applications {
+            cmd.args(["--application", a]);
+        }
+        let mut child = cmd
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig)
+            .env("KUBETOKEN_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sidecar");
+        let mut err = child.stderr.take().expect("stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut s);
+            s
+        });
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let base = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.strip_prefix("kubetoken sidecar listening on ") {
+                        break url.to_string();
+                    }
+                }
+                _ => {
+                    let _ = child.kill();
+                    panic!("sidecar exited before listening: {}", stderr.join().unwrap_or_default());
+                }
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, base, stderr: Some(stderr) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let url = self.url("/readyz");
+        let mut last = String::new();
+        for _ in 0..600 {
+            match ureq::get(&url).call() {
+                Ok(_) => return,
+                Err(ureq::Error::Status(_, r)) => last = r.into_string().unwrap_or_default(),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("sidecar {} not ready after 60 s: {last}", self.base);
+    }
+
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let text = ureq::get(&self.url("/metrics")).call().ok()?.into_string().ok()?;
+        text.lines().find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name || n.starts_with(&format!("{name}{{"))).then(|| v.parse().ok())?
+        })
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the process and returns what it logged.
+    pub fn logs(&mut self) -> String {
+        self.kill9();
+        self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,412 @@
+//! The real `kubetoken sidecar` binaries (two or more replicas) and the real controller against a Kubernetes API
+//! (the in-repo test server; fault injection needs it): per-device tokens in a cluster, state shared by replicas
+//! through ConfigMaps, faults, restarts, and configuration changes without restart.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{Cluster, SidecarProcess, eventually};
+use common::{Response, post_form};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+/// bcrypt at cost 4: fast, and a format real users Secrets use.
+fn users_yaml(users: &[(&str, &str, &[&str])]) -> String {
+    users
+        .iter()
+        .map(|(name, password, roles)| {
+            let hash = bcrypt::hash(password, 4).expect("hash");
+            format!("- {{username: {name}, passwordHash: '{hash}', roles: [{}]}}\n", roles.join(", "))
+        })
+        .collect()
+}
+
+fn shop_spec(format: &str) -> Value {
+    json!({
+        "grantTypes": ["password", "client_credentials", "refresh_token"],
+        "tokenFormat": format,
+        "audience": ["shop-api"],
+        "clientRoles": ["service"],
+        "scopes": [
+            {"name": "orders:read", "roles": ["customer", "admin", "service"]},
+            {"name": "orders:admin", "roles": ["admin"]},
+            {"name": "catalog:read"},
+        ],
+        "users": {"secretRef": {"name": "shop-users"}},
+        "credentials": {"rotationGracePeriod": "3s"},
+    })
+}
+
+/// A cluster with the controller and a Ready application `name`; returns its client credentials.
+async fn application(c: &Cluster, name: &str, format: &str) -> (String, String) {
+    if c.secrets().get_opt("shop-users").await.expect("get").is_none() {
+        let users: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "shop-users"},
+            "stringData": {"users.yaml": users_yaml(&[("alice", "alice-pw", &["customer"]), ("bob", "bob-pw", &["admin"])])},
+        }))
+        .expect("secret");
+        c.secrets().create(&PostParams::default(), &users).await.expect("users");
+    }
+    c.create_app(name, shop_spec(format)).await;
+    c.ready(name).await;
+    credentials(c, name).await
+}
+
+async fn credentials(c: &Cluster, name: &str) -> (String, String) {
+    let data = c.secrets().get(&format!("{name}-credentials")).await.expect("credentials").data.expect("data");
+    let get = |k: &str| String::from_utf8(data[k].0.clone()).expect("utf8");
+    (get("client_id"), get("client_secret"))
+}
+
+struct Client<'a> {
+    id: &'a str,
+    secret: &'a str,
+}
+
+impl Client<'_> {
+    fn creds(&self) -> (&str, &str) {
+        (self.id, self.secret)
+    }
+    fn token(&self, s: &SidecarProcess, params: &[(&str, &str)]) -> Response {
+        post_form(&s.url("/oauth2/token"), Some(self.creds()), params)
+    }
+    fn password(&self, s: &SidecarProcess, user: &str, password: &str, scope: &str) -> Response {
+        self.token(s, &[("grant_type", "password"), ("username", user), ("password", password), ("scope", scope)])
+    }
+    fn ok_password(&self, s: &SidecarProcess, user: &str, password: &str, scope: &str) -> Value {
+        let r = self.password(s, user, password, scope);
+        assert_eq!(r.status, 200, "token request failed: {}", r.body);
+        r.json()
+    }
+    fn active(&self, s: &SidecarProcess, token: &str) -> bool {
+        let r = post_form(&s.url("/oauth2/introspect"), Some(self.creds()), &[("token", token)]);
+        assert_eq!(r.status, 200, "introspection failed: {}", r.body);
+        r.json()["active"] == Value::Bool(true)
+    }
+}
+
+fn field(v: &Value, name: &str) -> String {
+    v[name].as_str().unwrap_or_else(|| panic!("no {name} in {v}")).to_string()
+}
+
+/// Waits until `token` has the given activity at `s`; returns how long that took.
+async fn until_active(client: &Client<'_>, s: &SidecarProcess, token: &str, active: bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if client.active(s, token) == active {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "token did not become active={active} at {} in 10 s",
+            s.base
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_device_tokens_refresh_and_revocation_work_across_two_sidecars() {
+    let c = Cluster::new("sc-devices").await;
+    let _controller = c.controller("c1");
+    let (id, secret) = application(&c, "shop", "JWT").await;
+    let client = Client { id: &id, secret: &secret };
+    let a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
+    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+
+    // Two devices of one user: two tokens, side by side.
+    let ipad = client.ok_password(&a, "alice", "alice-pw", "device_ipad");
+    let iphone = client.ok_password(&a, "alice", "alice-pw", "device_iphone");
+    assert_eq!(field(&ipad, "scope"), "device_ipad");
+    assert!(client.active(&a, &field(&ipad, "access_token")) && client.active(&a, &field(&iphone, "access_token")));
+    let seen_at_b = until_active(&client, &b, &field(&ipad, "access_token"), true).await;
+
+    // A new iPad login through the other replica supersedes the first iPad token everywhere, not the iPhone's.
+    let ipad2 = client.ok_password(&b, "alice", "alice-pw", "device_ipad");
+    let superseded_at_a = until_active(&client, &a, &field(&ipad, "access_token"), false).await;
+    assert!(client.active(&a, &field(&iphone, "access_token")));
+    assert!(client.active(&a, &field(&ipad2, "access_token")));
+    eprintln!(
+        "visibility: issued at A, active at B after {seen_at_b:?}; superseded at B, inactive at A after {superseded_at_a:?}"
+    );
+
+    // Device scopes combine with role-checked scopes; what alice may not have is dropped; nothing granted: default.
+    let mixed = client.ok_password(&a, "alice", "alice-pw", "device_ipad orders:read orders:admin");
+    assert_eq!(field(&mixed, "scope"), "device_ipad orders:read");
+    let plain = client.ok_password(&b, "alice", "alice-pw", "orders:admin");
+    assert_eq!(field(&plain, "scope"), "default");
+
+    // Refresh through A rotates; reuse of the rotated-out refresh token through B revokes the grant.
+    let refreshed =
+        client.token(&a, &[("grant_type", "refresh_token"), ("refresh_token", &field(&ipad2, "refresh_token"))]);
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    let refreshed = refreshed.json();
+    until_active(&client, &b, &field(&refreshed, "access_token"), true).await;
+    let reuse =
+        client.token(&b, &[("grant_type", "refresh_token"), ("refresh_token", &field(&ipad2, "refresh_token"))]);
+    assert_eq!((reuse.status, reuse.error()), (400, "invalid_grant".to_string()));
+    until_active(&client, &a, &field(&refreshed, "access_token"), false).await;
+    assert!(client.active(&a, &field(&iphone, "access_token")), "other devices keep their tokens");
+
+    // Revocation through B; A reports the token inactive.
+    let r = post_form(&b.url("/oauth2/revoke"), Some(client.creds()), &[("token", &field(&iphone, "refresh_token"))]);
+    assert_eq!(r.status, 200);
+    until_active(&client, &a, &field(&iphone, "access_token"), false).await;
+
+    // The published JWKS ConfigMap verifies a sidecar's token with an independent JWT library.
+    let token = field(&mixed, "access_token");
+    let kid = jsonwebtoken::decode_header(&token).expect("header").kid.expect("kid");
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(c.jwks("shop").await).expect("jwks");
+    let jwk = jwks.find(&kid).expect("the signing key is published in the ConfigMap");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_audience(&["shop-api"]);
+    let claims =
+        jsonwebtoken::decode::<Value>(&token, &jsonwebtoken::DecodingKey::from_jwk(jwk).expect("key"), &validation)
+            .expect("verifies")
+            .claims;
+    assert_eq!((claims["sub"].as_str(), claims["client_id"].as_str()), (Some("alice"), Some(id.as_str())));
+    let served: Value = serde_json::from_str(&common::get(&a.url("/oauth2/jwks")).body).expect("json");
+    assert!(served["keys"].as_array().expect("keys").iter().any(|k| k["kid"] == kid.as_str()));
+
+    // Malformed and unauthenticated requests get RFC 6749 errors.
+    let r = client.token(&a, &[("username", "alice")]);
+    assert_eq!((r.status, r.error()), (400, "invalid_request".to_string()));
+    let r = post_form(&a.url("/oauth2/token"), Some((&id, "wrong")), &[("grant_type", "client_credentials")]);
+    assert_eq!((r.status, r.error()), (401, "invalid_client".to_string()));
+    let r = client.password(&a, "alice", "wrong", "device_ipad");
+    assert_eq!((r.status, r.error()), (400, "invalid_grant".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tokens_are_reused_across_replicas() {
+    let c = Cluster::new("sc-opaque").await;
+    let _controller = c.controller("c1");
+    let (id, secret) = application(&c, "kiosk", "Opaque").await;
+    let client = Client { id: &id, secret: &secret };
+    let a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["kiosk"], &[]);
+    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["kiosk"], &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let cc = [("grant_type", "client_credentials"), ("scope", "catalog:read")];
+    let first = client.token(&a, &cc).json();
+    until_active(&client, &b, &field(&first, "access_token"), true).await;
+    let second = client.token(&b, &cc).json();
+    assert_eq!(field(&first, "access_token"), field(&second, "access_token"), "the same still-valid token");
+    let other = client.token(&b, &[("grant_type", "client_credentials"), ("scope", "device_tv")]).json();
+    assert_ne!(field(&first, "access_token"), field(&other, "access_token"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_for_one_key_over_two_replicas_end_with_one_live_token_a_client_received() {
+    let c = Cluster::new("sc-race").await;
+    let _controller = c.controller("c1");
+    let (id, secret) = application(&c, "shop", "JWT").await;
+    let a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
+    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let urls = [a.url("/oauth2/token"), b.url("/oauth2/token")];
+    let received: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..20)
+            .map(|t| {
+                let (url, id, secret) = (urls[t % 2].clone(), id.clone(), secret.clone());
+                scope.spawn(move || {
+                    (0..10)
+                        .filter_map(|_| {
+                            let r = post_form(
+                                &url,
+                                Some((&id, &secret)),
+                                &[("grant_type", "client_credentials"), ("scope", "device_kiosk")],
+                            );
+                            match r.status {
+                                200 => Some(r.field("access_token")),
+                                503 => {
+                                    assert_eq!(r.header("retry-after"), Some("1"), "{}", r.body);
+                                    None
+                                }
+                                s => panic!("unexpected {s}: {}", r.body),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("thread")).collect()
+    });
+    assert!(received.len() >= 100, "most of the 200 requests succeed: {}", received.len());
+    let client = Client { id: &id, secret: &secret };
+    // Once both replicas have caught up, exactly one received token is active, the same at both.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for s in [&a, &b] {
+        let active: Vec<&String> = received.iter().filter(|t| client.active(s, t)).collect();
+        assert_eq!(active.len(), 1, "exactly one live token at {}", s.base);
+    }
+    let at_a: Vec<&String> = received.iter().filter(|t| client.active(&a, t)).collect();
+    let at_b: Vec<&String> = received.iter().filter(|t| client.active(&b, t)).collect();
+    assert_eq!(at_a, at_b);
+    assert!(
+        a.metric("kubetoken_kube_conflicts_total").unwrap_or(0.0)
+            + b.metric("kubetoken_kube_conflicts_total").unwrap_or(0.0)
+            > 0.0,
+        "the replicas met each other's writes (409) and resolved them"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_rotation_users_and_spec_changes_take_effect_without_restart() {
+    let c = Cluster::new("sc-changes").await;
+    let _controller = c.controller("c1");
+    let (id, old_secret) = application(&c, "shop", "JWT").await;
+    let s = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
+    s.wait_ready().await;
+    let cc = [("grant_type", "client_credentials"), ("scope", "orders:read")];
+    let with = |secret: &str| post_form(&s.url("/oauth2/token"), Some((&id, secret)), &cc);
+    assert_eq!(with(&old_secret).json()["expires_in"], 3600);
+
+    // Rotation: both secrets work during the grace period (3 s here), only the new one after it.
+    let patch = json!({"metadata": {"annotations": {"kubetoken.io/rotate-client-secret": "r1"}}});
+    c.apps().patch("shop", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate");
+    let new_secret = eventually("the secret is rotated", Duration::from_secs(20), || async {
+        let (_, secret) = credentials(&c, "shop").await;
+        (secret != old_secret).then_some(secret)
+    })
+    .await;
+    let rotated_at = Instant::now();
+    eventually("the sidecar accepts the new secret", Duration::from_secs(10), || async {
+        (with(&new_secret).status == 200).then_some(())
+    })
+    .await;
+    if rotated_at.elapsed() < Duration::from_secs(2) {
+        assert_eq!(with(&old_secret).status, 200, "the previous secret works during the grace period");
+    }
+    eventually("the previous secret stops working after the grace period", Duration::from_secs(15), || async {
+        (with(&old_secret).status == 401).then_some(())
+    })
+    .await;
+    assert!(rotated_at.elapsed() >= Duration::from_secs(2), "not before the grace period ended");
+    assert_eq!(with(&new_secret).status, 200);
+
+    // A new user in the users Secret can log in; a changed spec changes the lifetime.
+    let users = json!({"stringData": {"users.yaml": users_yaml(&[("carol", "carol-pw", &["admin"])])}});
+    c.secrets().patch("shop-users", &PatchParams::default(), &Patch::Merge(&users)).await.expect("users");
+    let client = Client { id: &id, secret: &new_secret };
+    eventually("carol can log in", Duration::from_secs(10), || async {
+        (client.password(&s, "carol", "carol-pw", "orders:admin").status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(client.password(&s, "alice", "alice-pw", "").error(), "invalid_grant", "alice is gone");
+    let spec = json!({"spec": {"accessTokenLifetime": "5m"}});
+    c.apps().patch("shop", &PatchParams::default(), &Patch::Merge(&spec)).await.expect("spec");
+    eventually("the new lifetime applies", Duration::from_secs(10), || async {
+        (post_form(&s.url("/oauth2/token"), Some((&id, &new_secret)), &cc).json()["expires_in"] == 300).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_faults_answer_503_and_lose_nothing() {
+    let c = Cluster::new("sc-faults").await;
+    let Some(server) = c.server() else { return };
+    let _controller = c.controller("c1");
+    let (id, secret) = application(&c, "shop", "JWT").await;
+    let client = Client { id: &id, secret: &secret };
+    let a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
+    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let kept = client.ok_password(&a, "alice", "alice-pw", "device_ipad");
+
+    // The API server fails every request for a while: token requests get 503 + Retry-After, never a token.
+    server.fail_next(10_000, 500);
+    let r = client.password(&a, "alice", "alice-pw", "device_ipad");
+    assert_eq!((r.status, r.error()), (503, "temporarily_unavailable".to_string()), "{}", r.body);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // Introspection keeps answering from the cache.
+    assert!(client.active(&a, &field(&kept, "access_token")));
+    server.fail_next(0, 500);
+    let after = client.ok_password(&a, "alice", "alice-pw", "device_ipad");
+    assert!(!client.active(&a, &field(&kept, "access_token")));
+    assert!(client.active(&a, &field(&after, "access_token")));
+
+    // Slow API: still served, within the commit timeout.
+    server.set_latency(Duration::from_millis(300));
+    let slow = client.ok_password(&b, "alice", "alice-pw", "device_slow");
+    server.set_latency(Duration::ZERO);
+
+    // Dropped watches and a compacted history: the replicas relist and still see each other's changes.
+    server.close_watches();
+    server.compact_history();
+    let revoked =
+        post_form(&b.url("/oauth2/revoke"), Some(client.creds()), &[("token", &field(&after, "access_token"))]);
+    assert_eq!(revoked.status, 200);
+    until_active(&client, &a, &field(&after, "access_token"), false).await;
+    until_active(&client, &a, &field(&slow, "access_token"), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_and_restart_keep_every_token_and_revive_none_and_state_holds_no_token_strings() {
+    let c = Cluster::new("sc-restart").await;
+    let _controller = c.controller("c1");
+    let (id, secret) = application(&c, "shop", "JWT").await;
+    let client = Client { id: &id, secret: &secret };
+    // A tiny compaction threshold, so that the state goes through snapshot shards.
+    let small = ["--journal-compact-kib", "2"];
+    let mut a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &small);
+    a.wait_ready().await;
+    let mut live = Vec::new();
+    let mut dead = Vec::new();
+    let mut refresh = Vec::new();
+    for i in 0..40 {
+        let device = format!("device_d{}", i % 20);
+        let t = client.ok_password(
+            &a,
+            if i % 2 == 0 { "alice" } else { "bob" },
+            if i % 2 == 0 { "alice-pw" } else { "bob-pw" },
+            &device,
+        );
+        refresh.push(field(&t, "refresh_token"));
+        // Request i + 20 is for the same user and device as request i, so it supersedes it.
+        if i < 20 {
+            dead.push(field(&t, "access_token"));
+        } else {
+            live.push(field(&t, "access_token"));
+        }
+    }
+    a.kill9();
+    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &small);
+    b.wait_ready().await;
+    for t in &live {
+        assert!(client.active(&b, t), "a token whose successor was not issued stays active");
+    }
+    for t in &dead {
+        assert!(!client.active(&b, t), "a superseded token stays inactive");
+    }
+    assert!(b.metric("kubetoken_kube_compaction_writes_total").is_some());
+    let shards_used = c
+        .config_maps()
+        .list(&ListParams::default().labels("kubetoken.io/token-state-of=shop"))
+        .await
+        .expect("list")
+        .items;
+    assert_eq!(shards_used.len(), 17, "a journal and 16 shards");
+    let everything = serde_json::to_string(&shards_used).expect("json");
+    assert!(everything.contains("\"upto\""));
+    assert!(
+        shards_used.iter().any(|cm| cm.data.as_ref().is_some_and(|d| d.get("entries").is_some_and(|e| !e.is_empty()))),
+        "compaction wrote snapshot shards"
+    );
+    for t in live.iter().chain(&dead).chain(&refresh) {
+        assert!(!everything.contains(t.as_str()), "no token string in the state objects");
+        if let Some(sig) = t.rsplit('.').next() {
+            assert!(!everything.contains(sig), "no JWT signature in the state objects");
+        }
+    }
+    drop(b);
+    a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &small);
+    a.wait_ready().await;
+    assert!(client.active(&a, &live[0]));
+}
