@@ -181,7 +181,7 @@ fn standalone(args: StandaloneArgs) -> Result<(), String> {
 
 fn sidecar(args: SidecarArgs) -> Result<(), String> {
     let (user_lockout, client_lockout) = args.lockout.policies()?;
-    if !(args.api_writes_per_second > 0.0) {
+    if args.api_writes_per_second.is_nan() || args.api_writes_per_second <= 0.0 {
         return Err("--api-writes-per-second must be positive".into());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -493,10 +493,8 @@ impl KubeStore {
         let s = &self.shared;
         let view = journal_view(cm);
         let mut g = s.lock();
-        let newer = (view.last_seq(), view.base) > (g.journal.last_seq(), g.journal.base);
-        if !newer
-            && !(view.last_seq() == g.journal.last_seq() && view.base == g.journal.base && view.rv != g.journal.rv)
-        {
+        // Every journal write moves (last seq, base) forward; anything else is an old or repeated delivery.
+        if (view.last_seq(), view.base) <= (g.journal.last_seq(), g.journal.base) {
             return Ok(true);
         }
         if view.base > g.applied_seq {
