@@ -238,7 +238,7 @@ impl SidecarProcess {
         let mut child = cmd
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
-            .env("KUBETOKEN_LOG", "info")
+            .env("KUBETOKEN_LOG", std::env::var("KUBETOKEN_TEST_SIDECAR_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -308,6 +308,12 @@ impl SidecarProcess {
 
 impl Drop for SidecarProcess {
     fn drop(&mut self) {
-        self.kill9();
+        // A failing test shows what each sidecar logged.
+        if std::thread::panicking() {
+            let logs = self.logs();
+            eprintln!("---- sidecar {} logged:\n{logs}", self.base);
+        } else {
+            self.kill9();
+        }
     }
 }

@@ -418,6 +418,7 @@ impl KubeStore {
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
+                    tracing::debug!(application = %self.shared.app, rv = ?cm.metadata.resource_version, "journal event");
                     self.shared.watched.send_replace(Some((Arc::new(cm), Instant::now())));
                     self.shared.wake.notify_one();
                 }
@@ -495,8 +496,10 @@ impl KubeStore {
         let mut g = s.lock();
         // Every journal write moves (last seq, base) forward; anything else is an old or repeated delivery.
         if (view.last_seq(), view.base) <= (g.journal.last_seq(), g.journal.base) {
+            tracing::debug!(application = %s.app, seen = view.last_seq(), applied = g.applied_seq, "journal already applied");
             return Ok(true);
         }
+        tracing::debug!(application = %s.app, seen = view.last_seq(), base = view.base, applied = g.applied_seq, "applying the journal");
         if view.base > g.applied_seq {
             return Ok(false); // records we never saw were compacted away
         }
@@ -543,16 +546,20 @@ impl KubeStore {
         let interval = Duration::from_secs_f64(1.0 / s.options.writes_per_second.max(0.01));
         let mut last_write = Instant::now() - interval;
         let mut watched_rx = s.watched.subscribe();
+        // Whatever the watch delivered while the state was loading may be news too.
+        let mut watch_news = true;
         loop {
-            if watched_rx.has_changed().unwrap_or(false) {
+            if watch_news || watched_rx.has_changed().unwrap_or(false) {
                 watched_rx.borrow_and_update();
+                watch_news = false;
                 self.absorb_watched().await;
             }
             let has_pending = !s.lock().pending.is_empty();
             if !has_pending {
                 tokio::select! {
                     () = s.wake.notified() => {}
-                    _ = watched_rx.changed() => {}
+                    // `changed` marks the value seen: remember to absorb it.
+                    _ = watched_rx.changed() => watch_news = true,
                     () = tokio::time::sleep(Duration::from_secs(30)) => {
                         let now = s.clock.now();
                         s.lock().confirmed.prune(now);
