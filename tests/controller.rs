@@ -321,7 +321,11 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     c.ready("app").await;
     assert_eq!(standby_proc.metric("kubetoken_controller_leader"), Some(0.0), "{standby} must not lead");
     assert_eq!(standby_proc.metric("kubetoken_controller_reconciles_total"), Some(0.0), "{standby} must not write");
-    assert!(leader_proc.metric("kubetoken_controller_reconciles_total").unwrap_or(0.0) > 0.0);
+    // The status is written inside the reconcile, the metric counted right after it returns.
+    eventually("the leader counts its reconciles", Duration::from_secs(10), || async {
+        (leader_proc.metric("kubetoken_controller_reconciles_total").unwrap_or(0.0) > 0.0).then_some(())
+    })
+    .await;
 
     // SIGTERM: the leader stops and releases the Lease, so the standby takes over without waiting for expiry.
     let _ = Command::new("kill").arg("-TERM").arg(leader_proc.child.id().to_string()).status();

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{KIOSK, SHOP, Server, examples_dir, get, post_form, raw};
+use common::{KIOSK, SHOP, Server, examples_dir, get, post_form, post_oversized, raw};
 use serde_json::Value;
 
 fn server() -> (Server, tempfile::TempDir) {
@@ -260,7 +260,7 @@ fn rfc6749_error_cases_on_the_wire() {
     let r = raw("POST", &url, &[("Authorization", &basic)], "grant_type=client_credentials");
     assert_eq!(r.status, 415);
     let huge = format!("grant_type=client_credentials&scope={}", "a".repeat(64 * 1024));
-    let r = raw("POST", &url, &[("Content-Type", form), ("Authorization", &basic)], &huge);
+    let r = post_oversized(&url, &[("Content-Type", form), ("Authorization", &basic)], &huge);
     assert_eq!((r.status, r.error().as_str()), (413, "invalid_request"));
 
     // The same for revocation and introspection.
@@ -275,7 +275,7 @@ fn rfc6749_error_cases_on_the_wire() {
         assert_eq!((r.status, r.error().as_str()), (401, "invalid_client"), "{path} bad client");
         let r = raw("POST", &u, &[("Content-Type", "text/plain"), ("Authorization", &basic)], "token=a");
         assert_eq!(r.status, 415, "{path}");
-        let r = raw("POST", &u, &[("Content-Type", form), ("Authorization", &basic)], &huge);
+        let r = post_oversized(&u, &[("Content-Type", form), ("Authorization", &basic)], &huge);
         assert_eq!(r.status, 413, "{path}");
     }
     // The server is still healthy after all of that.
