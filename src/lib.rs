@@ -17,6 +17,7 @@ pub mod api;
 pub mod controller;
 pub mod core;
 pub mod http;
+pub mod kube_client;
 pub mod metrics;
 pub mod sidecar;
 pub mod signal;

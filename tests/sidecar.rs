@@ -179,16 +179,23 @@ async fn per_device_tokens_refresh_and_revocation_work_across_two_sidecars() {
     assert_eq!((r.status, r.error()), (401, "invalid_client".to_string()));
     let r = client.password(&a, "alice", "wrong", "device_ipad");
     assert_eq!((r.status, r.error()), (400, "invalid_grant".to_string()));
+
+    // Every API request both binaries made is allowed by deploy/ (checked again when the cluster is dropped).
+    if let Some(server) = c.server() {
+        let (controller_requests, sidecar_requests) = common::rbac::assert_least_privilege(&server.requests());
+        assert!(controller_requests > 0 && sidecar_requests > 0, "the audit saw both binaries' requests");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opaque_tokens_are_reused_across_replicas() {
     let c = Cluster::new("sc-opaque").await;
     let _controller = c.controller("c1");
-    let (id, secret) = application(&c, "kiosk", "Opaque").await;
+    // Named like the application deploy/sidecar-rbac.yaml is written for, so that the RBAC audit applies.
+    let (id, secret) = application(&c, "shop", "Opaque").await;
     let client = Client { id: &id, secret: &secret };
-    let a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["kiosk"], &[]);
-    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["kiosk"], &[]);
+    let a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
+    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
     a.wait_ready().await;
     b.wait_ready().await;
     let cc = [("grant_type", "client_credentials"), ("scope", "catalog:read")];
@@ -409,4 +416,28 @@ async fn kill9_and_restart_keep_every_token_and_revive_none_and_state_holds_no_t
     a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &small);
     a.wait_ready().await;
     assert!(client.active(&a, &live[0]));
+}
+
+#[test]
+fn the_audit_catches_a_request_outside_the_rules() {
+    let record = |method: &str, path: &str, query: &str| kube_test_server::RequestRecord {
+        method: method.into(),
+        path: path.into(),
+        query: query.into(),
+        user_agent: "kubetoken-sidecar/0".into(),
+    };
+    let rules = common::rbac::rules(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/sidecar-rbac.yaml"));
+    let allowed = [
+        record("GET", "/api/v1/namespaces/x/configmaps/shop-tokens-journal", ""),
+        record("PATCH", "/api/v1/namespaces/x/configmaps/shop-tokens-03", ""),
+        record("GET", "/api/v1/namespaces/x/secrets", "fieldSelector=metadata.name%3Dshop-users&watch=true"),
+    ];
+    assert!(common::rbac::violations(&allowed, "kubetoken-sidecar/", &rules).is_empty());
+    let denied = [
+        record("GET", "/api/v1/namespaces/x/secrets", ""),
+        record("GET", "/api/v1/namespaces/x/secrets/other", ""),
+        record("POST", "/api/v1/namespaces/x/configmaps", ""),
+        record("PATCH", "/api/v1/namespaces/x/secrets/shop-credentials", ""),
+    ];
+    assert_eq!(common::rbac::violations(&denied, "kubetoken-sidecar/", &rules).len(), 4);
 }

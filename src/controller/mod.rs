@@ -78,7 +78,7 @@ fn health_router(health: Arc<Health>) -> Router {
 
 /// Runs until SIGTERM/Ctrl-C (exit 0, Lease released) or lost leadership (error: a fresh process competes again).
 pub async fn run(opts: ControllerOptions) -> Result<(), String> {
-    let client = kube::Client::try_default().await.map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
+    let client = crate::kube_client::client("controller").await?;
     let metrics = Arc::new(ControllerMetrics::default());
     let (ready_tx, ready_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::bind(opts.listen)

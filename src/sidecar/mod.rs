@@ -133,7 +133,7 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
     if opts.applications.is_empty() {
         return Err("name at least one application with --application".into());
     }
-    let client = kube::Client::try_default().await.map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
+    let client = crate::kube_client::client("sidecar").await?;
     let namespace = opts.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await

@@ -127,6 +127,17 @@ impl Cluster {
     }
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Every test against the test server doubles as an RBAC audit of what the binaries asked for.
+        if let Some(server) = &self.server
+            && !std::thread::panicking()
+        {
+            super::rbac::assert_least_privilege(&server.requests());
+        }
+    }
+}
+
 /// (status, reason) of a condition.
 pub fn condition(app: &OAuthApplication, type_: &str) -> Option<(String, String)> {
     app.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.reason.clone()))

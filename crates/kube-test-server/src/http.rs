@@ -176,6 +176,11 @@ async fn handle(AxumState(shared): AxumState<Arc<Shared>>, req: Request) -> Resp
                 method: method.to_string(),
                 path: uri.path().to_string(),
                 query: uri.query().unwrap_or_default().to_string(),
+                user_agent: headers
+                    .get(header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string(),
             });
         }
     }

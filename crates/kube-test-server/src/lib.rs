@@ -39,6 +39,8 @@ pub struct RequestRecord {
     pub path: String,
     /// The raw query string (may be empty).
     pub query: String,
+    /// The `User-Agent` header (empty when absent): tells which client made the request.
+    pub user_agent: String,
 }
 
 impl RequestRecord {
