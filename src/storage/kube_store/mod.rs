@@ -567,24 +567,32 @@ impl KubeStore {
                 }
                 continue;
             }
-            // The write budget: one journal write per interval. Changes arriving meanwhile join the batch.
+            // The write budget: one journal write per interval. Changes arriving meanwhile join the batch, and
+            // another replica's write arriving meanwhile is applied first, so that this write is not a sure 409.
             let wait = interval.saturating_sub(last_write.elapsed());
             if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = watched_rx.changed() => watch_news = true,
+                }
+                continue;
             }
             last_write = Instant::now();
-            self.write_batch().await;
+            if self.write_batch().await == Written::Conflict {
+                // The journal was just read: retry at once rather than a whole interval later.
+                last_write -= interval;
+            }
             self.maybe_compact().await;
         }
     }
 
     /// Sends the pending changes as one journal batch.
-    async fn write_batch(&self) {
+    async fn write_batch(&self) -> Written {
         let s = &self.shared;
         let (body, first_seq, records, rv) = {
             let mut g = s.lock();
             if g.pending.is_empty() {
-                return;
+                return Written::Nothing;
             }
             let batch: Vec<Pending> = g.pending.drain(..).collect();
             g.inflight = batch;
@@ -595,7 +603,7 @@ impl KubeStore {
                 Err(e) => {
                     drop(g);
                     self.fail_inflight(&format!("encoding records failed: {e}"));
-                    return;
+                    return Written::Failed;
                 }
             };
             let body = json!({
@@ -639,6 +647,7 @@ impl KubeStore {
                 }
                 g.record_failures(&failed);
                 g.publish_resolved(&s.resolved);
+                Written::Accepted
             }
             Ok(Err(kube::Error::Api(e))) if e.code == 409 => {
                 s.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
@@ -661,17 +670,20 @@ impl KubeStore {
                     }
                     Err(e) => self.fail_pending(&format!("reading the journal failed: {e}")),
                 }
+                Written::Conflict
             }
             Ok(Err(e)) => {
                 s.metrics.write_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(application = %s.app, error = %e, "journal write failed");
                 self.fail_inflight(&format!("the Kubernetes API refused the token state write: {e}"));
+                Written::Failed
             }
             Err(_) => {
                 s.metrics.write_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(application = %s.app, "journal write timed out");
                 // It may still land: the watch then brings it back as a remote change nobody holds a token for.
                 self.fail_inflight("the Kubernetes API did not answer in time");
+                Written::Failed
             }
         }
     }
@@ -805,6 +817,15 @@ impl KubeStore {
             }
         }
     }
+}
+
+/// What a journal write came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Nothing,
+    Accepted,
+    Conflict,
+    Failed,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
