@@ -399,7 +399,7 @@ async fn kill9_and_restart_keep_every_token_and_revive_none_and_state_holds_no_t
         .await
         .expect("list")
         .items;
-    assert_eq!(shards_used.len(), 17, "a journal and 16 shards");
+    assert_eq!(shards_used.len(), 33, "a journal and 32 shards");
     let everything = serde_json::to_string(&shards_used).expect("json");
     assert!(everything.contains("\"upto\""));
     assert!(
@@ -440,4 +440,67 @@ fn the_audit_catches_a_request_outside_the_rules() {
         record("PATCH", "/api/v1/namespaces/x/secrets/shop-credentials", ""),
     ];
     assert_eq!(common::rbac::violations(&denied, "kubetoken-sidecar/", &rules).len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_token_is_signed_with_a_key_the_jwks_configmap_already_listed() {
+    let c = Cluster::new("sc-prepublish").await;
+    // Keys rotate every 6 s and are published 2 s before they sign (the test harness's pre-publication).
+    let _controller = c.controller("c1");
+    let mut spec = shop_spec("JWT");
+    spec["grantTypes"] = json!(["client_credentials"]);
+    spec.as_object_mut().expect("spec").remove("users");
+    spec["signing"] = json!({"algorithm": "ES256", "rotationPeriod": "6s"});
+    c.create_app("shop", spec).await;
+    c.ready("shop").await;
+    let (id, secret) = credentials(&c, "shop").await;
+    let client = Client { id: &id, secret: &secret };
+    let s = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
+    s.wait_ready().await;
+    let mut kids_seen = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(14) {
+        let published = common::cluster::kids(&c.jwks("shop").await);
+        let r = client.token(&s, &[("grant_type", "client_credentials"), ("scope", "device_x")]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let kid = jsonwebtoken::decode_header(&r.field("access_token")).expect("header").kid.expect("kid");
+        assert!(
+            published.contains(&kid),
+            "token signed with {kid}, which the JWKS ConfigMap did not list before: {published:?}"
+        );
+        kids_seen.insert(kid);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(kids_seen.len() >= 2, "the sidecar followed at least one rotation: {kids_seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_guesses_spread_over_replicas_share_one_lockout() {
+    let c = Cluster::new("sc-lockout").await;
+    let _controller = c.controller("c1");
+    let (id, secret) = application(&c, "shop", "JWT").await;
+    let client = Client { id: &id, secret: &secret };
+    let limit = ["--lockout-max-failures", "3", "--lockout-duration", "5m"];
+    let a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &limit);
+    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &limit);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    // Three wrong guesses, alternating replicas; each one reaches the other replica before the next.
+    for (guess, (here, there)) in [(&a, &b), (&b, &a), (&a, &b)].into_iter().enumerate() {
+        let seen_before = there.metric("kubetoken_kube_remote_records_total").unwrap_or(0.0);
+        let r = client.password(here, "alice", &format!("wrong-{guess}"), "device_x");
+        assert_eq!((r.status, r.error()), (400, "invalid_grant".to_string()));
+        eventually("the other replica hears of the failure", Duration::from_secs(10), || async {
+            (there.metric("kubetoken_kube_remote_records_total").unwrap_or(0.0) > seen_before).then_some(())
+        })
+        .await;
+    }
+    // Neither replica lets a fourth guess through, not even the right password.
+    for s in [&a, &b] {
+        let r = client.password(s, "alice", "alice-pw", "device_x");
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.json()["error_description"].as_str().unwrap_or_default().contains("locked"), "{}", r.body);
+    }
+    // Other users are not affected.
+    assert_eq!(client.password(&b, "bob", "bob-pw", "device_x").status, 200);
 }

@@ -18,6 +18,19 @@ impl Default for LockoutPolicy {
     }
 }
 
+/// A failed credential check made by another server of the same state (sidecar replicas), so that an attacker
+/// spreading guesses over replicas gets no more than the configured number in total.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedFailure {
+    /// `true`: a user's password (`who` is the user's lockout key); `false`: a client's secret.
+    #[serde(rename = "u")]
+    pub user: bool,
+    #[serde(rename = "w")]
+    pub who: String,
+    #[serde(rename = "at")]
+    pub at: UnixTime,
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Entry {
     failures: u32,

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::app::{Application, PasswordChecker, PasswordDigest, Registry};
 use super::clock::{Clock, UnixTime};
 use super::error::OAuthError;
-use super::lockout::{Lockout, LockoutPolicy};
+use super::lockout::{Lockout, LockoutPolicy, SharedFailure};
 use super::model::{Change, LivePair, RefreshGrant, RefreshLookup, SharedKey, Subject, TokenId, TokenKey};
 use super::scope::ScopeSet;
 use super::store::{StoreError, TokenStore};
@@ -192,8 +192,23 @@ impl TokenService {
         serde_json::json!({ "keys": keys })
     }
 
+    /// Counts the failed checks other servers of the same state shared, so that lockout holds across replicas.
+    fn absorb_shared_failures(&self) {
+        for f in self.store.take_shared_failures() {
+            let lockout = if f.user { &self.user_lockout } else { &self.client_lockout };
+            lockout.fail(&f.who, f.at);
+        }
+    }
+
+    fn fail_check(&self, user: bool, who: &str, now: UnixTime) -> bool {
+        self.store.share_failure(SharedFailure { user, who: who.to_string(), at: now });
+        let lockout = if user { &self.user_lockout } else { &self.client_lockout };
+        lockout.fail(who, now)
+    }
+
     /// Client authentication, throttled per client ID.
     pub fn authenticate_client(&self, creds: &ClientCredentials) -> Result<Arc<Application>, OAuthError> {
+        self.absorb_shared_failures();
         let now = self.clock.now();
         if let Some(secs) = self.client_lockout.locked(&creds.client_id, now) {
             return Err(OAuthError::InvalidClient(format!(
@@ -206,7 +221,7 @@ impl TokenService {
                 Ok(app.clone())
             }
             _ => {
-                if self.client_lockout.fail(&creds.client_id, now) {
+                if self.fail_check(false, &creds.client_id, now) {
                     tracing::warn!(client_id = %creds.client_id, "client locked after repeated failed authentication");
                 } else {
                     tracing::info!(client_id = %creds.client_id, "client authentication failed");
@@ -274,7 +289,7 @@ impl TokenService {
                 Ok(u.roles.clone())
             }
             _ => {
-                if self.user_lockout.fail(&lock_key, now) {
+                if self.fail_check(true, &lock_key, now) {
                     tracing::warn!(client_id = %app.client_id, username, "user locked after repeated failed passwords");
                 }
                 Err(OAuthError::InvalidGrant("invalid username or password".into()))

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::clock::UnixTime;
+use super::lockout::SharedFailure;
 use super::model::{Change, LivePair, RefreshGrant, RefreshLookup, SharedKey, TokenId, TokenKey};
 
 #[derive(Debug, Clone)]
@@ -38,6 +39,10 @@ pub enum Record {
     /// Remember a retired refresh token (snapshots only).
     #[serde(rename = "rot")]
     Rotated { k: TokenKey, rot: RefreshGrant },
+    /// A failed credential check, shared with the other servers of the same state for brute-force lockout. Not
+    /// token state: applying it changes nothing here.
+    #[serde(rename = "fail")]
+    Failed { f: SharedFailure },
 }
 
 impl From<Change> for Record {
@@ -114,6 +119,7 @@ impl TokenState {
                 let key = self.pairs.get_key_value(&k).map_or_else(|| Arc::new(k), |(existing, _)| existing.clone());
                 self.refresh.insert(rot.id, RefreshEntry { key, expires_at: rot.expires_at, rotated: true });
             }
+            Record::Failed { .. } => {}
         }
     }
 

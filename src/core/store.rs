@@ -8,6 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 
+use super::lockout::SharedFailure;
 use super::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
 use super::state::{Conflict, TokenState};
 
@@ -41,6 +42,12 @@ pub trait TokenStore: Send + Sync {
     /// Whether the store can currently accept changes.
     fn healthy(&self) -> bool {
         true
+    }
+    /// Shares a failed credential check with the other servers of this state (none by default).
+    fn share_failure(&self, _failure: SharedFailure) {}
+    /// Failed credential checks the other servers shared since the last call.
+    fn take_shared_failures(&self) -> Vec<SharedFailure> {
+        Vec::new()
     }
 }
 

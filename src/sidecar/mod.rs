@@ -17,7 +17,7 @@ use kube::api::Api;
 
 use self::sources::{AppSnapshot, AppSources};
 use crate::core::clock::{Clock, SystemClock};
-use crate::core::lockout::LockoutPolicy;
+use crate::core::lockout::{LockoutPolicy, SharedFailure};
 use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
 use crate::core::service::{ServiceConfig, TokenService};
 use crate::core::store::{StoreError, StoreFuture, TokenStore};
@@ -91,6 +91,18 @@ impl TokenStore for RoutingStore {
 
     fn healthy(&self) -> bool {
         self.all.iter().all(TokenStore::healthy)
+    }
+
+    fn share_failure(&self, failure: SharedFailure) {
+        // The lockout key starts with the client ID (users: `client\0user`).
+        let client = failure.who.split('\u{0}').next().unwrap_or_default().to_string();
+        if let Some(store) = self.store_for(&client) {
+            store.share_failure(failure);
+        }
+    }
+
+    fn take_shared_failures(&self) -> Vec<SharedFailure> {
+        self.all.iter().flat_map(TokenStore::take_shared_failures).collect()
     }
 }
 

@@ -109,11 +109,20 @@ impl Cluster {
     }
 
     pub async fn ready(&self, name: &str) -> OAuthApplication {
-        eventually(&format!("{name} is Ready"), Duration::from_secs(30), || async {
-            let app = self.apps().get(name).await.ok()?;
-            condition(&app, "Ready").filter(|(s, _)| s == "True").map(|_| app)
-        })
-        .await
+        let start = Instant::now();
+        loop {
+            let app = self.apps().get(name).await.ok();
+            if let Some(app) = &app
+                && condition(app, "Ready").is_some_and(|(s, _)| s == "True")
+            {
+                return app.clone();
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let conditions = app.and_then(|a| a.status).map(|s| s.conditions);
+                panic!("timed out waiting until {name} is Ready; conditions: {conditions:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub async fn jwks(&self, name: &str) -> Value {

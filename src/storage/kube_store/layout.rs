@@ -4,7 +4,7 @@
 //! ```text
 //! <app>-tokens-journal   ConfigMap  base: "<seq>"            records up to here are in the shards
 //!                                   b-<first seq, 12 digits>: one batch of records, one JSON record a line
-//! <app>-tokens-00 .. 15  ConfigMaps upto: "<seq>"            this shard holds its keys' state up to this seq
+//! <app>-tokens-00 .. 31  ConfigMaps upto: "<seq>"            this shard holds its keys' state up to this seq
 //!                                   entries: snapshot records, one JSON record a line
 //! ```
 //! Records are the core's [`Record`]s: token keys, token ids and expiries. No token string, and nothing from
@@ -17,7 +17,7 @@ use crate::core::model::TokenKey;
 use crate::core::state::Record;
 
 /// Number of snapshot shards per application. Fixed: a key's shard must never change.
-pub const SHARDS: usize = 16;
+pub const SHARDS: usize = 32;
 pub const BASE_FIELD: &str = "base";
 pub const UPTO_FIELD: &str = "upto";
 pub const ENTRIES_FIELD: &str = "entries";
@@ -63,9 +63,11 @@ pub fn shard_of(key: &TokenKey) -> usize {
     (h % SHARDS as u64) as usize
 }
 
-pub fn record_key(record: &Record) -> &TokenKey {
+/// The token key a record is about; `None` for records that are not token state (shared lockout failures).
+pub fn record_key(record: &Record) -> Option<&TokenKey> {
     match record {
-        Record::Set { k, .. } | Record::Rotated { k, .. } => k,
+        Record::Set { k, .. } | Record::Rotated { k, .. } => Some(k),
+        Record::Failed { .. } => None,
     }
 }
 

@@ -7,7 +7,7 @@
 //!   a replica can only append on top of every change it has applied. On 409 it reads the journal, applies the
 //!   other replicas' records, re-checks its pending changes (those now deciding on a stale pair fail with
 //!   `Conflict`, and the core decides them again) and appends the rest.
-//! - **Snapshot shards** (16 ConfigMaps) hold the state up to a sequence number; when the journal grows past a
+//! - **Snapshot shards** (32 ConfigMaps) hold the state up to a sequence number; when the journal grows past a
 //!   threshold, a replica writes the changed shards and then removes the compacted batches from the journal.
 //! - Every replica watches the journal, so a change made through one replica is visible at the others after
 //!   the watch delivers it.
@@ -35,6 +35,7 @@ use self::layout::{
     journal_name, record_key, shard_name, shard_of,
 };
 use crate::core::clock::Clock;
+use crate::core::lockout::SharedFailure;
 use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
 use crate::core::state::{Record, TokenState};
 use crate::core::store::{StoreError, StoreFuture, TokenStore};
@@ -174,6 +175,12 @@ struct Inner {
     pending: VecDeque<Pending>,
     /// Being written now.
     inflight: Vec<Pending>,
+    /// Failed credential checks to share with the other replicas (with the next batch; best effort).
+    failures_out: Vec<SharedFailure>,
+    /// In the batch being written now.
+    failures_inflight: Vec<SharedFailure>,
+    /// Shared by the other replicas, for the lockout.
+    failures_in: Vec<SharedFailure>,
     next_id: u64,
     /// Ids below this are resolved.
     resolved_below: u64,
@@ -281,21 +288,30 @@ impl Inner {
         self.overlay.pairs.insert(shared, OverlayEntry { pair: current, ids });
     }
 
-    /// Applies journal records after `applied_seq`; returns the keys they touched.
-    fn apply_records(&mut self, first_seq: u64, records: Vec<Record>) -> Vec<TokenKey> {
+    /// Applies journal records after `applied_seq`; returns the keys they touched. Failures shared by other
+    /// replicas (`remote`) are kept for the lockout.
+    fn apply_records(&mut self, first_seq: u64, records: Vec<Record>, remote: bool) -> Vec<TokenKey> {
         let mut touched = Vec::new();
         for (i, record) in records.into_iter().enumerate() {
             let seq = first_seq + i as u64;
             if seq <= self.applied_seq {
                 continue;
             }
-            let shard = shard_of(record_key(&record));
+            self.applied_seq = seq;
+            let Some(key) = record_key(&record) else {
+                if let (Record::Failed { f }, true) = (record, remote)
+                    && self.failures_in.len() < 10_000
+                {
+                    self.failures_in.push(f);
+                }
+                continue;
+            };
+            let shard = shard_of(key);
             if seq > self.shard_upto[shard] {
-                touched.push(record_key(&record).clone());
+                touched.push(key.clone());
                 self.confirmed.apply(record);
                 self.shard_dirty[shard] = true;
             }
-            self.applied_seq = seq;
         }
         touched
     }
@@ -354,6 +370,9 @@ impl KubeStore {
             overlay: Overlay::default(),
             pending: VecDeque::new(),
             inflight: Vec::new(),
+            failures_out: Vec::new(),
+            failures_inflight: Vec::new(),
+            failures_in: Vec::new(),
             next_id: 1,
             resolved_below: 1,
             recent_failures: VecDeque::new(),
@@ -466,7 +485,7 @@ impl KubeStore {
             g.shard_dirty = [false; SHARDS];
             g.applied_seq = view.base;
             for (first, records) in batches {
-                g.apply_records(first, records);
+                g.apply_records(first, records, false);
             }
             g.applied_seq = g.applied_seq.max(view.last_seq());
             g.confirmed.prune(s.clock.now());
@@ -512,7 +531,7 @@ impl KubeStore {
             }
             let records = decode_lines(text).map_err(|e| format!("ConfigMap {}: {field}: {e}", s.journal_name))?;
             s.metrics.remote_records.fetch_add(records.len() as u64, Ordering::Relaxed);
-            touched.extend(g.apply_records(first, records));
+            touched.extend(g.apply_records(first, records, true));
         }
         s.metrics.journal_bytes.store(view.bytes() as u64, Ordering::Relaxed);
         g.journal = view;
@@ -554,7 +573,10 @@ impl KubeStore {
                 watch_news = false;
                 self.absorb_watched().await;
             }
-            let has_pending = !s.lock().pending.is_empty();
+            let has_pending = {
+                let g = s.lock();
+                !g.pending.is_empty() || !g.failures_out.is_empty()
+            };
             if !has_pending {
                 tokio::select! {
                     () = s.wake.notified() => {}
@@ -591,12 +613,18 @@ impl KubeStore {
         let s = &self.shared;
         let (body, first_seq, records, rv) = {
             let mut g = s.lock();
-            if g.pending.is_empty() {
+            if g.pending.is_empty() && g.failures_out.is_empty() {
                 return Written::Nothing;
             }
             let batch: Vec<Pending> = g.pending.drain(..).collect();
             g.inflight = batch;
-            let records: Vec<Record> = g.inflight.iter().map(|p| Record::from(p.change.clone())).collect();
+            g.failures_inflight = std::mem::take(&mut g.failures_out);
+            let records: Vec<Record> = g
+                .failures_inflight
+                .iter()
+                .map(|f| Record::Failed { f: f.clone() })
+                .chain(g.inflight.iter().map(|p| Record::from(p.change.clone())))
+                .collect();
             let first_seq = g.journal.last_seq() + 1;
             let text = match encode_lines(&records) {
                 Ok(t) => t,
@@ -629,7 +657,8 @@ impl KubeStore {
                 s.metrics.batches.observe(records.len() as f64);
                 let mut g = s.lock();
                 let n = records.len();
-                g.apply_records(first_seq, records);
+                g.apply_records(first_seq, records, false);
+                g.failures_inflight.clear();
                 let new_rv = cm.metadata.resource_version.clone().unwrap_or_default();
                 g.journal.rv = new_rv;
                 g.journal.batches.insert(first_seq, (n, bytes as usize));
@@ -659,6 +688,8 @@ impl KubeStore {
                     for p in batch.into_iter().rev() {
                         g.pending.push_front(p);
                     }
+                    let failures = std::mem::take(&mut g.failures_inflight);
+                    g.failures_out.extend(failures);
                 }
                 match s.api.get(&s.journal_name).await {
                     Ok(cm) => {
@@ -691,6 +722,8 @@ impl KubeStore {
     fn fail_inflight(&self, reason: &str) {
         let s = &self.shared;
         let mut g = s.lock();
+        // Shared failures are best effort: a lost one costs the attacker nothing extra beyond one batch.
+        g.failures_inflight.clear();
         let batch = std::mem::take(&mut g.inflight);
         self.fail(&mut g, batch, reason);
     }
@@ -729,7 +762,9 @@ impl KubeStore {
             g.confirmed.prune(now);
             let mut buckets: Vec<Vec<Record>> = (0..SHARDS).map(|_| Vec::new()).collect();
             for r in g.confirmed.snapshot() {
-                buckets[shard_of(record_key(&r))].push(r);
+                if let Some(key) = record_key(&r) {
+                    buckets[shard_of(key)].push(r);
+                }
             }
             let dirty = g.shard_dirty;
             let shards: Vec<(usize, String)> = buckets
@@ -923,5 +958,20 @@ impl TokenStore for KubeStore {
 
     fn healthy(&self) -> bool {
         self.loaded()
+    }
+
+    fn share_failure(&self, failure: SharedFailure) {
+        let mut g = self.shared.lock();
+        // Bounded: under a flood, the counts that matter are the first ones.
+        if g.failures_out.len() < 1_000 {
+            g.failures_out.push(failure);
+            drop(g);
+            self.shared.wake.notify_one();
+        }
+    }
+
+    fn take_shared_failures(&self) -> Vec<SharedFailure> {
+        let mut g = self.shared.lock();
+        if g.failures_in.is_empty() { Vec::new() } else { std::mem::take(&mut g.failures_in) }
     }
 }
