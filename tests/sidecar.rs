@@ -463,7 +463,7 @@ async fn every_token_is_signed_with_a_key_the_jwks_configmap_already_listed() {
         let published = common::cluster::kids(&c.jwks("shop").await);
         let r = client.token(&s, &[("grant_type", "client_credentials"), ("scope", "device_x")]);
         assert_eq!(r.status, 200, "{}", r.body);
-        let kid = jsonwebtoken::decode_header(&r.field("access_token")).expect("header").kid.expect("kid");
+        let kid = jsonwebtoken::decode_header(r.field("access_token")).expect("header").kid.expect("kid");
         assert!(
             published.contains(&kid),
             "token signed with {kid}, which the JWKS ConfigMap did not list before: {published:?}"
