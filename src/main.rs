@@ -62,6 +62,19 @@ struct ControllerArgs {
     clock_offset_file: Option<PathBuf>,
 }
 
+/// What the token endpoint of standalone mode and the sidecar share.
+#[derive(Args)]
+struct ServeArgs {
+    /// The loopback by default: only this machine (standalone) or this pod (sidecar) reaches the endpoint.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Issuer (`iss`) and base of the metadata endpoint URLs; defaults to http://<listen address>.
+    #[arg(long)]
+    issuer: Option<String>,
+    #[command(flatten)]
+    lockout: LockoutArgs,
+}
+
 /// Brute-force protection, the same for standalone and the sidecar.
 #[derive(Args)]
 struct LockoutArgs {
@@ -98,14 +111,8 @@ struct SidecarArgs {
     /// Namespace of the applications (default: the service account's, or the kubeconfig context's).
     #[arg(long)]
     namespace: Option<String>,
-    /// The loopback by default, so that only the pod itself reaches the endpoint.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// Issuer (`iss`) and base of the metadata endpoint URLs; defaults to http://<listen address>.
-    #[arg(long)]
-    issuer: Option<String>,
     #[command(flatten)]
-    lockout: LockoutArgs,
+    serve: ServeArgs,
     /// Token-state writes per second this replica may send to the API server (group commit batches the rest).
     #[arg(long, default_value_t = 5.0)]
     api_writes_per_second: f64,
@@ -135,13 +142,8 @@ struct StandaloneArgs {
     /// Directory for signing keys, generated credentials and the token log.
     #[arg(long, default_value = "kubetoken-state")]
     state_dir: PathBuf,
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// Issuer (`iss`) and base of the metadata endpoint URLs; defaults to http://<listen address>.
-    #[arg(long)]
-    issuer: Option<String>,
     #[command(flatten)]
-    lockout: LockoutArgs,
+    serve: ServeArgs,
     /// Runtime worker threads; defaults to the number of CPUs.
     #[arg(long)]
     worker_threads: Option<usize>,
@@ -162,7 +164,7 @@ fn init_logging() {
 }
 
 fn standalone(args: StandaloneArgs) -> Result<(), String> {
-    let (user_lockout, client_lockout) = args.lockout.policies()?;
+    let (user_lockout, client_lockout) = args.serve.lockout.policies()?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(n) = args.worker_threads {
@@ -172,15 +174,15 @@ fn standalone(args: StandaloneArgs) -> Result<(), String> {
     runtime.block_on(run(StandaloneOptions {
         manifests: args.manifests,
         state_dir: args.state_dir,
-        listen: args.listen,
-        issuer: args.issuer,
+        listen: args.serve.listen,
+        issuer: args.serve.issuer,
         user_lockout,
         client_lockout,
     }))
 }
 
 fn sidecar(args: SidecarArgs) -> Result<(), String> {
-    let (user_lockout, client_lockout) = args.lockout.policies()?;
+    let (user_lockout, client_lockout) = args.serve.lockout.policies()?;
     if args.api_writes_per_second.is_nan() || args.api_writes_per_second <= 0.0 {
         return Err("--api-writes-per-second must be positive".into());
     }
@@ -191,8 +193,8 @@ fn sidecar(args: SidecarArgs) -> Result<(), String> {
     runtime.block_on(kubetoken::sidecar::run(kubetoken::sidecar::SidecarOptions {
         applications: args.applications,
         namespace: args.namespace,
-        listen: args.listen,
-        issuer: args.issuer,
+        listen: args.serve.listen,
+        issuer: args.serve.issuer,
         user_lockout,
         client_lockout,
         store: kubetoken::storage::kube_store::KubeStoreOptions {

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, SidecarProcess, eventually};
+use common::cluster::{Cluster, ControllerProcess, SidecarProcess, eventually};
 use common::{Response, post_form};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -52,6 +52,21 @@ async fn application(c: &Cluster, name: &str, format: &str) -> (String, String) 
     c.create_app(name, shop_spec(format)).await;
     c.ready(name).await;
     credentials(c, name).await
+}
+
+/// A cluster with the controller and a Ready application `shop`: (cluster, controller, client ID, client secret).
+async fn cluster(test: &str, format: &str) -> (Cluster, ControllerProcess, String, String) {
+    let c = Cluster::new(test).await;
+    let controller = c.controller("c1");
+    let (id, secret) = application(&c, "shop", format).await;
+    (c, controller, id, secret)
+}
+
+/// A ready sidecar serving `shop`.
+async fn replica(c: &Cluster, extra: &[&str]) -> SidecarProcess {
+    let s = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], extra);
+    s.wait_ready().await;
+    s
 }
 
 async fn credentials(c: &Cluster, name: &str) -> (String, String) {
@@ -109,14 +124,9 @@ async fn until_active(client: &Client<'_>, s: &SidecarProcess, token: &str, acti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_device_tokens_refresh_and_revocation_work_across_two_sidecars() {
-    let c = Cluster::new("sc-devices").await;
-    let _controller = c.controller("c1");
-    let (id, secret) = application(&c, "shop", "JWT").await;
+    let (c, _controller, id, secret) = cluster("sc-devices", "JWT").await;
     let client = Client { id: &id, secret: &secret };
-    let a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
-    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
-    a.wait_ready().await;
-    b.wait_ready().await;
+    let (a, b) = (replica(&c, &[]).await, replica(&c, &[]).await);
 
     // Two devices of one user: two tokens, side by side.
     let ipad = client.ok_password(&a, "alice", "alice-pw", "device_ipad");
@@ -189,15 +199,10 @@ async fn per_device_tokens_refresh_and_revocation_work_across_two_sidecars() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opaque_tokens_are_reused_across_replicas() {
-    let c = Cluster::new("sc-opaque").await;
-    let _controller = c.controller("c1");
-    // Named like the application deploy/sidecar-rbac.yaml is written for, so that the RBAC audit applies.
-    let (id, secret) = application(&c, "shop", "Opaque").await;
+    // Named `shop` like every application here: deploy/sidecar-rbac.yaml is written for it (the RBAC audit).
+    let (c, _controller, id, secret) = cluster("sc-opaque", "Opaque").await;
     let client = Client { id: &id, secret: &secret };
-    let a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
-    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
-    a.wait_ready().await;
-    b.wait_ready().await;
+    let (a, b) = (replica(&c, &[]).await, replica(&c, &[]).await);
     let cc = [("grant_type", "client_credentials"), ("scope", "catalog:read")];
     let first = client.token(&a, &cc).json();
     until_active(&client, &b, &field(&first, "access_token"), true).await;
@@ -209,13 +214,8 @@ async fn opaque_tokens_are_reused_across_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_for_one_key_over_two_replicas_end_with_one_live_token_a_client_received() {
-    let c = Cluster::new("sc-race").await;
-    let _controller = c.controller("c1");
-    let (id, secret) = application(&c, "shop", "JWT").await;
-    let a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
-    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
-    a.wait_ready().await;
-    b.wait_ready().await;
+    let (c, _controller, id, secret) = cluster("sc-race", "JWT").await;
+    let (a, b) = (replica(&c, &[]).await, replica(&c, &[]).await);
     let urls = [a.url("/oauth2/token"), b.url("/oauth2/token")];
     let received: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..20)
@@ -265,11 +265,8 @@ async fn concurrent_requests_for_one_key_over_two_replicas_end_with_one_live_tok
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_rotation_users_and_spec_changes_take_effect_without_restart() {
-    let c = Cluster::new("sc-changes").await;
-    let _controller = c.controller("c1");
-    let (id, old_secret) = application(&c, "shop", "JWT").await;
-    let s = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
-    s.wait_ready().await;
+    let (c, _controller, id, old_secret) = cluster("sc-changes", "JWT").await;
+    let s = replica(&c, &[]).await;
     let cc = [("grant_type", "client_credentials"), ("scope", "orders:read")];
     let with = |secret: &str| post_form(&s.url("/oauth2/token"), Some((&id, secret)), &cc);
     assert_eq!(with(&old_secret).json()["expires_in"], 3600);
@@ -316,15 +313,10 @@ async fn secret_rotation_users_and_spec_changes_take_effect_without_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_faults_answer_503_and_lose_nothing() {
-    let c = Cluster::new("sc-faults").await;
+    let (c, _controller, id, secret) = cluster("sc-faults", "JWT").await;
     let Some(server) = c.server() else { return };
-    let _controller = c.controller("c1");
-    let (id, secret) = application(&c, "shop", "JWT").await;
     let client = Client { id: &id, secret: &secret };
-    let a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
-    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
-    a.wait_ready().await;
-    b.wait_ready().await;
+    let (a, b) = (replica(&c, &[]).await, replica(&c, &[]).await);
     let kept = client.ok_password(&a, "alice", "alice-pw", "device_ipad");
 
     // The API server fails every request for a while: token requests get 503 + Retry-After, never a token.
@@ -356,14 +348,11 @@ async fn api_faults_answer_503_and_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_and_restart_keep_every_token_and_revive_none_and_state_holds_no_token_strings() {
-    let c = Cluster::new("sc-restart").await;
-    let _controller = c.controller("c1");
-    let (id, secret) = application(&c, "shop", "JWT").await;
+    let (c, _controller, id, secret) = cluster("sc-restart", "JWT").await;
     let client = Client { id: &id, secret: &secret };
     // A tiny compaction threshold, so that the state goes through snapshot shards.
     let small = ["--journal-compact-kib", "2"];
-    let mut a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &small);
-    a.wait_ready().await;
+    let mut a = replica(&c, &small).await;
     let mut live = Vec::new();
     let mut dead = Vec::new();
     let mut refresh = Vec::new();
@@ -384,8 +373,7 @@ async fn kill9_and_restart_keep_every_token_and_revive_none_and_state_holds_no_t
         }
     }
     a.kill9();
-    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &small);
-    b.wait_ready().await;
+    let b = replica(&c, &small).await;
     for t in &live {
         assert!(client.active(&b, t), "a token whose successor was not issued stays active");
     }
@@ -413,8 +401,7 @@ async fn kill9_and_restart_keep_every_token_and_revive_none_and_state_holds_no_t
         }
     }
     drop(b);
-    a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &small);
-    a.wait_ready().await;
+    a = replica(&c, &small).await;
     assert!(client.active(&a, &live[0]));
 }
 
@@ -455,8 +442,7 @@ async fn every_token_is_signed_with_a_key_the_jwks_configmap_already_listed() {
     c.ready("shop").await;
     let (id, secret) = credentials(&c, "shop").await;
     let client = Client { id: &id, secret: &secret };
-    let s = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
-    s.wait_ready().await;
+    let s = replica(&c, &[]).await;
     let mut kids_seen = std::collections::BTreeSet::new();
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(14) {
@@ -476,15 +462,10 @@ async fn every_token_is_signed_with_a_key_the_jwks_configmap_already_listed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_guesses_spread_over_replicas_share_one_lockout() {
-    let c = Cluster::new("sc-lockout").await;
-    let _controller = c.controller("c1");
-    let (id, secret) = application(&c, "shop", "JWT").await;
+    let (c, _controller, id, secret) = cluster("sc-lockout", "JWT").await;
     let client = Client { id: &id, secret: &secret };
     let limit = ["--lockout-max-failures", "3", "--lockout-duration", "5m"];
-    let a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &limit);
-    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &limit);
-    a.wait_ready().await;
-    b.wait_ready().await;
+    let (a, b) = (replica(&c, &limit).await, replica(&c, &limit).await);
     // Three wrong guesses, alternating replicas; each one reaches the other replica before the next.
     for (guess, (here, there)) in [(&a, &b), (&b, &a), (&a, &b)].into_iter().enumerate() {
         let seen_before = there.metric("kubetoken_kube_remote_records_total").unwrap_or(0.0);
@@ -507,12 +488,9 @@ async fn password_guesses_spread_over_replicas_share_one_lockout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_during_load_keeps_exactly_the_tokens_clients_hold_and_the_write_budget() {
-    let c = Cluster::new("sc-kill-load").await;
-    let _controller = c.controller("c1");
-    let (id, secret) = application(&c, "shop", "JWT").await;
+    let (c, _controller, id, secret) = cluster("sc-kill-load", "JWT").await;
     let client = Client { id: &id, secret: &secret };
-    let mut a = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &["--api-writes-per-second", "5"]);
-    a.wait_ready().await;
+    let mut a = replica(&c, &["--api-writes-per-second", "5"]).await;
     let url = a.url("/oauth2/token");
     let stop = std::sync::atomic::AtomicBool::new(false);
     let started = Instant::now();
@@ -551,8 +529,7 @@ async fn kill9_during_load_keeps_exactly_the_tokens_clients_hold_and_the_write_b
     let elapsed = started.elapsed().as_secs_f64();
     let received: usize = per_key.iter().map(|k| k.1.len()).sum();
     assert!(received > 50, "load ran: {received} tokens");
-    let b = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
-    b.wait_ready().await;
+    let b = replica(&c, &[]).await;
     for (key, tokens, in_flight) in &per_key {
         let Some((last, earlier)) = tokens.split_last() else { continue };
         for t in earlier {

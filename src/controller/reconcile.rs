@@ -136,6 +136,20 @@ struct Outcome {
     recheck_in: Option<u64>,
 }
 
+/// A child's name is taken by an object the application does not own: reported, never overwritten.
+fn name_conflict(type_: &'static str, kind: &str, name: &str) -> Outcome {
+    Outcome {
+        finding: Finding::failed(
+            type_,
+            "NameConflict",
+            format!(
+                "{kind} {name} exists and is not owned by this application; kubetoken will not overwrite it: rename or delete it"
+            ),
+        ),
+        recheck_in: Some(RECHECK_MISSING_INPUT),
+    }
+}
+
 async fn reconcile_credentials(
     app: &OAuthApplication,
     secrets: &Api<Secret>,
@@ -336,19 +350,7 @@ async fn reconcile_signing_keys(
     if let Some(s) = &existing
         && !owned_by(&s.metadata, &owner.uid)
     {
-        return Ok((
-            Outcome {
-                finding: Finding::failed(
-                    TYPE,
-                    "NameConflict",
-                    format!(
-                        "Secret {name} exists and is not owned by this application; kubetoken will not overwrite it: rename or delete it"
-                    ),
-                ),
-                recheck_in: Some(RECHECK_MISSING_INPUT),
-            },
-            None,
-        ));
+        return Ok((name_conflict(TYPE, "Secret", &name), None));
     }
     let unreadable = |reason: String| {
         Ok((
@@ -474,16 +476,7 @@ async fn reconcile_jwks(
     let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
     match config_maps.get_opt(&name).await? {
         Some(cm) if !owned_by(&cm.metadata, &owner.uid) => {
-            return Ok(Outcome {
-                finding: Finding::failed(
-                    TYPE,
-                    "NameConflict",
-                    format!(
-                        "ConfigMap {name} exists and is not owned by this application; kubetoken will not overwrite it: rename or delete it"
-                    ),
-                ),
-                recheck_in: Some(RECHECK_MISSING_INPUT),
-            });
+            return Ok(name_conflict(TYPE, "ConfigMap", &name));
         }
         Some(mut cm) => {
             if cm.data.as_ref().and_then(|d| d.get("jwks.json")) != Some(&body) {
@@ -518,16 +511,7 @@ async fn reconcile_token_secrets(
     const TYPE: &str = "TokenSecretsReady";
     let name = token_secrets_name(&app.name_any());
     match secrets.get_opt(&name).await? {
-        Some(s) if !owned_by(&s.metadata, &owner.uid) => Ok(Outcome {
-            finding: Finding::failed(
-                TYPE,
-                "NameConflict",
-                format!(
-                    "Secret {name} exists and is not owned by this application; kubetoken will not overwrite it: rename or delete it"
-                ),
-            ),
-            recheck_in: Some(RECHECK_MISSING_INPUT),
-        }),
+        Some(s) if !owned_by(&s.metadata, &owner.uid) => Ok(name_conflict(TYPE, "Secret", &name)),
         Some(s) if text(&s.data, TOKEN_SECRETS_FIELD).is_some() => Ok(Outcome {
             finding: Finding::ok(TYPE, "Managed", format!("Secret {name} holds the token-tagging secrets")),
             recheck_in: None,
@@ -576,14 +560,7 @@ async fn reconcile_token_state(
     for name in crate::storage::kube_store::layout::object_names(&app_name) {
         if let Some(cm) = existing.items.iter().find(|c| c.metadata.name.as_deref() == Some(name.as_str())) {
             if !owned_by(&cm.metadata, &owner.uid) {
-                return Ok(Outcome {
-                    finding: Finding::failed(
-                        TYPE,
-                        "NameConflict",
-                        format!("ConfigMap {name} exists and is not owned by this application"),
-                    ),
-                    recheck_in: Some(RECHECK_MISSING_INPUT),
-                });
+                return Ok(name_conflict(TYPE, "ConfigMap", &name));
             }
             continue;
         }
