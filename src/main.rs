@@ -12,7 +12,11 @@ use kubetoken::core::lockout::LockoutPolicy;
 use kubetoken::standalone::{StandaloneOptions, run};
 
 #[derive(Parser)]
-#[command(name = "kubetoken", version, about = "Kubernetes-native OAuth2 token service with per-device access tokens")]
+#[command(
+    name = "kubetoken",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KUBETOKEN_GIT_COMMIT"), ")"),
+    about = "Kubernetes-native OAuth2 token service with per-device access tokens"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

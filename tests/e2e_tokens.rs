@@ -510,3 +510,16 @@ fn hash_password_prints_an_argon2id_hash_the_server_accepts() {
         .expect("run");
     assert!(!empty.status.success(), "an empty password is refused");
 }
+
+#[test]
+fn version_names_the_release_and_the_git_commit_it_was_built_from() {
+    let out = std::process::Command::new(common::BIN).arg("--version").output().expect("run --version");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    assert!(text.starts_with(&format!("kubetoken {} (commit ", env!("CARGO_PKG_VERSION"))), "{text}");
+    let head = std::process::Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output();
+    if let Ok(head) = head.filter(|h| h.status.success()) {
+        let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+        assert!(text.contains(&head), "built from {head}, says {text}");
+    }
+}
