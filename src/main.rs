@@ -38,9 +38,12 @@ enum Command {
 
 #[derive(Args)]
 struct ControllerArgs {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long)]
-    namespace: Option<String>,
+    /// Watch only this namespace (repeat for several; default: all namespaces).
+    #[arg(long = "namespace")]
+    namespaces: Vec<String>,
+    /// Compete for the leader Lease; `false` only with a single replica.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8081")]
     listen: SocketAddr,
@@ -233,7 +236,8 @@ fn controller(args: ControllerArgs) -> Result<(), String> {
             prepublication: args.key_prepublication,
             retirement_margin: args.key_retirement_margin,
         },
-        namespace: args.namespace,
+        namespaces: args.namespaces,
+        leader_election: args.leader_election,
         listen: args.listen,
         lease: LeaseConfig {
             namespace: lease_namespace,

@@ -37,8 +37,10 @@ use crate::api::v1alpha1::OAuthApplication;
 
 #[derive(Clone)]
 pub struct ControllerOptions {
-    /// Watch one namespace; all when `None`.
-    pub namespace: Option<String>,
+    /// Watch only these namespaces; all when empty.
+    pub namespaces: Vec<String>,
+    /// Compete for the Lease (several replicas); when false, this process leads at once (one replica only).
+    pub leader_election: bool,
     pub listen: SocketAddr,
     pub lease: LeaseConfig,
     /// The reconciler's clock (key rotation, secret grace periods). Leader election always uses the wall clock.
@@ -95,9 +97,15 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
 
     let lock = Arc::new(LeaseLock::new(client.clone(), opts.lease.clone()));
     let (leader_tx, mut leader_rx) = watch::channel(false);
-    let elector = {
+    let elector = if opts.leader_election {
         let lock = lock.clone();
         tokio::spawn(async move { lock.run(leader_tx).await })
+    } else {
+        // A single replica: lead at once, never touch a Lease.
+        let _ = leader_tx.send(true);
+        tokio::spawn(async move {
+            leader_tx.closed().await;
+        })
     };
     let shutdown = crate::signal::shutdown();
     tokio::pin!(shutdown);
@@ -135,16 +143,24 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
         metrics: metrics.clone(),
         failures: Mutex::new(HashMap::new()),
     });
-    let (apps, secrets, config_maps): (Api<OAuthApplication>, Api<Secret>, Api<ConfigMap>) = match &opts.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+    // One controller per watched namespace (RBAC then needs only Roles there), or one over all namespaces.
+    type Apis = (Api<OAuthApplication>, Api<Secret>, Api<ConfigMap>);
+    let scopes: Vec<Apis> = if opts.namespaces.is_empty() {
+        vec![(Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()))]
+    } else {
+        opts.namespaces
+            .iter()
+            .map(|ns| {
+                (
+                    Api::namespaced(client.clone(), ns),
+                    Api::namespaced(client.clone(), ns),
+                    Api::namespaced(client.clone(), ns),
+                )
+            })
+            .collect()
     };
     let children = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}=kubetoken"));
-    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let lost_leadership = async move {
         while *leader_rx.borrow_and_update() {
             if leader_rx.changed().await.is_err() {
@@ -152,22 +168,26 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
             }
         }
     };
-    let controller = Controller::new(apps, watcher::Config::default())
-        .owns(secrets, children.clone())
-        .owns(config_maps, children)
-        .graceful_shutdown_on(async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        })
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "controller event");
-            }
-        });
+    let controllers = scopes.into_iter().map(|(apps, secrets, config_maps)| {
+        let mut stop_rx = stop_rx.clone();
+        Controller::new(apps, watcher::Config::default())
+            .owns(secrets, children.clone())
+            .owns(config_maps, children.clone())
+            .graceful_shutdown_on(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "controller event");
+                }
+            })
+    });
+    let controller = futures::future::join_all(controllers);
     tokio::pin!(controller);
     let mut lost = false;
     tokio::select! {
-        () = &mut controller => {}
+        _ = &mut controller => {}
         () = &mut shutdown => {}
         () = lost_leadership => { lost = true; }
     }
@@ -179,7 +199,9 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
     if lost {
         return Err("lost leadership; exiting so that a fresh process competes again".into());
     }
-    lock.release().await;
+    if opts.leader_election {
+        lock.release().await;
+    }
     tracing::info!("stopped; leader Lease released");
     Ok(())
 }

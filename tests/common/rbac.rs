@@ -110,7 +110,7 @@ pub fn assert_least_privilege(records: &[RequestRecord]) -> (usize, usize) {
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
     let mut counts = (0, 0);
     for (agent, file, count) in [
-        ("kubetoken-controller/", "controller-rbac.yaml", &mut counts.0),
+        ("kubetoken-controller/", "kubetoken.yaml", &mut counts.0),
         ("kubetoken-sidecar/", "sidecar-rbac.yaml", &mut counts.1),
     ] {
         let bad = violations(records, agent, &rules(&deploy.join(file)));

@@ -1,0 +1,69 @@
+{{- define "kubetoken.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubetoken.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else if contains (include "kubetoken.name" .) .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "kubetoken.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetoken.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetoken.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: controller
+{{- end }}
+
+{{- define "kubetoken.commonLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "kubetoken.labels" -}}
+{{ include "kubetoken.commonLabels" . }}
+{{ include "kubetoken.selectorLabels" . }}
+{{- end }}
+
+{{- define "kubetoken.sidecarLabels" -}}
+{{ include "kubetoken.commonLabels" . }}
+app.kubernetes.io/name: {{ include "kubetoken.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: sidecar
+{{- end }}
+
+{{- define "kubetoken.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubetoken.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetoken.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{- end -}}
+{{- end }}
+
+{{/* The controller's rules; the same for the ClusterRole and for each watched namespace's Role. */}}
+{{- define "kubetoken.controllerRules" -}}
+- apiGroups: ["kubetoken.io"]
+  resources: ["oauthapplications"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["kubetoken.io"]
+  resources: ["oauthapplications/status"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["secrets", "configmaps"]
+  verbs: ["get", "list", "watch", "create", "update"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
