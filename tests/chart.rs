@@ -3,8 +3,12 @@
 //! `kubernetes-validate` and `checkov` from PyPI (`pip install kubernetes-validate checkov`), as `.ci/run` installs
 //! them: a missing tool fails the test, it is never skipped.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use serde_json::Value;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -155,4 +159,129 @@ fn the_values_schema_refuses_wrong_values_with_a_clear_message() {
     let out = helm(&["template", "x", chart, "--kube-version", "1.33.0", "--set", "leaderElection.enabled=false"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("needs replicaCount: 1"), "{}", text(&out.stderr));
+}
+
+/// The command a kubelet would run for `container` of a Deployment: its image's entrypoint (the kubetoken binary)
+/// with its args, and its env with the downward API filled in. The listen address becomes a free loopback port
+/// (this test runs every "pod" on one machine); the API server comes from KUBECONFIG (the test server) instead of
+/// the in-cluster service account.
+fn kubelet_command(deployment: &Value, container: &str, pod_name: &str, kubeconfig: &Path) -> Command {
+    let spec = &deployment["spec"]["template"]["spec"]["containers"];
+    let c = spec.as_array().expect("containers").iter().find(|c| c["name"] == container).expect("container");
+    let image = c["image"].as_str().expect("image");
+    assert!(image.contains("kubetoken"), "{container} runs the kubetoken image: {image}");
+    let mut args: Vec<String> =
+        c["args"].as_array().expect("args").iter().map(|a| a.as_str().expect("arg").to_string()).collect();
+    match args.iter().position(|a| a == "--listen") {
+        Some(i) => args[i + 1] = "127.0.0.1:0".into(),
+        None => args.extend(["--listen".into(), "127.0.0.1:0".into()]),
+    }
+    let mut cmd = Command::new(common::cluster::BIN);
+    cmd.args(&args).env("KUBECONFIG", kubeconfig);
+    let namespace = deployment["metadata"]["namespace"].as_str().expect("namespace");
+    for e in c["env"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().expect("env name");
+        let value = match (e["value"].as_str(), e["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
+            (Some(v), _) => v.to_string(),
+            (None, Some("metadata.name")) => pod_name.to_string(),
+            (None, Some("metadata.namespace")) => namespace.to_string(),
+            (None, other) => panic!("{container}: env {name} from {other:?} is not something this test plays"),
+        };
+        cmd.env(name, value);
+    }
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_wires_the_controller_and_the_example_sidecar_serves_a_device_token() {
+    let server = kube_test_server::KubeTestServer::start();
+    let kubeconfig = server.kubeconfig_path().to_path_buf();
+    let with_kubeconfig = |program: &str, args: &[&str]| {
+        let out = Command::new(program).args(args).env("KUBECONFIG", &kubeconfig).current_dir(root()).output();
+        let out = out.unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(out.status.success(), "{program} {args:?}: {}{}", text(&out.stdout), text(&out.stderr));
+        text(&out.stdout)
+    };
+    let chart = chart();
+    let chart = chart.to_str().expect("path");
+    let install = ["-n", "kubetoken-system", "-f", "deploy/sidecar-values.yaml"];
+    with_kubeconfig("helm", &[&["install", "kubetoken", chart, "--create-namespace"][..], &install].concat());
+    with_kubeconfig(
+        "helm",
+        &[&["upgrade", "kubetoken", chart, "--set", "controller.logLevel=info"][..], &install].concat(),
+    );
+
+    // Play the kubelet for one controller replica, exactly as the chart's Deployment says.
+    let deployment =
+        server.get_object("/apis/apps/v1/namespaces/kubetoken-system/deployments/kubetoken").expect("deployment");
+    let _controller = common::cluster::ControllerProcess::spawn(kubelet_command(
+        &deployment,
+        "controller",
+        "kubetoken-7d9f-abcde",
+        &kubeconfig,
+    ));
+
+    // The README's walk-through: the examples, a Ready application, the app's sidecar.
+    with_kubeconfig("kubectl", &["apply", "--validate=false", "-f", "examples/"]);
+    let start = std::time::Instant::now();
+    let credentials = loop {
+        let app = server.get_object("/apis/kubetoken.io/v1alpha1/namespaces/default/oauthapplications/shop");
+        let ready = app.as_ref().and_then(|a| a["status"]["conditions"].as_array().cloned()).unwrap_or_default();
+        if ready.iter().any(|c| c["type"] == "Ready" && c["status"] == "True") {
+            break server.get_object("/api/v1/namespaces/default/secrets/shop-credentials").expect("credentials");
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "shop is not Ready: {app:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let decode = |k: &str| {
+        use base64::Engine;
+        let raw =
+            base64::engine::general_purpose::STANDARD.decode(credentials["data"][k].as_str().expect(k)).expect("b64");
+        String::from_utf8(raw).expect("utf8")
+    };
+    let app = server.get_object("/apis/apps/v1/namespaces/default/deployments/shop-app").expect("app deployment");
+    let sidecar =
+        common::cluster::SidecarProcess::spawn(kubelet_command(&app, "kubetoken", "shop-app-5c4b-xyz12", &kubeconfig));
+    sidecar.wait_ready().await;
+    let (id, secret) = (decode("client_id"), decode("client_secret"));
+    let r = common::post_form(
+        &sidecar.url("/oauth2/token"),
+        Some((&id, &secret)),
+        &[
+            ("grant_type", "password"),
+            ("username", "alice"),
+            ("password", "alice-password"),
+            ("scope", "device_ipad orders:read"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["scope"], "device_ipad orders:read");
+
+    // Both binaries stayed within the RBAC the chart renders (deploy/ is rendered from it; a drift test keeps it so).
+    let (controller_requests, sidecar_requests) = common::rbac::assert_least_privilege(&server.requests());
+    assert!(controller_requests > 0 && sidecar_requests > 0);
+
+    // Uninstall leaves nothing of the controller behind but the CRD (Helm never deletes what crds/ installed).
+    drop(sidecar);
+    with_kubeconfig("helm", &["uninstall", "kubetoken", "-n", "kubetoken-system"]);
+    for collection in [
+        "/apis/apps/v1/namespaces/kubetoken-system/deployments",
+        "/api/v1/namespaces/kubetoken-system/serviceaccounts",
+        "/api/v1/namespaces/kubetoken-system/services",
+        "/api/v1/namespaces/kubetoken-system/secrets",
+        "/apis/policy/v1/namespaces/kubetoken-system/poddisruptionbudgets",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/kubetoken-system/roles",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/kubetoken-system/rolebindings",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/default/roles",
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+    ] {
+        let left = server.list_objects(collection);
+        assert!(left.is_empty(), "{collection} still holds {left:?}");
+    }
+    assert!(
+        server
+            .get_object("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/oauthapplications.kubetoken.io")
+            .is_some()
+    );
 }

@@ -178,8 +178,8 @@ pub struct ControllerProcess {
 
 impl ControllerProcess {
     pub fn start(kubeconfig: &Path, namespace: &str, identity: &str, extra: &[&std::ffi::OsStr]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["controller", "--listen", "127.0.0.1:0", "--lease-duration", "2s"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["controller", "--listen", "127.0.0.1:0", "--lease-duration", "2s"])
             .args(["--namespace", namespace, "--lease-namespace", namespace, "--identity", identity])
             // Short key timing unless a test sets its own: tests wait seconds, not minutes.
             .args(if extra.iter().any(|a| *a == "--key-prepublication") {
@@ -194,11 +194,13 @@ impl ControllerProcess {
             })
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
-            .env("KUBETOKEN_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn controller");
+            .env("KUBETOKEN_LOG", "info");
+        Self::spawn(cmd)
+    }
+
+    /// Runs `cmd` (a `kubetoken controller` command line) and waits until it serves its health port.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn controller");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
         let health = loop {
             match lines.next() {
@@ -255,14 +257,15 @@ impl SidecarProcess {
         for a in applications {
             cmd.args(["--application", a]);
         }
-        let mut child = cmd
-            .args(extra)
+        cmd.args(extra)
             .env("KUBECONFIG", kubeconfig)
-            .env("KUBETOKEN_LOG", std::env::var("KUBETOKEN_TEST_SIDECAR_LOG").unwrap_or_else(|_| "info".into()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sidecar");
+            .env("KUBETOKEN_LOG", std::env::var("KUBETOKEN_TEST_SIDECAR_LOG").unwrap_or_else(|_| "info".into()));
+        Self::spawn(cmd)
+    }
+
+    /// Runs `cmd` (a `kubetoken sidecar` command line) and waits until it listens.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn sidecar");
         let mut err = child.stderr.take().expect("stderr");
         let stderr = std::thread::spawn(move || {
             let mut s = String::new();

@@ -61,11 +61,16 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 #[derive(Debug, PartialEq)]
 pub(crate) enum Route {
     Version,
+    /// `/openapi/v2`: an empty schema document (clients that validate, like Helm, then skip what it lacks).
+    OpenApiV2,
     Health,
     Api,
     Apis,
     Group(String),
-    GroupVersion { group: String, version: String },
+    GroupVersion {
+        group: String,
+        version: String,
+    },
     Resource(ResourcePath),
     NotFound,
 }
@@ -85,6 +90,7 @@ pub(crate) fn parse_path(path: &str) -> Route {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segs.as_slice() {
         ["version"] => Route::Version,
+        ["openapi", "v2"] => Route::OpenApiV2,
         ["healthz" | "livez" | "readyz", ..] => Route::Health,
         ["api"] => Route::Api,
         ["api", v] => Route::GroupVersion { group: String::new(), version: v.to_string() },
@@ -207,6 +213,22 @@ async fn handle(AxumState(shared): AxumState<Arc<Shared>>, req: Request) -> Resp
     let query = Query::parse(uri.query());
     match parse_path(uri.path()) {
         Route::Version => json_response(200, &version()),
+        Route::OpenApiV2 => {
+            // An empty protobuf message is a valid, empty openapi_v2 Document.
+            let protobuf =
+                headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("protobuf"));
+            if protobuf {
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "application/com.github.proto-openapi.spec.v2.v1.0+protobuf")
+                    .body(Body::empty())
+                    .unwrap_or_default()
+            } else {
+                json_response(
+                    200,
+                    &json!({"swagger": "2.0", "info": {"title": "kube-test-server", "version": "v1.33.0"}, "paths": {}, "definitions": {}}),
+                )
+            }
+        }
         Route::Health => {
             Response::builder().header(header::CONTENT_TYPE, "text/plain").body(Body::from("ok")).unwrap_or_default()
         }
@@ -300,10 +322,13 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
     }
 }
 
-fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError> {
+fn delete_options(query: &Query, headers: &HeaderMap, body: &[u8]) -> Result<DeleteOptions, ApiError> {
     let mut opts = DeleteOptions { dry_run: query.dry_run(), ..Default::default() };
     let mut policy = query.get("propagationPolicy").map(String::from);
-    if !body.iter().all(u8::is_ascii_whitespace) {
+    // A protobuf DeleteOptions (client-go's typed clients, e.g. Helm's release storage) is taken as the defaults:
+    // the query parameters still apply.
+    let protobuf = content_type(headers).contains("protobuf");
+    if !protobuf && !body.iter().all(u8::is_ascii_whitespace) {
         let b: Value = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions body: {e}")))?;
         if let Some(p) = b.get("propagationPolicy").and_then(Value::as_str) {
@@ -426,11 +451,11 @@ fn handle_resource(
             Ok(json_response(if created { 201 } else { 200 }, &obj))
         }
         (Method::DELETE, Some(name)) if sub == Sub::Main => {
-            let opts = delete_options(query, body)?;
+            let opts = delete_options(query, headers, body)?;
             Ok(json_response(200, &shared.state().delete(&rt, ns, name, &opts)?))
         }
         (Method::DELETE, None) => {
-            let opts = delete_options(query, body)?;
+            let opts = delete_options(query, headers, body)?;
             let (labels, fields) = selectors(&rt, query)?;
             let mut state = shared.state();
             let items = state.delete_collection(&rt, ns, &labels, &fields, &opts);
