@@ -260,6 +260,24 @@ async fn helm_install_wires_the_controller_and_the_example_sidecar_serves_a_devi
     // Both binaries stayed within the RBAC the chart renders (deploy/ is rendered from it; a drift test keeps it so).
     let (controller_requests, sidecar_requests) = common::rbac::assert_least_privilege(&server.requests());
     assert!(controller_requests > 0 && sidecar_requests > 0);
+    // The namespaced mode renders the same rules into a Role per watched namespace: audited the same way.
+    let namespaced = helm(&[
+        "template",
+        "kubetoken",
+        chart,
+        "-n",
+        "kubetoken-system",
+        "--kube-version",
+        "1.33.0",
+        "-f",
+        "charts/kubetoken/ci/namespaced-values.yaml",
+    ]);
+    assert!(namespaced.status.success());
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), &namespaced.stdout).expect("write");
+    let rules = common::rbac::rules(file.path());
+    let bad = common::rbac::violations(&server.requests(), "kubetoken-controller/", &rules);
+    assert!(bad.is_empty(), "the namespaced mode's Roles do not allow: {bad:?}");
 
     // Uninstall leaves nothing of the controller behind but the CRD (Helm never deletes what crds/ installed).
     drop(sidecar);
