@@ -547,3 +547,33 @@ async fn kill9_during_load_keeps_exactly_the_tokens_clients_hold_and_the_write_b
         "{batches} journal writes in {elapsed:.1} s exceed the budget of 5/s"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_deleted_and_created_again_is_served_from_fresh_state() {
+    let (c, _controller, id, secret) = cluster("sc-recreate", "JWT").await;
+    let s = replica(&c, &[]).await;
+    let old = Client { id: &id, secret: &secret };
+    let before = old.ok_password(&s, "alice", "alice-pw", "device_ipad");
+    for _ in 0..3 {
+        old.ok_password(&s, "bob", "bob-pw", "device_tv"); // a journal with a few batches
+    }
+    c.apps().delete("shop", &Default::default()).await.expect("delete");
+    eventually("the state objects are gone", Duration::from_secs(20), || async {
+        c.config_maps().get_opt("shop-tokens-journal").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    c.create_app("shop", shop_spec("JWT")).await;
+    c.ready("shop").await;
+    let (new_id, new_secret) = credentials(&c, "shop").await;
+    let new = Client { id: &new_id, secret: &new_secret };
+    // The sidecar follows: the new journal replaces the old one, and tokens are issued again.
+    let token = eventually("the sidecar serves the new application", Duration::from_secs(20), || async {
+        let r = new.password(&s, "alice", "alice-pw", "device_ipad");
+        (r.status == 200).then(|| r.field("access_token"))
+    })
+    .await;
+    assert!(new.active(&s, &token));
+    assert!(!new.active(&s, &field(&before, "access_token")), "a token of the deleted application is not active");
+    let conflicts = s.metric("kubetoken_kube_conflicts_total").unwrap_or(0.0);
+    assert!(conflicts < 10.0, "no conflict storm against the replaced journal: {conflicts} conflicts");
+}

@@ -567,6 +567,7 @@ impl KubeStore {
         let mut watched_rx = s.watched.subscribe();
         // Whatever the watch delivered while the state was loading may be news too.
         let mut watch_news = true;
+        let mut retried_conflict = false;
         loop {
             if watch_news || watched_rx.has_changed().unwrap_or(false) {
                 watched_rx.borrow_and_update();
@@ -600,9 +601,14 @@ impl KubeStore {
                 continue;
             }
             last_write = Instant::now();
-            if self.write_batch().await == Written::Conflict {
-                // The journal was just read: retry at once rather than a whole interval later.
+            let written = self.write_batch().await;
+            if written == Written::Conflict && !retried_conflict {
+                // The journal was just read: retry once at once rather than a whole interval later. Further
+                // conflicts in a row wait for their write slot, so that a conflict storm stays within the budget.
                 last_write -= interval;
+                retried_conflict = true;
+            } else {
+                retried_conflict = false;
             }
             self.maybe_compact().await;
         }
@@ -693,7 +699,15 @@ impl KubeStore {
                 }
                 match s.api.get(&s.journal_name).await {
                     Ok(cm) => {
-                        if !matches!(self.absorb_journal(&cm), Ok(true))
+                        // The journal just read is the newest there is: if it is not ahead of what was applied, it
+                        // was replaced (the application deleted and created again), so start over from it.
+                        let replaced = {
+                            let view = journal_view(&cm);
+                            let g = s.lock();
+                            view.rv != g.journal.rv
+                                && (view.last_seq(), view.base) <= (g.journal.last_seq(), g.journal.base)
+                        };
+                        if (replaced || !matches!(self.absorb_journal(&cm), Ok(true)))
                             && let Err(e) = self.load().await
                         {
                             tracing::warn!(application = %s.app, error = %e, "reloading the token state failed");
