@@ -56,7 +56,8 @@ async fn application(c: &Cluster, name: &str, format: &str) -> (String, String) 
 
 /// A cluster with the controller and a Ready application `shop`: (cluster, controller, client ID, client secret).
 async fn cluster(test: &str, format: &str) -> (Cluster, ControllerProcess, String, String) {
-    let c = Cluster::new(test).await;
+    // The sidecar tests inject faults and audit requests: always the in-repo test server.
+    let c = Cluster::test_server(test).await;
     let controller = c.controller("c1");
     let (id, secret) = application(&c, "shop", format).await;
     (c, controller, id, secret)
@@ -191,10 +192,8 @@ async fn per_device_tokens_refresh_and_revocation_work_across_two_sidecars() {
     assert_eq!((r.status, r.error()), (400, "invalid_grant".to_string()));
 
     // Every API request both binaries made is allowed by deploy/ (checked again when the cluster is dropped).
-    if let Some(server) = c.server() {
-        let (controller_requests, sidecar_requests) = common::rbac::assert_least_privilege(&server.requests());
-        assert!(controller_requests > 0 && sidecar_requests > 0, "the audit saw both binaries' requests");
-    }
+    let (controller_requests, sidecar_requests) = common::rbac::assert_least_privilege(&c.server().requests());
+    assert!(controller_requests > 0 && sidecar_requests > 0, "the audit saw both binaries' requests");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,7 +313,7 @@ async fn secret_rotation_users_and_spec_changes_take_effect_without_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_faults_answer_503_and_lose_nothing() {
     let (c, _controller, id, secret) = cluster("sc-faults", "JWT").await;
-    let Some(server) = c.server() else { return };
+    let server = c.server();
     let client = Client { id: &id, secret: &secret };
     let (a, b) = (replica(&c, &[]).await, replica(&c, &[]).await);
     let kept = client.ok_password(&a, "alice", "alice-pw", "device_ipad");
@@ -431,7 +430,7 @@ fn the_audit_catches_a_request_outside_the_rules() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_token_is_signed_with_a_key_the_jwks_configmap_already_listed() {
-    let c = Cluster::new("sc-prepublish").await;
+    let c = Cluster::test_server("sc-prepublish").await;
     // Keys rotate every 6 s and are published 2 s before they sign (the test harness's pre-publication).
     let _controller = c.controller("c1");
     let mut spec = shop_spec("JWT");

@@ -141,9 +141,18 @@ async fn dropping_the_server_ends_watches_and_refuses_connections() {
     let server = KubeTestServer::start();
     let client = client(&server).await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "f");
+    cms.create(&Default::default(), &crate::configmap("x", &[("a", "1")])).await.unwrap();
+    assert!(cms.get("x").await.is_ok(), "the object is there while the server runs");
     let mut stream = cms.watch(&Default::default(), "0").await.unwrap().boxed();
+    // The watch from "0" first replays the object.
+    assert!(matches!(within("the ADDED event", stream.try_next()).await, Ok(Some(_))));
     drop(server);
     let end = within("stream ends", stream.try_next()).await;
-    assert!(matches!(end, Ok(None) | Err(_)));
-    assert!(cms.get("x").await.is_err());
+    assert!(matches!(end, Ok(None) | Err(_)), "the stream ends when the server goes");
+    // The same GET now fails at the connection, not with a 404.
+    match cms.get("x").await {
+        Err(kube::Error::Api(status)) => panic!("the dropped server still answered: {status:?}"),
+        Err(_) => {}
+        Ok(_) => panic!("the dropped server still served the object"),
+    }
 }

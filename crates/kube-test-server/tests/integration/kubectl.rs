@@ -1,11 +1,13 @@
 //! kubectl against the server: get, apply (client-side and server-side), label, patch, delete.
 
-use std::path::Path;
 use std::process::{Command, Output};
 
 use kube_test_server::KubeTestServer;
 
-const KUBECTL: &str = "/usr/bin/kubectl";
+/// kubectl from the PATH (CI installs it with ../shared/tools/install-helm), or $KUBECTL.
+fn kubectl() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
+}
 
 struct Kubectl<'a> {
     server: &'a KubeTestServer,
@@ -14,8 +16,7 @@ struct Kubectl<'a> {
 
 impl Kubectl<'_> {
     fn run(&self, args: &[&str]) -> Output {
-        assert!(Path::new(KUBECTL).exists(), "{KUBECTL} is required by this test");
-        let mut cmd = Command::new(KUBECTL);
+        let mut cmd = Command::new(kubectl());
         cmd.arg("--kubeconfig")
             .arg(self.server.kubeconfig_path())
             .arg("--cache-dir")
@@ -23,7 +24,7 @@ impl Kubectl<'_> {
             .arg("--request-timeout=10s")
             .args(args)
             .env_remove("KUBECONFIG");
-        cmd.output().expect("run kubectl")
+        cmd.output().expect("kubectl on the PATH (../shared/tools/install-helm installs it)")
     }
 
     /// Runs kubectl, asserts success, returns stdout.
