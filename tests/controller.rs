@@ -182,12 +182,20 @@ async fn signing_keys_rotate_and_a_retired_key_leaves_the_jwks_once_its_tokens_e
 async fn with_time_moved_forward_the_default_30_day_rotation_happens_and_the_old_key_retires_an_hour_later() {
     let c = Cluster::new("clock").await;
     let clock = tempfile::NamedTempFile::new().expect("clock file");
-    let _controller = ControllerProcess::start(
+    let controller = ControllerProcess::start(
         &c.kubeconfig,
         &c.namespace,
         "c1",
         &["--clock-offset-file".as_ref(), clock.path().as_os_str()],
     );
+    // "Nothing changed" is only worth asserting once the controller has looked again: count its reconciles.
+    let reconciles = || controller.metric("kubetoken_controller_reconciles_total").unwrap_or(0.0);
+    let looked_again = |before: f64| async move {
+        eventually("the controller reconciled after the touch", Duration::from_secs(20), || async {
+            (reconciles() > before).then_some(())
+        })
+        .await
+    };
     c.create_app("app", json!({"grantTypes": ["client_credentials"], "accessTokenLifetime": "1h"})).await;
     let first = c.ready("app").await.status.and_then(|s| s.current_key_id).expect("kid");
     // Any change makes the controller look again; the annotation stands in for the requeue timer, which runs in real time.
@@ -199,8 +207,9 @@ async fn with_time_moved_forward_the_default_30_day_rotation_happens_and_the_old
             apps.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("touch");
         }
     };
+    let before = reconciles();
     advance(29 * 86_400, "29d").await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    looked_again(before).await;
     assert_eq!(kids(&c.jwks("app").await), vec![first.clone()], "no rotation before 30 days");
 
     advance(30 * 86_400 + 1, "30d").await;
@@ -217,8 +226,9 @@ async fn with_time_moved_forward_the_default_30_day_rotation_happens_and_the_old
     })
     .await;
 
+    let before = reconciles();
     advance(30 * 86_400 + 1800, "30d+30m").await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    looked_again(before).await;
     assert_eq!(kids(&c.jwks("app").await).len(), 2, "still published while its tokens may live");
 
     // Retired when the new key took over (about 3 s after the rotation); gone an hour after that.
@@ -291,6 +301,14 @@ async fn deleting_the_application_removes_its_children() {
     let _controller = c.controller("c1");
     c.create_app("gone", json!({"grantTypes": ["client_credentials"]})).await;
     c.ready("gone").await;
+    // The children exist, labelled, before the delete: otherwise "none left" would prove nothing.
+    let labelled = ListParams::default().labels("kubetoken.io/application=gone");
+    let secrets = c.secrets().list(&labelled).await.expect("list").items.len();
+    let config_maps = c.config_maps().list(&labelled).await.expect("list").items.len();
+    assert_eq!((secrets, config_maps), (3, 1), "credentials, signing keys, token secrets; the JWKS");
+    let state =
+        c.config_maps().list(&ListParams::default().labels("kubetoken.io/token-state-of=gone")).await.expect("list");
+    assert_eq!(state.items.len(), 33, "the journal and the shards");
     c.apps().delete("gone", &DeleteParams::background()).await.expect("delete");
     let mut left = Vec::new();
     for _ in 0..300 {
@@ -305,6 +323,9 @@ async fn deleting_the_application_removes_its_children() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(left.is_empty(), "children left: {left:?}");
+    let state =
+        c.config_maps().list(&ListParams::default().labels("kubetoken.io/token-state-of=gone")).await.expect("list");
+    assert!(state.items.is_empty(), "the token state goes with the application");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

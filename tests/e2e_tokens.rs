@@ -375,17 +375,40 @@ fn tokens_survive_a_graceful_restart_and_no_secret_is_logged() {
     let superseded = s.password("alice", "alice-password", "device_watch");
     let current = s.password("alice", "alice-password", "device_watch");
     assert_eq!(s.revoke(SHOP, &gone.field("access_token")).status, 200);
+    // The failure paths log too: a wrong password (until the account locks), a wrong client secret, an unknown
+    // client, a rotated-out refresh token presented again.
+    for _ in 0..6 {
+        assert_eq!(s.password("bob", "not-bobs-password-XYZ", "device_x").status, 400);
+    }
+    assert_eq!(s.token(("shop-app", "wrong-secret-QRS"), &[("grant_type", "client_credentials")]).status, 401);
+    assert_eq!(s.token(("nobody-client", "nobody-secret-JKL"), &[("grant_type", "client_credentials")]).status, 401);
+    let rotated = s.token(SHOP, &[("grant_type", "refresh_token"), ("refresh_token", &current.field("refresh_token"))]);
+    assert_eq!(rotated.status, 200);
+    let reuse = s.token(SHOP, &[("grant_type", "refresh_token"), ("refresh_token", &current.field("refresh_token"))]);
+    assert_eq!(reuse.status, 400);
     let stderr = s.stop();
-    for secret in [keep.field("access_token"), keep.field("refresh_token"), SHOP.1.to_string(), "alice-password".into()]
-    {
-        assert!(!stderr.contains(&secret), "a secret or token reached the logs");
+    assert!(stderr.contains("locked") && stderr.contains("reuse"), "the failure paths were logged: {stderr}");
+    for secret in [
+        keep.field("access_token"),
+        keep.field("refresh_token"),
+        current.field("refresh_token"),
+        rotated.field("access_token"),
+        SHOP.1.to_string(),
+        "alice-password".into(),
+        "not-bobs-password-XYZ".into(),
+        "wrong-secret-QRS".into(),
+        "nobody-secret-JKL".into(),
+    ] {
+        assert!(!stderr.contains(&secret), "a secret or token reached the logs: {secret}");
     }
     let s = Server::start(&examples_dir(), state.path(), &[]);
     assert!(s.active(SHOP, &keep.field("access_token")));
     assert!(s.active(SHOP, &keep.field("refresh_token")));
     assert!(!s.active(SHOP, &gone.field("access_token")));
     assert!(!s.active(SHOP, &superseded.field("access_token")));
-    assert!(s.active(SHOP, &current.field("access_token")));
+    // `current` was refreshed and its grant then revoked by the reuse: inactive, and it stays so.
+    assert!(!s.active(SHOP, &current.field("access_token")));
+    assert!(!s.active(SHOP, &rotated.field("access_token")));
     // The refresh token still works after the restart.
     let r = s.token(SHOP, &[("grant_type", "refresh_token"), ("refresh_token", &keep.field("refresh_token"))]);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -525,4 +548,13 @@ fn version_names_the_release_and_the_git_commit_it_was_built_from() {
         let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
         assert!(text.contains(&head), "built from {head}, says {text}");
     }
+}
+
+#[test]
+fn a_second_process_cannot_open_the_same_state_directory() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let _first = Server::start(&examples_dir(), state.path(), &[]);
+    let second = Server::try_start(&examples_dir(), state.path(), &[]);
+    let err = second.err().expect("a second process on the same state must not start");
+    assert!(err.contains("in use by another kubetoken process"), "{err}");
 }
