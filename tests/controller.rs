@@ -366,6 +366,22 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     })
     .await;
     assert!(!standby_proc.exited());
+
+    // kill -9: the Lease is not released; a fresh standby takes over once it expires (2 s here), not before.
+    let mut fresh = c.controller("c");
+    standby_proc.kill9();
+    let killed_at = std::time::Instant::now();
+    eventually("the fresh standby takes over after the Lease expired", Duration::from_secs(30), || async {
+        (fresh.metric("kubetoken_controller_leader")? == 1.0).then_some(())
+    })
+    .await;
+    assert!(killed_at.elapsed() >= Duration::from_millis(1500), "took over before the Lease could expire");
+    c.config_maps().delete("app-jwks", &DeleteParams::default()).await.expect("delete");
+    eventually("the fresh leader repairs", Duration::from_secs(20), || async {
+        c.config_maps().get("app-jwks").await.ok()
+    })
+    .await;
+    assert!(!fresh.exited());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
