@@ -576,3 +576,43 @@ async fn an_application_deleted_and_created_again_is_served_from_fresh_state() {
     let conflicts = s.metric("kubetoken_kube_conflicts_total").unwrap_or(0.0);
     assert!(conflicts < 10.0, "no conflict storm against the replaced journal: {conflicts} conflicts");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_stays_published_while_a_token_it_signed_is_valid_and_leaves_after() {
+    let c = Cluster::test_server("sc-retire").await;
+    // Keys rotate every 5 s, tokens live 3 s; a retired key may go 3 s after it stopped signing (margin 0 here).
+    let _controller = c.controller("c1");
+    let mut spec = shop_spec("JWT");
+    spec["grantTypes"] = json!(["client_credentials"]);
+    spec.as_object_mut().expect("spec").remove("users");
+    spec["accessTokenLifetime"] = json!("3s");
+    spec["signing"] = json!({"algorithm": "ES256", "rotationPeriod": "5s"});
+    c.create_app("shop", spec).await;
+    c.ready("shop").await;
+    let (id, secret) = credentials(&c, "shop").await;
+    let client = Client { id: &id, secret: &secret };
+    let s = replica(&c, &[]).await;
+    let r = client.token(&s, &[("grant_type", "client_credentials"), ("scope", "device_x")]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let token = r.field("access_token");
+    let kid = jsonwebtoken::decode_header(&token).expect("header").kid.expect("kid");
+    let claims: Value = {
+        use base64::Engine;
+        let payload = token.split('.').nth(1).expect("payload");
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("b64"))
+            .expect("json")
+    };
+    let exp = claims["exp"].as_u64().expect("exp");
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs();
+    // While the token is valid, every look at the JWKS ConfigMap finds its key.
+    while now() < exp {
+        let published = common::cluster::kids(&c.jwks("shop").await);
+        assert!(published.contains(&kid), "key {kid} left the JWKS while a token it signed was valid");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Then it goes: retired at the next rotation, dropped once the longest token it could have signed expired.
+    eventually("the retired key leaves the JWKS", Duration::from_secs(20), || async {
+        (!common::cluster::kids(&c.jwks("shop").await).contains(&kid)).then_some(())
+    })
+    .await;
+}
