@@ -63,6 +63,28 @@ async fn cluster(test: &str, format: &str) -> (Cluster, ControllerProcess, Strin
     (c, controller, id, secret)
 }
 
+/// A cluster with the controller and a Ready client_credentials application `shop` whose ES256 keys rotate every
+/// `rotation` (and whose access tokens live `lifetime`, if given).
+async fn rotating_keys(
+    test: &str,
+    rotation: &str,
+    lifetime: Option<&str>,
+) -> (Cluster, ControllerProcess, String, String) {
+    let c = Cluster::test_server(test).await;
+    let controller = c.controller("c1");
+    let mut spec = shop_spec("JWT");
+    spec["grantTypes"] = json!(["client_credentials"]);
+    spec.as_object_mut().expect("spec").remove("users");
+    if let Some(lifetime) = lifetime {
+        spec["accessTokenLifetime"] = json!(lifetime);
+    }
+    spec["signing"] = json!({"algorithm": "ES256", "rotationPeriod": rotation});
+    c.create_app("shop", spec).await;
+    c.ready("shop").await;
+    let (id, secret) = credentials(&c, "shop").await;
+    (c, controller, id, secret)
+}
+
 /// A ready sidecar serving `shop`.
 async fn replica(c: &Cluster, extra: &[&str]) -> SidecarProcess {
     let s = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], extra);
@@ -430,16 +452,8 @@ fn the_audit_catches_a_request_outside_the_rules() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_token_is_signed_with_a_key_the_jwks_configmap_already_listed() {
-    let c = Cluster::test_server("sc-prepublish").await;
     // Keys rotate every 6 s and are published 2 s before they sign (the test harness's pre-publication).
-    let _controller = c.controller("c1");
-    let mut spec = shop_spec("JWT");
-    spec["grantTypes"] = json!(["client_credentials"]);
-    spec.as_object_mut().expect("spec").remove("users");
-    spec["signing"] = json!({"algorithm": "ES256", "rotationPeriod": "6s"});
-    c.create_app("shop", spec).await;
-    c.ready("shop").await;
-    let (id, secret) = credentials(&c, "shop").await;
+    let (c, _controller, id, secret) = rotating_keys("sc-prepublish", "6s", None).await;
     let client = Client { id: &id, secret: &secret };
     let s = replica(&c, &[]).await;
     let mut kids_seen = std::collections::BTreeSet::new();
@@ -579,17 +593,8 @@ async fn an_application_deleted_and_created_again_is_served_from_fresh_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_stays_published_while_a_token_it_signed_is_valid_and_leaves_after() {
-    let c = Cluster::test_server("sc-retire").await;
     // Keys rotate every 5 s, tokens live 3 s; a retired key may go 3 s after it stopped signing (margin 0 here).
-    let _controller = c.controller("c1");
-    let mut spec = shop_spec("JWT");
-    spec["grantTypes"] = json!(["client_credentials"]);
-    spec.as_object_mut().expect("spec").remove("users");
-    spec["accessTokenLifetime"] = json!("3s");
-    spec["signing"] = json!({"algorithm": "ES256", "rotationPeriod": "5s"});
-    c.create_app("shop", spec).await;
-    c.ready("shop").await;
-    let (id, secret) = credentials(&c, "shop").await;
+    let (c, _controller, id, secret) = rotating_keys("sc-retire", "5s", Some("3s")).await;
     let client = Client { id: &id, secret: &secret };
     let s = replica(&c, &[]).await;
     let r = client.token(&s, &[("grant_type", "client_credentials"), ("scope", "device_x")]);

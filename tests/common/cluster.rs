@@ -208,18 +208,8 @@ impl ControllerProcess {
     /// Runs `cmd` (a `kubetoken controller` command line) and waits until it serves its health port.
     pub fn spawn(mut cmd: Command) -> Self {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn controller");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let health = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(url) = line.strip_prefix("kubetoken controller health on ") {
-                        break url.to_string();
-                    }
-                }
-                _ => panic!("controller exited before serving health"),
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
+        let health = read_banner(&mut child, "kubetoken controller health on ")
+            .unwrap_or_else(|| panic!("controller exited before serving health"));
         Self { child, health }
     }
 
@@ -246,6 +236,15 @@ impl Drop for ControllerProcess {
 
 pub fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// Reads `child`'s stdout until a line starts with `prefix` and returns the rest of that line (`None` when the
+/// process ends first); the output after it is drained in the background.
+fn read_banner(child: &mut Child, prefix: &str) -> Option<String> {
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let found = lines.by_ref().map_while(Result::ok).find_map(|l| l.strip_prefix(prefix).map(str::to_string));
+    std::thread::spawn(move || lines.for_each(drop));
+    found
 }
 
 /// A running `kubetoken sidecar` against the cluster.
@@ -279,21 +278,10 @@ impl SidecarProcess {
             let _ = std::io::Read::read_to_string(&mut err, &mut s);
             s
         });
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let base = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(url) = line.strip_prefix("kubetoken sidecar listening on ") {
-                        break url.to_string();
-                    }
-                }
-                _ => {
-                    let _ = child.kill();
-                    panic!("sidecar exited before listening: {}", stderr.join().unwrap_or_default());
-                }
-            }
+        let Some(base) = read_banner(&mut child, "kubetoken sidecar listening on ") else {
+            let _ = child.kill();
+            panic!("sidecar exited before listening: {}", stderr.join().unwrap_or_default());
         };
-        std::thread::spawn(move || lines.for_each(drop));
         Self { child, base, stderr: Some(stderr) }
     }
 
