@@ -47,6 +47,9 @@ struct ControllerArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8081")]
     listen: SocketAddr,
+    /// TLS for that port (it carries no secrets: plain HTTP is allowed there).
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Namespace of the leader-election Lease (default: $POD_NAMESPACE, else `default`).
     #[arg(long)]
     lease_namespace: Option<String>,
@@ -73,13 +76,60 @@ struct ControllerArgs {
 #[derive(Args)]
 struct ServeArgs {
     /// The loopback by default: only this machine (standalone) or this pod (sidecar) reaches the endpoint.
+    /// Another address needs TLS, --behind-tls-proxy or --insecure-http.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Issuer (`iss`) and base of the metadata endpoint URLs; defaults to http://<listen address>.
+    /// Issuer (`iss`) and base of the metadata endpoint URLs; defaults to <scheme>://<listen address>.
     #[arg(long)]
     issuer: Option<String>,
     #[command(flatten)]
+    tls: TlsArgs,
+    /// A TLS-terminating proxy at these addresses (IPs or CIDR blocks, comma-separated) sits in front: plain HTTP
+    /// is served off the loopback, and the proxy's X-Forwarded-Proto/-Host or Forwarded shape the default issuer.
+    #[arg(long, value_name = "ADDRESSES")]
+    behind_tls_proxy: Option<String>,
+    /// Development only: serve plain HTTP on a non-loopback address with no proxy in front.
+    #[arg(long, conflicts_with_all = ["behind_tls_proxy", "tls_cert"])]
+    insecure_http: bool,
+    #[command(flatten)]
     lockout: LockoutArgs,
+}
+
+/// TLS from PEM files, reloaded when they change.
+#[derive(Args)]
+struct TlsArgs {
+    /// PEM certificate (the chain may follow it in the same file).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the certificate.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(&self) -> Option<kubetoken::http::tls::TlsFiles> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(kubetoken::http::tls::TlsFiles { cert: cert.clone(), key: key.clone() }),
+            _ => None,
+        }
+    }
+}
+
+impl ServeArgs {
+    fn endpoint(&self) -> Result<kubetoken::http::serve::Endpoint, String> {
+        use kubetoken::http::exposure::{Plaintext, TrustedProxies};
+        let plaintext = match (&self.behind_tls_proxy, self.insecure_http) {
+            (Some(list), _) => Plaintext::BehindTlsProxy(TrustedProxies::parse(list)?),
+            (None, true) => Plaintext::Insecure,
+            (None, false) => Plaintext::LoopbackOnly,
+        };
+        Ok(kubetoken::http::serve::Endpoint {
+            listen: self.listen,
+            tls: self.tls.files(),
+            plaintext,
+            issuer: self.issuer.clone(),
+        })
+    }
 }
 
 /// Brute-force protection, the same for standalone and the sidecar.
@@ -181,8 +231,7 @@ fn standalone(args: StandaloneArgs) -> Result<(), String> {
     runtime.block_on(run(StandaloneOptions {
         manifests: args.manifests,
         state_dir: args.state_dir,
-        listen: args.serve.listen,
-        issuer: args.serve.issuer,
+        endpoint: args.serve.endpoint()?,
         user_lockout,
         client_lockout,
     }))
@@ -200,8 +249,7 @@ fn sidecar(args: SidecarArgs) -> Result<(), String> {
     runtime.block_on(kubetoken::sidecar::run(kubetoken::sidecar::SidecarOptions {
         applications: args.applications,
         namespace: args.namespace,
-        listen: args.serve.listen,
-        issuer: args.serve.issuer,
+        endpoint: args.serve.endpoint()?,
         user_lockout,
         client_lockout,
         store: kubetoken::storage::kube_store::KubeStoreOptions {
@@ -239,6 +287,7 @@ fn controller(args: ControllerArgs) -> Result<(), String> {
         namespaces: args.namespaces,
         leader_election: args.leader_election,
         listen: args.listen,
+        tls: args.tls.files(),
         lease: LeaseConfig {
             namespace: lease_namespace,
             name: args.lease_name,

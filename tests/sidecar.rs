@@ -621,3 +621,58 @@ async fn a_key_stays_published_while_a_token_it_signed_is_valid_and_leaves_after
     })
     .await;
 }
+
+/// Polls `path` over TLS until it answers 200.
+fn until_ok_over_tls(config: &std::sync::Arc<rustls::ClientConfig>, base: &str, path: &str) {
+    let started = Instant::now();
+    loop {
+        let status = common::tls::TlsConnection::open(config, base).map(|mut c| c.get(path).status);
+        if status == Ok(200) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{base}{path} never answered 200: {status:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_and_the_controller_health_port_serve_tls() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = common::tls::TestCa::new("kubetoken test CA");
+    let (cert, key) = ca.write_server_pair(dir.path(), "kubetoken");
+    let client = ca.client_config();
+    let c = Cluster::test_server("tls").await;
+    let tls: [&std::ffi::OsStr; 4] = ["--tls-cert".as_ref(), cert.as_os_str(), "--tls-key".as_ref(), key.as_os_str()];
+    let controller = ControllerProcess::start(&c.kubeconfig, &c.namespace, "c1", &tls);
+    assert!(controller.health.starts_with("https://"), "{}", controller.health);
+    until_ok_over_tls(&client, &controller.health, "/readyz");
+    let (id, secret) = application(&c, "shop", "JWT").await;
+
+    let tls: Vec<&str> = tls.iter().map(|s| s.to_str().expect("utf8")).collect();
+    let sidecar = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &tls);
+    assert!(sidecar.base.starts_with("https://127.0.0.1:"), "{}", sidecar.base);
+    until_ok_over_tls(&client, &sidecar.base, "/readyz");
+    let mut conn = common::tls::TlsConnection::open(&client, &sidecar.base).expect("connect");
+    let r = conn.post_form(
+        "/oauth2/token",
+        (&id, &secret),
+        &[("grant_type", "password"), ("username", "alice"), ("password", "alice-pw"), ("scope", "device_ipad")],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info = conn.post_form("/oauth2/introspect", (&id, &secret), &[("token", &r.field("access_token"))]).json();
+    assert_eq!(info["active"], true);
+    assert_eq!(info["iss"], sidecar.base.as_str(), "the default issuer is https when TLS is served");
+    drop(controller);
+}
+
+#[test]
+fn a_sidecar_asked_for_plaintext_off_the_loopback_refuses_before_touching_the_cluster() {
+    let out = std::process::Command::new(common::BIN)
+        .args(["sidecar", "--application", "shop", "--namespace", "apps", "--listen", "0.0.0.0:0"])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("not a loopback address") && stderr.contains("--behind-tls-proxy"), "{stderr}");
+}

@@ -42,6 +42,8 @@ pub struct ControllerOptions {
     /// Compete for the Lease (several replicas); when false, this process leads at once (one replica only).
     pub leader_election: bool,
     pub listen: SocketAddr,
+    /// TLS for the health and metrics port (it carries nothing secret, so plaintext is allowed anywhere).
+    pub tls: Option<crate::http::tls::TlsFiles>,
     pub lease: LeaseConfig,
     /// The reconciler's clock (key rotation, secret grace periods). Leader election always uses the wall clock.
     pub clock: Arc<dyn crate::core::clock::Clock>,
@@ -83,17 +85,16 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
     let client = crate::kube_client::client("controller").await?;
     let metrics = Arc::new(ControllerMetrics::default());
     let (ready_tx, ready_rx) = watch::channel(false);
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let tls = crate::http::serve::tls_config(opts.tls.as_ref())?;
+    let listener = crate::http::serve::ServeListener::bind(opts.listen, tls).await?;
+    let url = listener.url();
     let health = Arc::new(Health { metrics: metrics.clone(), ready: ready_rx });
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, health_router(health)).await {
+        if let Err(e) = crate::http::serve::serve(listener, health_router(health), std::future::pending()).await {
             tracing::error!(error = %e, "health server stopped");
         }
     });
-    println!("kubetoken controller health on http://{local}");
+    println!("kubetoken controller health on {url}");
 
     let lock = Arc::new(LeaseLock::new(client.clone(), opts.lease.clone()));
     let (leader_tx, mut leader_rx) = watch::channel(false);

@@ -231,8 +231,19 @@ impl TokenService {
         }
     }
 
-    /// The token endpoint.
+    /// The token endpoint, for tokens naming the configured issuer.
     pub async fn token(&self, creds: &ClientCredentials, grant: Grant) -> Result<IssuedTokens, OAuthError> {
+        self.token_with_issuer(&self.issuer, creds, grant).await
+    }
+
+    /// The token endpoint, for tokens naming `issuer` (the HTTP layer derives it per request behind a trusted
+    /// TLS-terminating proxy).
+    pub async fn token_with_issuer(
+        &self,
+        issuer: &str,
+        creds: &ClientCredentials,
+        grant: Grant,
+    ) -> Result<IssuedTokens, OAuthError> {
         let app = self.authenticate_client(creds)?;
         let grant_type = grant.grant_type();
         if !app.allows(grant_type) {
@@ -247,7 +258,7 @@ impl TokenService {
                 let granted = app.scopes.grant(&requested, &app.client_roles);
                 let key = TokenKey { client_id: app.client_id.clone(), subject: Subject::Client, scopes: granted };
                 // RFC 6749 §4.4.3: no refresh token for client_credentials.
-                self.issue(&app, key, false).await
+                self.issue(issuer, &app, key, false).await
             }
             Grant::Password { username, password, scope } => {
                 let requested = parse_scope(scope.as_deref())?;
@@ -255,11 +266,11 @@ impl TokenService {
                 let granted = app.scopes.grant(&requested, &roles);
                 let key =
                     TokenKey { client_id: app.client_id.clone(), subject: Subject::User(username), scopes: granted };
-                self.issue(&app, key, app.issues_refresh_tokens()).await
+                self.issue(issuer, &app, key, app.issues_refresh_tokens()).await
             }
             Grant::RefreshToken { refresh_token, scope } => {
                 let requested = scope.as_deref().map(|s| parse_scope(Some(s))).transpose()?;
-                self.refresh(&app, &refresh_token, requested).await
+                self.refresh(issuer, &app, &refresh_token, requested).await
             }
         }
     }
@@ -321,12 +332,18 @@ impl TokenService {
 
     /// The access token string of `pair`. JWTs are signed here, before the pair is committed, so that a signing
     /// failure leaves the state untouched.
-    fn access_token(&self, app: &Application, key: &TokenKey, pair: &LivePair) -> Result<String, OAuthError> {
+    fn access_token(
+        &self,
+        issuer: &str,
+        app: &Application,
+        key: &TokenKey,
+        pair: &LivePair,
+    ) -> Result<String, OAuthError> {
         match app.format {
             TokenFormat::Opaque => Ok(app.tokens.encode(TokenKind::Access, &pair.access_id)),
             TokenFormat::Jwt => {
                 let claims = AccessClaims {
-                    iss: &self.issuer,
+                    iss: issuer,
                     sub: key.sub(),
                     aud: &app.audience,
                     exp: pair.access_expires_at,
@@ -371,7 +388,13 @@ impl TokenService {
     }
 
     /// Issues for `key`: at most one live pair per key.
-    async fn issue(&self, app: &Application, key: TokenKey, with_refresh: bool) -> Result<IssuedTokens, OAuthError> {
+    async fn issue(
+        &self,
+        issuer: &str,
+        app: &Application,
+        key: TokenKey,
+        with_refresh: bool,
+    ) -> Result<IssuedTokens, OAuthError> {
         for _ in 0..MAX_ATTEMPTS {
             let now = self.clock.now();
             let (pair, durable, reused) = {
@@ -389,7 +412,7 @@ impl TokenService {
             };
             // Signing overlaps the fsync. It cannot fail with a key that parsed, short of the OS RNG failing; then
             // the client gets server_error and the key's new pair simply has no holder.
-            let token = self.access_token(app, &key, &pair)?;
+            let token = self.access_token(issuer, app, &key, &pair)?;
             match durable.await {
                 Ok(()) => return Ok(self.response(app, token, &pair, now, reused)),
                 Err(StoreError::Conflict) => continue,
@@ -401,6 +424,7 @@ impl TokenService {
 
     async fn refresh(
         &self,
+        issuer: &str,
         app: &Application,
         token: &str,
         requested: Option<ScopeSet>,
@@ -446,7 +470,7 @@ impl TokenService {
                         };
                         (next, self.store.commit(change))
                     };
-                    let access = self.access_token(app, &key, &next)?;
+                    let access = self.access_token(issuer, app, &key, &next)?;
                     match durable.await {
                         Ok(()) => return Ok(self.response(app, access, &next, now, false)),
                         Err(StoreError::Conflict) => continue,
@@ -523,6 +547,16 @@ impl TokenService {
 
     /// RFC 7662. Only the application's own tokens are reported active.
     pub async fn introspect(&self, creds: &ClientCredentials, token: &str) -> Result<Introspection, OAuthError> {
+        self.introspect_with_issuer(&self.issuer, creds, token).await
+    }
+
+    /// [`Self::introspect`], reporting `issuer` as `iss`.
+    pub async fn introspect_with_issuer(
+        &self,
+        issuer: &str,
+        creds: &ClientCredentials,
+        token: &str,
+    ) -> Result<Introspection, OAuthError> {
         let app = self.authenticate_client(creds)?;
         let now = self.clock.now();
         let Some((key, pair, kind)) = self.locate(&app, token) else { return Ok(Introspection::Inactive) };
@@ -549,7 +583,7 @@ impl TokenService {
             iat: pair.issued_at,
             sub: key.sub().to_string(),
             aud: app.audience.clone(),
-            iss: self.issuer.clone(),
+            iss: issuer.to_string(),
             jti: (kind == TokenKind::Access && app.format == TokenFormat::Jwt).then(|| pair.access_id.to_b64()),
         };
         if now >= active.exp {

@@ -2,21 +2,27 @@
 //! and map errors ([`error`] is the one place that happens).
 
 pub mod error;
+pub mod exposure;
 pub mod form;
+pub mod serve;
+pub mod tls;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use serde_json::{Value, json};
 
 use self::error::{ApiError, AuthScheme, no_store};
+use self::exposure::IssuerPolicy;
 use self::form::{client_credentials, read_form};
+use self::serve::Peer;
 use crate::core::error::OAuthError;
 use crate::core::service::{ClientCredentials, Grant, Introspection, IssuedTokens, TokenService};
 use crate::metrics::Metrics;
@@ -34,17 +40,36 @@ pub struct AppState {
     pub service: Arc<TokenService>,
     pub metrics: Arc<Metrics>,
     extras: Option<Arc<dyn ServerExtras>>,
+    /// None: every request sees the service's issuer.
+    issuer: Option<IssuerPolicy>,
 }
 
 impl AppState {
     pub fn new(service: Arc<TokenService>, metrics: Arc<Metrics>) -> Self {
-        Self { service, metrics, extras: None }
+        Self { service, metrics, extras: None, issuer: None }
     }
 
-    pub fn with_extras(service: Arc<TokenService>, metrics: Arc<Metrics>, extras: Arc<dyn ServerExtras>) -> Self {
-        Self { service, metrics, extras: Some(extras) }
+    pub fn with_extras(mut self, extras: Arc<dyn ServerExtras>) -> Self {
+        self.extras = Some(extras);
+        self
+    }
+
+    /// Derive the issuer per request (forwarded headers from a trusted TLS-terminating proxy).
+    pub fn with_issuer_policy(mut self, policy: IssuerPolicy) -> Self {
+        self.issuer = Some(policy);
+        self
+    }
+
+    fn issuer_for(&self, peer: Option<Extension<ConnectInfo<Peer>>>, headers: &HeaderMap) -> Cow<'_, str> {
+        match &self.issuer {
+            Some(policy) => policy.for_request(peer.map(|Extension(ConnectInfo(Peer(addr)))| addr), headers),
+            None => Cow::Borrowed(self.service.issuer()),
+        }
     }
 }
+
+/// The peer address, when the server recorded it (not in `Router::oneshot` tests).
+type PeerInfo = Option<Extension<ConnectInfo<Peer>>>;
 
 pub fn router(state: Arc<AppState>) -> Router {
     let post_only = || async { ApiError::MethodNotAllowed("POST") };
@@ -61,8 +86,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// RFC 8414 metadata, true to what this server does.
-fn server_metadata(service: &TokenService) -> Value {
-    let issuer = service.issuer().trim_end_matches('/');
+fn server_metadata(service: &TokenService, issuer_id: &str) -> Value {
+    let issuer = issuer_id.trim_end_matches('/');
     let registry = service.registry();
     let mut grants: Vec<&str> = registry.apps().flat_map(|a| a.grant_types.iter().map(|g| g.as_str())).collect();
     grants.sort_unstable();
@@ -73,7 +98,7 @@ fn server_metadata(service: &TokenService) -> Value {
     scopes.dedup();
     let auth_methods = ["client_secret_basic", "client_secret_post"];
     json!({
-        "issuer": service.issuer(),
+        "issuer": issuer_id,
         "token_endpoint": format!("{issuer}/oauth2/token"),
         "revocation_endpoint": format!("{issuer}/oauth2/revoke"),
         "introspection_endpoint": format!("{issuer}/oauth2/introspect"),
@@ -117,7 +142,7 @@ fn log_rejection(endpoint: &str, e: &ApiError) {
 
 const GRANT_TYPES: [&str; 3] = ["password", "client_credentials", "refresh_token"];
 
-async fn token(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+async fn token(State(s): State<Arc<AppState>>, peer: PeerInfo, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let mut grant_label = "unknown";
     let result: Result<IssuedTokens, ApiError> = async {
@@ -144,7 +169,8 @@ async fn token(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -
                 )));
             }
         };
-        s.service.token(&creds, grant).await.map_err(with_scheme)
+        let issuer = s.issuer_for(peer, &headers);
+        s.service.token_with_issuer(&issuer, &creds, grant).await.map_err(with_scheme)
     }
     .await;
     s.metrics.observe_latency("token", started.elapsed().as_secs_f64());
@@ -194,11 +220,12 @@ async fn revoke(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) 
     }
 }
 
-async fn introspect(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+async fn introspect(State(s): State<Arc<AppState>>, peer: PeerInfo, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let result: Result<Introspection, ApiError> = async {
         let (creds, scheme, token) = token_form(&headers, body).await?;
-        s.service.introspect(&creds, &token).await.map_err(|e| ApiError::OAuth(e, scheme))
+        let issuer = s.issuer_for(peer, &headers);
+        s.service.introspect_with_issuer(&issuer, &creds, &token).await.map_err(|e| ApiError::OAuth(e, scheme))
     }
     .await;
     s.metrics.observe_latency("introspect", started.elapsed().as_secs_f64());
@@ -220,8 +247,9 @@ async fn jwks(State(s): State<Arc<AppState>>) -> Response {
     r
 }
 
-async fn metadata(State(s): State<Arc<AppState>>) -> Response {
-    axum::Json(server_metadata(&s.service)).into_response()
+async fn metadata(State(s): State<Arc<AppState>>, peer: PeerInfo, headers: HeaderMap) -> Response {
+    let issuer = s.issuer_for(peer, &headers);
+    axum::Json(server_metadata(&s.service, &issuer)).into_response()
 }
 
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {

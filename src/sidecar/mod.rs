@@ -8,7 +8,6 @@
 pub mod sources;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +20,7 @@ use crate::core::lockout::{LockoutPolicy, SharedFailure};
 use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
 use crate::core::service::{ServiceConfig, TokenService};
 use crate::core::store::{StoreError, StoreFuture, TokenStore};
+use crate::http::serve::{Endpoint, serve};
 use crate::http::{AppState, ServerExtras, router};
 use crate::metrics::Metrics;
 use crate::storage::kube_store::{KubeStore, KubeStoreMetrics, KubeStoreOptions};
@@ -29,8 +29,7 @@ use crate::storage::kube_store::{KubeStore, KubeStoreMetrics, KubeStoreOptions};
 pub struct SidecarOptions {
     pub applications: Vec<String>,
     pub namespace: Option<String>,
-    pub listen: SocketAddr,
-    pub issuer: Option<String>,
+    pub endpoint: Endpoint,
     pub user_lockout: LockoutPolicy,
     pub client_lockout: LockoutPolicy,
     pub store: KubeStoreOptions,
@@ -145,13 +144,12 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
     if opts.applications.is_empty() {
         return Err("name at least one application with --application".into());
     }
+    // Bound first: a refused listen address or a broken certificate is reported before any cluster access.
+    let (listener, issuer_policy) = opts.endpoint.bind().await?;
     let client = crate::kube_client::client("sidecar").await?;
     let namespace = opts.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let issuer = opts.issuer.clone().unwrap_or_else(|| format!("http://{local}"));
+    let local = listener.local_addr();
+    let issuer = issuer_policy.base().to_string();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let metrics = Arc::new(Metrics::default());
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
@@ -207,19 +205,15 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
         }));
     }
 
-    println!("kubetoken sidecar listening on http://{local}");
+    println!("kubetoken sidecar listening on {}", listener.url());
     tracing::info!(%local, %namespace, applications = ?opts.applications, "serving");
     let extras = Arc::new(Extras { apps });
-    let state = Arc::new(AppState::with_extras(service, metrics, extras));
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let served = axum::serve(listener, router(state)).with_graceful_shutdown(crate::signal::shutdown()).await;
+    let state = Arc::new(AppState::new(service, metrics).with_extras(extras).with_issuer_policy(issuer_policy));
+    let served = serve(listener, router(state), crate::signal::shutdown()).await;
     for t in tasks {
         t.abort();
     }
     // Give in-flight journal writes a moment; a change not written is a token nobody received.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    served.map_err(|e| format!("server error: {e}"))
+    served
 }

@@ -5,7 +5,6 @@ pub mod manifests;
 pub mod state_dir;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -17,6 +16,7 @@ use crate::core::clock::{Clock, SystemClock};
 use crate::core::lockout::LockoutPolicy;
 use crate::core::service::{ServiceConfig, TokenService};
 use crate::core::signing::SigningKey;
+use crate::http::serve::{Endpoint, serve};
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
 use crate::storage::file_store::{FileStore, FileStoreOptions};
@@ -25,8 +25,7 @@ use crate::storage::file_store::{FileStore, FileStoreOptions};
 pub struct StandaloneOptions {
     pub manifests: PathBuf,
     pub state_dir: PathBuf,
-    pub listen: SocketAddr,
-    pub issuer: Option<String>,
+    pub endpoint: Endpoint,
     pub user_lockout: LockoutPolicy,
     pub client_lockout: LockoutPolicy,
 }
@@ -155,29 +154,17 @@ pub fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepared, Str
 
 /// Binds, prints the address, serves until SIGTERM or Ctrl-C, then flushes the state.
 pub async fn run(opts: StandaloneOptions) -> Result<(), String> {
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let issuer = opts.issuer.clone().unwrap_or_else(|| format!("http://{local}"));
-    let prepared = prepare(&opts, issuer)?;
+    let (listener, issuer) = opts.endpoint.bind().await?;
+    let local = listener.local_addr();
+    let prepared = prepare(&opts, issuer.base().to_string())?;
     for g in &prepared.generated {
         // Printed on stdout for the operator, never into the logs.
         println!("credentials for {}: client_id={} client_secret={}", g.application, g.client_id, g.client_secret);
     }
-    println!("kubetoken listening on http://{local}");
-    let state = Arc::new(AppState::new(prepared.service.clone(), prepared.metrics.clone()));
-    let app = router(state);
-    use axum::serve::ListenerExt;
-    // Token responses are small: without TCP_NODELAY, Nagle plus delayed ACKs can add 40 ms to keep-alive requests.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    tracing::info!(%local, "serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(crate::signal::shutdown())
-        .await
-        .map_err(|e| format!("server error: {e}"))?;
+    println!("kubetoken listening on {}", listener.url());
+    let state = Arc::new(AppState::new(prepared.service.clone(), prepared.metrics.clone()).with_issuer_policy(issuer));
+    tracing::info!(%local, scheme = listener.scheme(), "serving");
+    serve(listener, router(state), crate::signal::shutdown()).await?;
     prepared.store.close();
     tracing::info!("stopped; token state flushed");
     Ok(())

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod rbac;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -45,7 +46,7 @@ impl Server {
             .arg(manifests)
             .arg("--state-dir")
             .arg(state_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(if extra.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] })
             .args(extra)
             .env("KUBETOKEN_LOG", "info")
             .stdout(Stdio::piped())
