@@ -6,6 +6,7 @@
 #   bash bench/run.sh --smoke   # CI: every case for one second on the debug build; checks that every case
 #                               # answers without errors, asserts nothing about timing
 #   DURATION=20 bash bench/run.sh
+#   ONLY=tls bash bench/run.sh  # only the TLS section (with the signing ceiling for context)
 #
 # What it does:
 # 1. Signing ceiling: `openssl speed` on one core for ES256, RS256, EdDSA; kubetoken's own mint path without
@@ -14,6 +15,8 @@
 #    to CPU 1: client_credentials per algorithm at 1, 32 and 128 connections; the password grant with the default
 #    argon2id parameters; the per-device mix (100 users x 5 device scopes, cheap hashes so that supersession, not
 #    argon2, is measured); 2-core scaling (server on both CPUs, wrk sharing them).
+#    TLS: ES256 client_credentials over HTTPS (keep-alive) against plain HTTP, one after the other in the same run,
+#    and new connections per second (TLS handshake + GET /healthz with Connection: close) against plain TCP.
 # 3. The peer, panva's oidc-provider on Node 22 (npm packages, versions pinned in bench/peer/package.json), pinned
 #    and driven the same way: client_credentials with JWT access tokens (resource indicators) per algorithm.
 # 4. One summary table: kubetoken vs peer vs ceiling, as ratios, with the CPU model.
@@ -23,6 +26,7 @@ root=$PWD
 
 smoke=false
 [[ ${1:-} == --smoke ]] && smoke=true
+only=${ONLY:-all}
 duration=${DURATION:-10}
 warmup=3s
 conns=(1 32 128)
@@ -151,10 +155,10 @@ wait_for() { # wait_for FILE PREFIX → prints the URL after PREFIX
   return 1
 }
 
-start_kubetoken() { # start_kubetoken CPUS WORKERS
+start_kubetoken() { # start_kubetoken CPUS WORKERS [EXTRA ARGS...]
   rm -rf "$work/state"
   taskset -c "$1" "$bin" standalone --manifests "$work/manifests" --state-dir "$work/state" \
-    --listen 127.0.0.1:0 --worker-threads "$2" >"$work/server.out" 2>"$work/server.err" &
+    --listen 127.0.0.1:0 --worker-threads "$2" "${@:3}" >"$work/server.out" 2>"$work/server.err" &
   server_pid=$!
   base=$(wait_for "$work/server.out" "kubetoken listening on ") || { cat "$work/server.err" >&2; exit 1; }
   token_url=$base/oauth2/token
@@ -211,6 +215,21 @@ run_case() {
   fi
 }
 
+# conn_case KEY LABEL URL: new connections per second, one request each (Connection: close)
+conn_case() {
+  local key=$1 label=$2 url=$3 out rps non2xx errors
+  out=$(taskset -c "$client_cpu" wrk -t1 -c32 -d"${duration}s" --timeout 5s -H "Connection: close" "$url")
+  rps=$(awk '/Requests\/sec/ { printf "%.0f", $2 }' <<<"$out")
+  non2xx=$(awk '/Non-2xx/ { print $NF }' <<<"$out")
+  errors=$(awk '/Socket errors/ && ($4 + $6 + $8 + $10 > 0) { print }' <<<"$out")
+  RPS[$key]=${rps:-0}
+  echo "| $label | 32 | $rps | | | | $(rss_mb VmHWM) MB | ${non2xx:-0} |"
+  if [[ -n $non2xx || ${rps:-0} == 0 || -n $errors ]]; then
+    failures=$((failures + 1))
+    echo "unexpected: $label: ${non2xx:-0} non-2xx, $rps conn/s, ${errors:-no socket errors}" >&2
+  fi
+}
+
 # Untimed load before measuring: JIT warm-up (the peer), caches, TCP (both).
 warm_up() { # warm_up LUA
   taskset -c "$client_cpu" wrk -t1 -c32 -d"$warmup" -s "$1" "$token_url" >/dev/null
@@ -253,6 +272,7 @@ else
 fi
 
 # --- 2. kubetoken --------------------------------------------------------------------------------------------------
+if [[ $only == all ]]; then
 echo
 echo "## kubetoken (standalone, durable state, 1 core)"
 header
@@ -284,7 +304,37 @@ lua "$work/cc.lua" "bench-es256" "grant_type=client_credentials&scope=orders:rea
 warm_up "$work/cc.lua"
 run_case "kt2-ES256" "client_credentials ES256, 2 cores" "$work/cc.lua" "${conns[-1]}" "$all_cpus" 2
 stop_server
+fi
 
+echo
+echo "## kubetoken over TLS (standalone, ES256, 1 core; TLS 1.3, P-256 certificate; plain HTTP alongside)"
+header
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=localhost \
+  -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
+lua "$work/cc.lua" "bench-es256" "grant_type=client_credentials&scope=orders:read"
+tls_conns=(32 128)
+$smoke && tls_conns=(8)
+for scheme in http https; do
+  if [[ $scheme == https ]]; then
+    start_kubetoken "$server_cpu" 1 --tls-cert "$work/tls.crt" --tls-key "$work/tls.key"
+  else
+    start_kubetoken "$server_cpu" 1
+  fi
+  [[ $token_url == $scheme://* ]] || { echo "expected $scheme, got $token_url" >&2; exit 1; }
+  warm_up "$work/cc.lua"
+  for c in "${tls_conns[@]}"; do
+    run_case "tls-$scheme-$c" "client_credentials ES256, $scheme keep-alive" "$work/cc.lua" "$c"
+  done
+  conn_case "conn-$scheme" "new connections/s: $scheme GET /healthz, Connection: close" "$base/healthz"
+  stop_server
+done
+echo
+for c in "${tls_conns[@]}"; do
+  echo "TLS / plain HTTP at $c connections: $(ratio "${RPS[tls-https-$c]}" "${RPS[tls-http-$c]}")"
+done
+echo "new TLS connections (handshakes) per second: ${RPS[conn-https]} (plain TCP: ${RPS[conn-http]})"
+
+if [[ $only == all ]]; then
 # --- 3. the peer -------------------------------------------------------------------------------------------------
 echo
 echo "## Peer: oidc-provider, client_credentials, JWT access tokens, 1 core (in-memory state)"
@@ -313,6 +363,7 @@ for alg in "${algs[@]}"; do
 done
 echo
 echo "2-core scaling (ES256, ${conns[-1]} connections): $(ratio "${RPS[kt2-ES256]}" "${RPS[kt-ES256-$c]}")x"
+fi
 
 [[ $failures == 0 ]] || { echo "$failures benchmark case(s) had errors" >&2; exit 1; }
 $smoke && echo "smoke: $(( ${#RPS[@]} )) passed, 0 failed"

@@ -170,6 +170,10 @@ struct SidecarArgs {
     namespace: Option<String>,
     #[command(flatten)]
     serve: ServeArgs,
+    /// Also serve /healthz, /readyz and /metrics (only those, plain HTTP) here, e.g. 0.0.0.0:8081: kubelet probes
+    /// and Prometheus reach the pod IP, not the pod's loopback where the token endpoint listens.
+    #[arg(long)]
+    health_listen: Option<SocketAddr>,
     /// Token-state writes per second this replica may send to the API server (group commit batches the rest).
     #[arg(long, default_value_t = 5.0)]
     api_writes_per_second: f64,
@@ -250,6 +254,7 @@ fn sidecar(args: SidecarArgs) -> Result<(), String> {
         applications: args.applications,
         namespace: args.namespace,
         endpoint: args.serve.endpoint()?,
+        health_listen: args.health_listen,
         user_lockout,
         client_lockout,
         store: kubetoken::storage::kube_store::KubeStoreOptions {

@@ -170,11 +170,23 @@ fn kubelet_command(deployment: &Value, container: &str, pod_name: &str, kubeconf
     let c = spec.as_array().expect("containers").iter().find(|c| c["name"] == container).expect("container");
     let image = c["image"].as_str().expect("image");
     assert!(image.contains("kubetoken"), "{container} runs the kubetoken image: {image}");
-    let mut args: Vec<String> =
+    let args: Vec<String> =
         c["args"].as_array().expect("args").iter().map(|a| a.as_str().expect("arg").to_string()).collect();
-    match args.iter().position(|a| a == "--listen") {
-        Some(i) => args[i + 1] = "127.0.0.1:0".into(),
-        None => args.extend(["--listen".into(), "127.0.0.1:0".into()]),
+    // `--flag value` and `--flag=value` alike.
+    let mut args: Vec<String> = args
+        .iter()
+        .flat_map(|a| match a.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => vec![flag.to_string(), value.to_string()],
+            _ => vec![a.clone()],
+        })
+        .collect();
+    assert_probes_reach_the_pod(c, container, &args);
+    for flag in ["--listen", "--health-listen"] {
+        match args.iter().position(|a| a == flag) {
+            Some(i) => args[i + 1] = "127.0.0.1:0".into(),
+            None if flag == "--listen" => args.extend([flag.into(), "127.0.0.1:0".into()]),
+            None => {}
+        }
     }
     let mut cmd = Command::new(common::cluster::BIN);
     cmd.args(&args).env("KUBECONFIG", kubeconfig);
@@ -190,6 +202,36 @@ fn kubelet_command(deployment: &Value, container: &str, pod_name: &str, kubeconf
         cmd.env(name, value);
     }
     cmd
+}
+
+/// The kubelet sends HTTP probes from the node to the pod IP: a probe must not name a `host` (that would be the
+/// node itself), and its port must be one the container serves beyond the pod's loopback.
+fn assert_probes_reach_the_pod(c: &Value, container: &str, args: &[String]) {
+    let served: Vec<std::net::SocketAddr> = ["--listen", "--health-listen"]
+        .iter()
+        .filter_map(|flag| args.iter().position(|a| a == flag).map(|i| args[i + 1].parse().expect("address")))
+        .collect();
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let get = &c[probe]["httpGet"];
+        assert!(get.is_object(), "{container} has an HTTP {probe}");
+        assert!(get["host"].is_null(), "{container}: {probe} names a host: the kubelet would probe its own node");
+        let port = match &get["port"] {
+            Value::Number(n) => n.as_u64().expect("port"),
+            Value::String(name) => c["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"] == name.as_str())
+                .and_then(|p| p["containerPort"].as_u64())
+                .unwrap_or_else(|| panic!("{container}: {probe} names port {name}, which the container does not declare")),
+            other => panic!("{container}: {probe} port {other}"),
+        };
+        assert!(
+            served.iter().any(|a| u64::from(a.port()) == port && !a.ip().is_loopback()),
+            "{container}: {probe} targets port {port}, but the container serves {served:?} (the pod's loopback is \
+             out of the kubelet's reach)"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -85,6 +85,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Only `/healthz`, `/readyz` and `/metrics`: for a port the kubelet and Prometheus reach on the pod IP while the
+/// token endpoint stays on the loopback.
+pub fn health_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
 /// RFC 8414 metadata, true to what this server does.
 fn server_metadata(service: &TokenService, issuer_id: &str) -> Value {
     let issuer = issuer_id.trim_end_matches('/');

@@ -30,6 +30,9 @@ pub struct SidecarOptions {
     pub applications: Vec<String>,
     pub namespace: Option<String>,
     pub endpoint: Endpoint,
+    /// A second port with only /healthz, /readyz and /metrics (plain HTTP: nothing secret crosses it), for kubelet
+    /// probes and Prometheus, which reach the pod IP but not the pod's loopback.
+    pub health_listen: Option<std::net::SocketAddr>,
     pub user_lockout: LockoutPolicy,
     pub client_lockout: LockoutPolicy,
     pub store: KubeStoreOptions,
@@ -146,6 +149,10 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
     }
     // Bound first: a refused listen address or a broken certificate is reported before any cluster access.
     let (listener, issuer_policy) = opts.endpoint.bind().await?;
+    let health_listener = match opts.health_listen {
+        Some(addr) => Some(crate::http::serve::ServeListener::bind(addr, None).await?),
+        None => None,
+    };
     let client = crate::kube_client::client("sidecar").await?;
     let namespace = opts.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
     let local = listener.local_addr();
@@ -205,10 +212,21 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
         }));
     }
 
+    if let Some(health) = &health_listener {
+        println!("kubetoken sidecar health on {}", health.url());
+    }
     println!("kubetoken sidecar listening on {}", listener.url());
     tracing::info!(%local, %namespace, applications = ?opts.applications, "serving");
     let extras = Arc::new(Extras { apps });
     let state = Arc::new(AppState::new(service, metrics).with_extras(extras).with_issuer_policy(issuer_policy));
+    if let Some(health) = health_listener {
+        let router = crate::http::health_router(state.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = serve(health, router, std::future::pending()).await {
+                tracing::error!(error = %e, "health server stopped");
+            }
+        }));
+    }
     let served = serve(listener, router(state), crate::signal::shutdown()).await;
     for t in tasks {
         t.abort();

@@ -241,16 +241,30 @@ pub fn b64(s: &str) -> String {
 /// Reads `child`'s stdout until a line starts with `prefix` and returns the rest of that line (`None` when the
 /// process ends first); the output after it is drained in the background.
 fn read_banner(child: &mut Child, prefix: &str) -> Option<String> {
+    read_banner_after(child, prefix).0
+}
+
+/// [`read_banner`], also returning the lines printed before the banner.
+fn read_banner_after(child: &mut Child, prefix: &str) -> (Option<String>, Vec<String>) {
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let found = lines.by_ref().map_while(Result::ok).find_map(|l| l.strip_prefix(prefix).map(str::to_string));
+    let mut earlier = Vec::new();
+    let found = lines.by_ref().map_while(Result::ok).find_map(|l| match l.strip_prefix(prefix) {
+        Some(rest) => Some(rest.to_string()),
+        None => {
+            earlier.push(l);
+            None
+        }
+    });
     std::thread::spawn(move || lines.for_each(drop));
-    found
+    (found, earlier)
 }
 
 /// A running `kubetoken sidecar` against the cluster.
 pub struct SidecarProcess {
     pub child: Child,
     pub base: String,
+    /// The `--health-listen` port's base URL, if it has one.
+    pub health: Option<String>,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
 
@@ -278,11 +292,14 @@ impl SidecarProcess {
             let _ = std::io::Read::read_to_string(&mut err, &mut s);
             s
         });
-        let Some(base) = read_banner(&mut child, "kubetoken sidecar listening on ") else {
+        let (found, earlier) = read_banner_after(&mut child, "kubetoken sidecar listening on ");
+        let Some(base) = found else {
             let _ = child.kill();
             panic!("sidecar exited before listening: {}", stderr.join().unwrap_or_default());
         };
-        Self { child, base, stderr: Some(stderr) }
+        let health =
+            earlier.iter().find_map(|l| l.strip_prefix("kubetoken sidecar health on ")).map(str::to_string);
+        Self { child, base, health, stderr: Some(stderr) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -291,7 +308,8 @@ impl SidecarProcess {
 
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self) {
-        let url = self.url("/readyz");
+        // As the kubelet does: on the health port when there is one.
+        let url = format!("{}/readyz", self.health.as_deref().unwrap_or(&self.base));
         let mut last = String::new();
         for _ in 0..600 {
             match ureq::get(&url).call() {
