@@ -223,7 +223,9 @@ fn assert_probes_reach_the_pod(c: &Value, container: &str, args: &[String]) {
                 .flatten()
                 .find(|p| p["name"] == name.as_str())
                 .and_then(|p| p["containerPort"].as_u64())
-                .unwrap_or_else(|| panic!("{container}: {probe} names port {name}, which the container does not declare")),
+                .unwrap_or_else(|| {
+                    panic!("{container}: {probe} names port {name}, which the container does not declare")
+                }),
             other => panic!("{container}: {probe} port {other}"),
         };
         assert!(

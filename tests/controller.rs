@@ -425,22 +425,48 @@ async fn api_faults_are_survived_without_duplicates_or_lost_updates() {
     })
     .await;
 
-    // A conflicting writer: the controller's replace of the credentials Secret meets 409s, retries, and the
-    // requested rotation is not lost.
+    // A conflicting writer: another client changes the credentials Secret every few milliseconds while the
+    // controller rotates it. The controller's writes meet 409s, it retries on fresh state, and the rotation is
+    // neither lost nor does it drop the other writer's change.
     let old = c.secrets().get("shop-credentials").await.expect("creds").data.expect("data")["client_secret"].clone();
-    for i in 0..5 {
-        let touch = json!({"metadata": {"annotations": {"touched": i.to_string()}}});
-        let _ = c.secrets().patch("shop-credentials", &PatchParams::default(), &Patch::Merge(&touch)).await;
-        if i == 1 {
-            let rotate = json!({"metadata": {"annotations": {"kubetoken.io/rotate-client-secret": "r1"}}});
-            c.apps().patch("shop", &PatchParams::default(), &Patch::Merge(&rotate)).await.expect("annotate");
-        }
-    }
+    server.clear_requests();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (secrets, stop) = (c.secrets(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 2000 {
+                let touch = json!({"metadata": {"annotations": {"touched": i.to_string()}}});
+                secrets.patch("shop-credentials", &PatchParams::default(), &Patch::Merge(&touch)).await.expect("patch");
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            i
+        })
+    };
+    let rotate = json!({"metadata": {"annotations": {"kubetoken.io/rotate-client-secret": "r1"}}});
+    c.apps().patch("shop", &PatchParams::default(), &Patch::Merge(&rotate)).await.expect("annotate");
     eventually("the rotation happened despite conflicts", Duration::from_secs(30), || async {
         let d = c.secrets().get("shop-credentials").await.ok()?.data?;
         (d.get("client_secret") != Some(&old) && d.get("previous_client_secret") == Some(&old)).then_some(())
     })
     .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let touches = writer.await.expect("writer");
+    let conflicts = server
+        .requests()
+        .iter()
+        .filter(|r| r.user_agent.starts_with("kubetoken-controller") && r.path.ends_with("/secrets/shop-credentials"))
+        .filter(|r| r.status == 409)
+        .count();
+    assert!(conflicts > 0, "the controller never met a 409 from the other writer ({touches} patches)");
+    let annotations =
+        c.secrets().get("shop-credentials").await.expect("creds").metadata.annotations.unwrap_or_default();
+    assert_eq!(
+        annotations.get("touched").map(String::as_str),
+        Some((touches - 1).to_string().as_str()),
+        "the other writer's last change survived"
+    );
 
     // Exactly one of each child.
     let secrets = c.secrets().list(&ListParams::default().labels("kubetoken.io/application=shop")).await.expect("list");

@@ -558,3 +558,102 @@ fn a_second_process_cannot_open_the_same_state_directory() {
     let err = second.err().expect("a second process on the same state must not start");
     assert!(err.contains("in use by another kubetoken process"), "{err}");
 }
+
+/// An OAuthApplication and its credentials Secret, for manifests written by a test.
+fn app_with_credentials(name: &str, client_id: &str, client_secret: &str) -> String {
+    format!(
+        "apiVersion: kubetoken.io/v1alpha1\nkind: OAuthApplication\nmetadata: {{name: {name}}}\nspec:\n  grantTypes: [client_credentials]\n  credentials: {{secretName: {name}-creds}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}-creds}}\nstringData: {{client_id: {client_id}, client_secret: {client_secret}}}\n"
+    )
+}
+
+#[test]
+fn two_applications_with_the_same_client_id_fail_at_start_naming_both() {
+    let manifests = tempfile::tempdir().expect("tempdir");
+    let state = tempfile::tempdir().expect("tempdir");
+    write(manifests.path(), "one.yaml", &app_with_credentials("one", "same-id", "secret-one"));
+    write(manifests.path(), "two.yaml", &app_with_credentials("two", "same-id", "secret-two"));
+    let err = Server::try_start(manifests.path(), state.path(), &[]).err().expect("start must fail");
+    assert!(err.contains("default/one") && err.contains("default/two"), "both applications named: {err}");
+    assert!(err.contains("same client_id"), "the problem named: {err}");
+}
+
+#[test]
+fn a_username_listed_twice_in_the_users_secret_fails_at_start_naming_the_entry() {
+    // A valid argon2id hash (alice's, from examples/standalone/shop.yaml): only the duplicate is wrong.
+    let hash = "$argon2id$v=19$m=19456,t=2,p=1$Cpv8oe1VxGzgQ0wb3LuHZA$0Z7oSYhwahJ+nxkrzAxuG10y9WPz+aYezDGLO7o97zU";
+    let manifests = tempfile::tempdir().expect("tempdir");
+    let state = tempfile::tempdir().expect("tempdir");
+    write(
+        manifests.path(),
+        "app.yaml",
+        &format!(
+            "apiVersion: kubetoken.io/v1alpha1\nkind: OAuthApplication\nmetadata: {{name: shop}}\nspec:\n  users: {{secretRef: {{name: users}}}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: users}}\nstringData:\n  users.yaml: |\n    - {{username: carol, passwordHash: '{hash}'}}\n    - {{username: carol, passwordHash: '{hash}', roles: [admin]}}\n"
+        ),
+    );
+    let err = Server::try_start(manifests.path(), state.path(), &[]).err().expect("start must fail");
+    assert!(err.contains("app.yaml"), "file missing from: {err}");
+    assert!(err.contains("Secret default/users"), "object missing from: {err}");
+    assert!(err.contains("[1].username") && err.contains("listed twice"), "entry and problem missing: {err}");
+}
+
+#[test]
+fn a_lockout_of_zero_failures_is_refused_at_start() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let err = Server::try_start(&examples_dir(), state.path(), &["--lockout-max-failures", "0"])
+        .err()
+        .expect("start must fail");
+    assert!(err.contains("lockout failure counts must be at least 1"), "{err}");
+}
+
+#[test]
+fn the_issuer_option_sets_the_jwt_iss_and_the_metadata_urls() {
+    use base64::Engine;
+    let issuer = "https://login.example.com";
+    let state = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&examples_dir(), state.path(), &["--issuer", issuer]);
+    let token = s.token(SHOP, &[("grant_type", "client_credentials")]).field("access_token");
+    let payload = token.split('.').nth(1).expect("a JWT has a payload");
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("base64url payload"),
+    )
+    .expect("JSON claims");
+    assert_eq!(claims["iss"], issuer, "{claims}");
+    assert_eq!(s.introspect(SHOP, &token)["iss"], issuer);
+    let m = get(&s.url("/.well-known/oauth-authorization-server")).json();
+    assert_eq!(m["issuer"], issuer);
+    assert_eq!(m["token_endpoint"], format!("{issuer}/oauth2/token"));
+}
+
+/// The value of one Prometheus series (`name{labels}`) in a text exposition.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_count_reused_password_and_refresh_tokens_and_time_revoke_and_introspect() {
+    let (s, _state) = server();
+    // kiosk is Opaque: the second request for the same set hands out the same token.
+    let params = [("grant_type", "client_credentials"), ("scope", "catalog:read")];
+    let first = s.token(KIOSK, &params);
+    let second = s.token(KIOSK, &params);
+    assert_eq!(first.field("access_token"), second.field("access_token"), "the kiosk token is reused");
+    let login = s.password("alice", "alice-password", "device_ipad");
+    assert_eq!(login.status, 200, "{}", login.body);
+    let refreshed = s.token(SHOP, &[("grant_type", "refresh_token"), ("refresh_token", &login.field("refresh_token"))]);
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    assert!(s.active(SHOP, &refreshed.field("access_token")));
+    assert_eq!(s.revoke(SHOP, &refreshed.field("access_token")).status, 200);
+
+    let text = get(&s.url("/metrics")).body;
+    let value = |series: &str| metric(&text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+    assert_eq!(value(r#"kubetoken_tokens_total{grant_type="client_credentials",outcome="issued"}"#), 1.0);
+    assert_eq!(value(r#"kubetoken_tokens_total{grant_type="client_credentials",outcome="reused"}"#), 1.0);
+    assert_eq!(value(r#"kubetoken_tokens_total{grant_type="password",outcome="issued"}"#), 1.0);
+    assert_eq!(value(r#"kubetoken_tokens_total{grant_type="refresh_token",outcome="issued"}"#), 1.0);
+    assert_eq!(value(r#"kubetoken_request_duration_seconds_count{endpoint="token"}"#), 4.0);
+    assert_eq!(value(r#"kubetoken_request_duration_seconds_count{endpoint="revoke"}"#), 1.0);
+    assert_eq!(value(r#"kubetoken_request_duration_seconds_count{endpoint="introspect"}"#), 1.0);
+    assert_eq!(value(r#"kubetoken_request_duration_seconds_bucket{endpoint="revoke",le="+Inf"}"#), 1.0);
+    assert_eq!(value(r#"kubetoken_request_duration_seconds_bucket{endpoint="introspect",le="+Inf"}"#), 1.0);
+    assert_eq!(value("kubetoken_revocations_total"), 1.0);
+}

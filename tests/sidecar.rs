@@ -429,6 +429,7 @@ async fn kill9_and_restart_keep_every_token_and_revive_none_and_state_holds_no_t
 #[test]
 fn the_audit_catches_a_request_outside_the_rules() {
     let record = |method: &str, path: &str, query: &str| kube_test_server::RequestRecord {
+        status: 200,
         method: method.into(),
         path: path.into(),
         query: query.into(),

@@ -21,6 +21,23 @@ fn user(password: &str, roles: &[&str]) -> User {
 }
 
 fn app(client_id: &str, format: TokenFormat, grants: &[GrantType]) -> Application {
+    app_with_users(
+        client_id,
+        format,
+        grants,
+        HashMap::from([
+            ("alice".to_string(), user("alice-pw", &["customer"])),
+            ("bob".to_string(), user("bob-pw", &["admin"])),
+        ]),
+    )
+}
+
+fn app_with_users(
+    client_id: &str,
+    format: TokenFormat,
+    grants: &[GrantType],
+    users: HashMap<String, User>,
+) -> Application {
     let signer = SigningKey::from_pkcs8(
         crate::api::v1alpha1::SigningAlgorithm::ES256,
         &SigningKey::generate_pkcs8(crate::api::v1alpha1::SigningAlgorithm::ES256).expect("key"),
@@ -42,10 +59,7 @@ fn app(client_id: &str, format: TokenFormat, grants: &[GrantType]) -> Applicatio
             ("catalog:read".to_string(), vec![]),
             ("inventory:sync".to_string(), vec!["service".to_string()]),
         ]),
-        users: HashMap::from([
-            ("alice".to_string(), user("alice-pw", &["customer"])),
-            ("bob".to_string(), user("bob-pw", &["admin"])),
-        ]),
+        users,
         signer: Arc::new(signer),
         verification_keys: vec![],
         token_secrets: vec![vec![7u8; 32]],
@@ -456,4 +470,93 @@ fn jti(jwt: &str) -> String {
         serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("b64"))
             .expect("json");
     claims["jti"].as_str().expect("jti").to_string()
+}
+
+fn refresh_grant(token: &str) -> Grant {
+    Grant::RefreshToken { refresh_token: token.into(), scope: None }
+}
+
+#[tokio::test]
+async fn a_rotated_refresh_token_presented_by_another_client_does_not_revoke_the_owners_grant() {
+    let f = fixture(TokenFormat::Jwt);
+    let first = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("first");
+    let r1 = first.refresh_token.expect("refresh token");
+    let second = f.service.token(&client("shop"), refresh_grant(&r1)).await.expect("rotate");
+    let r2 = second.refresh_token.clone().expect("rotated refresh token");
+
+    // "other" authenticates with its own valid credentials and, sharing the fixture's token secret, can even
+    // decode shop's token string: the lookup finds the rotated-out token, which is not other's to report as reused.
+    let err = f.service.token(&client("other"), refresh_grant(&r1)).await.expect_err("another client");
+    assert_eq!(err.code(), "invalid_grant");
+
+    assert!(f.active(&second.access_token).await, "the owner's access token stays active");
+    assert!(f.active(&r2).await, "the owner's refresh token stays active");
+    let third = f.service.token(&client("shop"), refresh_grant(&r2)).await.expect("the owner can still refresh");
+    assert!(f.active(&third.access_token).await);
+}
+
+#[tokio::test]
+async fn refresh_for_a_user_removed_from_the_users_is_invalid_grant() {
+    let f = fixture(TokenFormat::Jwt);
+    let alice = f.password("alice", "alice-pw", "device_ipad").await.expect("alice");
+    let bob = f.password("bob", "bob-pw", "device_ipad").await.expect("bob");
+
+    // The users Secret changes: alice is gone, bob stays (same client, same token secret).
+    let only_bob = HashMap::from([("bob".to_string(), user("bob-pw", &["admin"]))]);
+    f.service
+        .set_registry(Registry::new(vec![app_with_users("shop", TokenFormat::Jwt, ALL, only_bob)]).expect("registry"));
+
+    let err = f
+        .service
+        .token(&client("shop"), refresh_grant(alice.refresh_token.as_deref().expect("r")))
+        .await
+        .expect_err("removed user");
+    assert_eq!(err.code(), "invalid_grant");
+    // The same refresh for a user still listed works: the refusal is about alice, not about the new registry.
+    f.service
+        .token(&client("shop"), refresh_grant(bob.refresh_token.as_deref().expect("r")))
+        .await
+        .expect("bob still refreshes");
+}
+
+#[tokio::test]
+async fn introspection_of_a_refresh_token_reports_its_own_use_expiry_and_scope_until_it_expires() {
+    let f = fixture(TokenFormat::Jwt);
+    let t = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("token");
+    let refresh = t.refresh_token.expect("refresh token");
+    let shop = client("shop");
+    let introspect = || f.service.introspect(&shop, &refresh);
+
+    let Ok(Introspection::Active(info)) = introspect().await else { panic!("refresh token should be active") };
+    assert_eq!(info.token_use, "refresh_token");
+    assert_eq!(info.exp, T0 + 86_400, "the refresh token's expiry, not the access token's (T0 + 3600)");
+    assert_eq!(info.scope, "device_ipad orders:read");
+    assert_eq!(info.client_id, "shop");
+    assert_eq!(info.username.as_deref(), Some("alice"));
+    assert_eq!(info.token_type, None, "a refresh token is not a Bearer token");
+
+    // Past the access token's lifetime the refresh token is still active.
+    f.clock.advance(3600);
+    assert!(!f.active(&t.access_token).await);
+    assert!(matches!(introspect().await, Ok(Introspection::Active(_))));
+    // At the refresh token's expiry it is inactive.
+    f.clock.advance(86_400 - 3600);
+    assert_eq!(introspect().await, Ok(Introspection::Inactive));
+}
+
+#[tokio::test]
+async fn lockout_is_per_client_and_user() {
+    let f = fixture(TokenFormat::Jwt);
+    for _ in 0..3 {
+        assert_eq!(f.password("alice", "wrong", "").await.expect_err("wrong").code(), "invalid_grant");
+    }
+    let locked = f.password("alice", "alice-pw", "").await.expect_err("locked in shop");
+    assert!(locked.description().contains("locked"), "{locked:?}");
+
+    // The same username in another application is another account: not locked.
+    let grant = Grant::Password { username: "alice".into(), password: "alice-pw".into(), scope: None };
+    f.service.token(&client("other"), grant).await.expect("alice is not locked in the other application");
+    // And a success there does not unlock her in shop.
+    let still = f.password("alice", "alice-pw", "").await.expect_err("still locked in shop");
+    assert!(still.description().contains("locked"), "{still:?}");
 }

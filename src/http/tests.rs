@@ -14,16 +14,21 @@ use crate::api::v1alpha1::{GrantType, SigningAlgorithm, TokenFormat};
 use crate::core::app::{Application, ApplicationConfig, Registry};
 use crate::core::clock::ManualClock;
 use crate::core::lockout::LockoutPolicy;
+use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
 use crate::core::scope::ScopePolicy;
 use crate::core::service::ServiceConfig;
 use crate::core::signing::SigningKey;
-use crate::core::store::MemoryStore;
+use crate::core::store::{MemoryStore, StoreError, StoreFuture, TokenStore};
 
 /// A client whose secret needs form-encoding inside Basic credentials (RFC 6749 §2.3.1).
 const CLIENT_ID: &str = "app one";
 const CLIENT_SECRET: &str = "p@ss:word+100%";
 
 fn router_under_test() -> Router {
+    router_with_store(Arc::new(MemoryStore::default()))
+}
+
+fn router_with_store(store: Arc<dyn TokenStore>) -> Router {
     let key = SigningKey::generate_pkcs8(SigningAlgorithm::EdDSA).expect("key");
     let app = Application::new(ApplicationConfig {
         name: "default/one".into(),
@@ -43,7 +48,7 @@ fn router_under_test() -> Router {
     });
     let service = TokenService::new(
         Registry::new(vec![app]).expect("registry"),
-        Arc::new(MemoryStore::default()),
+        store,
         Arc::new(ManualClock::new(1_000)),
         ServiceConfig {
             issuer: "https://tokens.example/".into(),
@@ -164,4 +169,62 @@ async fn metadata_and_jwks_describe_this_server() {
     assert_eq!(headers[header::CONTENT_TYPE], "application/jwk-set+json");
     assert_eq!(jwks["keys"][0]["kty"], "OKP");
     assert_eq!(jwks["keys"][0]["alg"], "EdDSA");
+}
+
+/// A store whose writes fail the way a FileStore's do after a failed fsync: every commit is refused as
+/// unavailable, and from the first failure on the store reports itself unhealthy.
+#[derive(Default)]
+struct FailingStore {
+    inner: MemoryStore,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl TokenStore for FailingStore {
+    fn pair(&self, key: &TokenKey) -> Option<LivePair> {
+        self.inner.pair(key)
+    }
+    fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
+        self.inner.find_access(id)
+    }
+    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
+        self.inner.find_refresh(id)
+    }
+    fn commit(&self, _change: Change) -> StoreFuture<'_, ()> {
+        self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Err(StoreError::Unavailable("disk full".into())) })
+    }
+    fn sync(&self) -> StoreFuture<'_, ()> {
+        self.inner.sync()
+    }
+    fn healthy(&self) -> bool {
+        !self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn send_to(router: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let response = router.clone().oneshot(req).await.expect("infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+    (status, headers, bytes.to_vec())
+}
+
+#[tokio::test]
+async fn a_storage_write_failure_is_503_temporarily_unavailable_and_turns_readiness_off() {
+    let router = router_with_store(Arc::new(FailingStore::default()));
+    let readyz = || Request::get("/readyz").body(Body::empty()).expect("request");
+    let (status, _, _) = send_to(&router, readyz()).await;
+    assert_eq!(status, StatusCode::OK, "ready before anything failed");
+
+    let (status, headers, body) =
+        send_to(&router, post("/oauth2/token", FORM, Some(&basic()), "grant_type=client_credentials&scope=read")).await;
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON error body");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+    assert_eq!(json["error"], "temporarily_unavailable");
+    assert!(json.get("access_token").is_none(), "no token that is not durable: {json}");
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+
+    let (status, _, body) = send_to(&router, readyz()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&body));
 }

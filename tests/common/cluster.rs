@@ -297,8 +297,7 @@ impl SidecarProcess {
             let _ = child.kill();
             panic!("sidecar exited before listening: {}", stderr.join().unwrap_or_default());
         };
-        let health =
-            earlier.iter().find_map(|l| l.strip_prefix("kubetoken sidecar health on ")).map(str::to_string);
+        let health = earlier.iter().find_map(|l| l.strip_prefix("kubetoken sidecar health on ")).map(str::to_string);
         Self { child, base, health, stderr: Some(stderr) }
     }
 

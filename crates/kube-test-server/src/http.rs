@@ -172,24 +172,38 @@ fn error_response(err: &ApiError) -> Response {
 }
 
 async fn handle(AxumState(shared): AxumState<Arc<Shared>>, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
-    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
-    tracing::debug!(%method, %uri, "kube-test-server request");
-    {
+    let recorded = {
         let mut requests = shared.requests();
-        if requests.len() < MAX_RECORDED_REQUESTS {
+        (requests.len() < MAX_RECORDED_REQUESTS).then(|| {
             requests.push(RequestRecord {
-                method: method.to_string(),
-                path: uri.path().to_string(),
-                query: uri.query().unwrap_or_default().to_string(),
-                user_agent: headers
+                method: req.method().to_string(),
+                path: req.uri().path().to_string(),
+                query: req.uri().query().unwrap_or_default().to_string(),
+                user_agent: req
+                    .headers()
                     .get(header::USER_AGENT)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default()
                     .to_string(),
+                status: 0,
             });
-        }
+            requests.len() - 1
+        })
+    };
+    let response = respond(shared.clone(), req).await;
+    // (A `clear_requests` meanwhile moves the indexes: then this request is simply not found.)
+    if let Some(i) = recorded
+        && let Some(r) = shared.requests().get_mut(i).filter(|r| r.status == 0)
+    {
+        r.status = response.status().as_u16();
     }
+    response
+}
+
+async fn respond(shared: Arc<Shared>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
+    tracing::debug!(%method, %uri, "kube-test-server request");
     let (latency, fault) = {
         let mut f = shared.faults();
         let fault = if f.fail_remaining > 0 {

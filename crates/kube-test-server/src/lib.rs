@@ -41,6 +41,8 @@ pub struct RequestRecord {
     pub query: String,
     /// The `User-Agent` header (empty when absent): tells which client made the request.
     pub user_agent: String,
+    /// The status answered (0 until the answer is made; a watch records its 200 when the stream starts).
+    pub status: u16,
 }
 
 impl RequestRecord {
