@@ -657,3 +657,38 @@ fn metrics_count_reused_password_and_refresh_tokens_and_time_revoke_and_introspe
     assert_eq!(value(r#"kubetoken_request_duration_seconds_bucket{endpoint="introspect",le="+Inf"}"#), 1.0);
     assert_eq!(value("kubetoken_revocations_total"), 1.0);
 }
+
+/// Concurrent requests for one key over HTTP, on the real file store: all succeed (none runs out of retries with a
+/// 503), and exactly one of the tokens they received is live. (The per-key locks themselves have a sharper test,
+/// `requests_for_one_key_never_conflict_in_the_file_store`, which counts conflicts.)
+#[test]
+fn concurrent_requests_for_one_key_on_the_file_store_all_succeed_and_leave_one_live_token() {
+    // Many runtime threads, so that requests for the key really do run at the same time on this 2-core machine.
+    let state = tempfile::tempdir().expect("state");
+    let s = Server::start(&examples_dir(), state.path(), &["--worker-threads", "32"]);
+    let base = std::sync::Arc::new(s.base.clone());
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(64));
+    let threads: Vec<_> = (0..64)
+        .map(|_| {
+            let (base, barrier) = (base.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                (0..8)
+                    .map(|_| {
+                        post_form(
+                            &format!("{base}/oauth2/token"),
+                            Some(SHOP),
+                            &[("grant_type", "client_credentials"), ("scope", "device_kiosk1")],
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let responses: Vec<_> = threads.into_iter().flat_map(|t| t.join().expect("thread")).collect();
+    for r in &responses {
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let live = responses.iter().filter(|r| s.active(SHOP, &r.field("access_token"))).count();
+    assert_eq!(live, 1, "exactly one token of the key is live");
+}

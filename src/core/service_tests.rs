@@ -560,3 +560,82 @@ async fn lockout_is_per_client_and_user() {
     let still = f.password("alice", "alice-pw", "").await.expect_err("still locked in shop");
     assert!(still.description().contains("locked"), "{still:?}");
 }
+
+/// The real file store, with a read of the current pair that takes a while (as under load) and a count of the
+/// compare-and-set conflicts its commits answer.
+struct SlowReadCountingStore {
+    inner: crate::storage::file_store::FileStore,
+    conflicts: std::sync::atomic::AtomicUsize,
+}
+
+impl TokenStore for SlowReadCountingStore {
+    fn pair(&self, key: &TokenKey) -> Option<LivePair> {
+        let pair = self.inner.pair(key);
+        std::thread::sleep(std::time::Duration::from_micros(200));
+        pair
+    }
+    fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
+        self.inner.find_access(id)
+    }
+    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
+        self.inner.find_refresh(id)
+    }
+    fn commit(&self, change: Change) -> crate::core::store::StoreFuture<'_, ()> {
+        let committed = self.inner.commit(change);
+        Box::pin(async move {
+            let result = committed.await;
+            if matches!(result, Err(StoreError::Conflict)) {
+                self.conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            result
+        })
+    }
+    fn sync(&self) -> crate::core::store::StoreFuture<'_, ()> {
+        self.inner.sync()
+    }
+}
+
+/// The regression test of the per-key locks, on the real file store and a multi-threaded runtime: requests for
+/// one key are decided one at a time, so none meets a compare-and-set conflict (without the locks, every request
+/// that read the pair while another was replacing it conflicts and retries, and some run out of retries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn requests_for_one_key_never_conflict_in_the_file_store() {
+    let dir = tempfile::tempdir().expect("state dir");
+    let clock = Arc::new(ManualClock::new(T0));
+    let (inner, _) = crate::storage::file_store::FileStore::open(
+        dir.path(),
+        clock.clone(),
+        Arc::new(crate::metrics::Histogram::new(&[1.0])),
+        crate::storage::file_store::FileStoreOptions::default(),
+    )
+    .expect("open");
+    let store = Arc::new(SlowReadCountingStore { inner, conflicts: Default::default() });
+    let registry = Registry::new(vec![app("shop", TokenFormat::Jwt, ALL)]).expect("registry");
+    let config = ServiceConfig {
+        issuer: "https://issuer.test".into(),
+        user_lockout: LockoutPolicy::default(),
+        client_lockout: LockoutPolicy::default(),
+    };
+    let service = Arc::new(TokenService::new(registry, store.clone(), clock, config));
+    let tasks: Vec<_> = (0..128)
+        .map(|_| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                service.token(&client("shop"), Grant::ClientCredentials { scope: Some("device_x".into()) }).await
+            })
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for t in tasks {
+        tokens.push(t.await.expect("join").expect("every request gets a token").access_token);
+    }
+    assert_eq!(store.conflicts.load(std::sync::atomic::Ordering::Relaxed), 0, "requests for one key conflicted");
+    let creds = client("shop");
+    let mut live = 0;
+    for t in &tokens {
+        if matches!(service.introspect(&creds, t).await, Ok(Introspection::Active(_))) {
+            live += 1;
+        }
+    }
+    assert_eq!(live, 1);
+}

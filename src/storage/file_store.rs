@@ -505,6 +505,75 @@ mod tests {
         assert_eq!(store.shared.lock().state.entries(), 1);
     }
 
+    /// Compaction runs on the writer thread while other commits keep arriving: none is lost or reordered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_while_commits_keep_arriving_loses_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(10));
+        let store = Arc::new(open(dir.path(), clock.clone(), 40));
+        let mut tasks = Vec::new();
+        for k in 0..8u32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut expect = None;
+                for i in 0..100u32 {
+                    // Ids unique per (key, round): byte 0 the key, byte 1 the round.
+                    let mut id = [k as u8; 16];
+                    id[1] = i as u8;
+                    let next = LivePair { access_id: TokenId(id), refresh: None, ..pair(0, 1000) };
+                    store
+                        .commit(Change { key: key(k), expect, next: Some(next), rotated_out: None })
+                        .await
+                        .expect("commit");
+                    expect = Some(TokenId(id));
+                }
+                expect.expect("last")
+            }));
+        }
+        let mut last = Vec::new();
+        for t in tasks {
+            last.push(t.await.expect("join"));
+        }
+        let lines = fs::read_to_string(dir.path().join(LOG_FILE)).expect("log").lines().count();
+        assert!(lines < 800, "the log was never compacted: {lines} lines for 800 commits");
+        drop(store);
+        let store = open(dir.path(), clock, 40);
+        for (k, id) in last.iter().enumerate() {
+            let (found_key, _) = store.find_access(id).expect("the last pair of every key survives");
+            assert_eq!(*found_key, key(k as u32));
+            let mut older = id.0;
+            older[1] -= 1;
+            assert!(store.find_access(&TokenId(older)).is_none(), "a superseded pair came back");
+        }
+        assert_eq!(store.shared.lock().state.entries(), 8);
+    }
+
+    /// A crash between writing the compacted file and renaming it over the log leaves both; the log is the truth,
+    /// the leftover is removed at start, and nothing is lost.
+    #[tokio::test]
+    async fn a_compaction_interrupted_before_its_rename_is_discarded_and_the_log_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(10));
+        {
+            let store = open(dir.path(), clock.clone(), 1000);
+            for n in 1..=3u8 {
+                let expect = (n > 1).then(|| TokenId([n - 1; 16]));
+                store
+                    .commit(Change { key: key(1), expect, next: Some(pair(n, 100)), rotated_out: None })
+                    .await
+                    .expect("commit");
+            }
+        }
+        // What an interrupted compaction leaves: a half-written snapshot, and one that is complete but stale.
+        for leftover in [&b"0badc0de {\"op\":\"set\""[..], &fs::read(dir.path().join(LOG_FILE)).expect("log")[..40]] {
+            fs::write(dir.path().join(COMPACT_FILE), leftover).expect("leftover");
+            let store = open(dir.path(), clock.clone(), 1000);
+            assert!(!dir.path().join(COMPACT_FILE).exists(), "the leftover compaction file is removed");
+            assert!(store.find_access(&TokenId([3; 16])).is_some(), "the newest pair is kept");
+            assert!(store.find_access(&TokenId([1; 16])).is_none(), "superseded pairs stay superseded");
+        }
+    }
+
     #[test]
     fn a_second_process_cannot_open_the_same_state() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -186,8 +186,14 @@ pub struct ControllerProcess {
 impl ControllerProcess {
     pub fn start(kubeconfig: &Path, namespace: &str, identity: &str, extra: &[&std::ffi::OsStr]) -> Self {
         let mut cmd = Command::new(BIN);
-        cmd.args(["controller", "--listen", "127.0.0.1:0", "--lease-duration", "2s"])
+        cmd.args(["controller", "--listen", "127.0.0.1:0"])
             .args(["--namespace", namespace, "--lease-namespace", namespace, "--identity", identity])
+            // A lease a busy 2-core machine's scheduling cannot make a leader lose; take-over tests set a shorter one.
+            .args(if extra.iter().any(|a| *a == "--lease-duration") {
+                &[][..]
+            } else {
+                &["--lease-duration", "15s"][..]
+            })
             // Short key timing unless a test sets its own: tests wait seconds, not minutes.
             .args(if extra.iter().any(|a| *a == "--key-prepublication") {
                 &[][..]

@@ -29,6 +29,9 @@ pub(crate) struct Faults {
     pub fail_remaining: u32,
     pub fail_status: u16,
     pub latency: Duration,
+    /// The next writes (PUT, PATCH) to this path answer 409 Conflict, as if another writer got there first.
+    pub conflict_path: String,
+    pub conflict_remaining: u32,
 }
 
 /// Everything the server and the test handle share.
@@ -206,9 +209,13 @@ async fn respond(shared: Arc<Shared>, req: Request) -> Response {
     tracing::debug!(%method, %uri, "kube-test-server request");
     let (latency, fault) = {
         let mut f = shared.faults();
+        let write = method == axum::http::Method::PUT || method == axum::http::Method::PATCH;
         let fault = if f.fail_remaining > 0 {
             f.fail_remaining -= 1;
             Some(f.fail_status)
+        } else if f.conflict_remaining > 0 && write && uri.path() == f.conflict_path {
+            f.conflict_remaining -= 1;
+            Some(409)
         } else {
             None
         };

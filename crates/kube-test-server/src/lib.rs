@@ -148,6 +148,19 @@ impl KubeTestServer {
         f.fail_status = status;
     }
 
+    /// The next `n` writes (PUT or PATCH) to `api_path` (e.g. `/api/v1/namespaces/ns/secrets/name`) answer
+    /// 409 Conflict, as when another writer changed the object first; other requests are unaffected.
+    pub fn conflict_next_writes(&self, api_path: &str, n: u32) {
+        let mut f = self.shared.faults();
+        f.conflict_path = api_path.to_string();
+        f.conflict_remaining = n;
+    }
+
+    /// How many injected conflicts are still pending.
+    pub fn pending_conflicts(&self) -> u32 {
+        self.shared.faults().conflict_remaining
+    }
+
     /// How many injected failures are still pending.
     pub fn pending_failures(&self) -> u32 {
         self.shared.faults().fail_remaining

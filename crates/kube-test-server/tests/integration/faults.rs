@@ -50,14 +50,16 @@ async fn injected_failures_then_recovery() {
     assert!(cms.create(&PostParams::default(), &configmap("b", &[])).await.is_err());
     assert_eq!(code(cms.get("b").await).0, 404);
 
-    server.set_latency(Duration::from_millis(300));
+    // Added latency delays the answer by at least that much; without it, a GET is not delayed by it (a second is
+    // far beyond what a busy machine adds to a loopback GET).
+    server.set_latency(Duration::from_secs(1));
     let started = Instant::now();
     cms.get("a").await.unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(started.elapsed() >= Duration::from_secs(1));
     server.set_latency(Duration::ZERO);
     let started = Instant::now();
     cms.get("a").await.unwrap();
-    assert!(started.elapsed() < Duration::from_millis(300));
+    assert!(started.elapsed() < Duration::from_secs(1));
     let gets =
         server.requests().iter().filter(|r| r.method == "GET" && r.path == "/api/v1/namespaces/f/configmaps/a").count();
     assert_eq!(gets, 9, "2 failed + 1, 503 + its retry, 429, 503, 2 with latency");

@@ -100,7 +100,8 @@ async fn bookmarks_and_timeout() {
     let end = within("timeout ends the stream", short.try_next()).await.unwrap();
     assert!(end.is_none(), "no events, then the end of the stream");
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
+    // At least the timeout (less a little clock granularity); the upper bound only catches a stream that never ends.
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(30), "{took:?}");
 }
 
 #[tokio::test]
