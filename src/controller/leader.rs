@@ -29,9 +29,12 @@ pub struct LeaseConfig {
 pub struct LeaseLock {
     api: Api<Lease>,
     config: LeaseConfig,
-    /// Another holder's Lease as last seen: (holder, renewTime), and when this process first saw it so.
-    observed: Mutex<Option<((String, Option<MicroTime>), Instant)>>,
+    /// Another holder's Lease as last seen, and when this process first saw it so.
+    observed: Mutex<Option<(HolderRenewal, Instant)>>,
 }
+
+/// Who holds a Lease and the renewTime it last wrote.
+type HolderRenewal = (String, Option<MicroTime>);
 
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
@@ -90,7 +93,7 @@ impl LeaseLock {
     }
 
     /// Whether `seen` (another holder's Lease) has stayed unchanged for `duration` of this process's time.
-    fn observed_expired(&self, seen: (String, Option<MicroTime>), duration: Duration) -> bool {
+    fn observed_expired(&self, seen: HolderRenewal, duration: Duration) -> bool {
         let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
         match observed.as_ref() {
             Some((last, since)) if *last == seen => since.elapsed() >= duration,
