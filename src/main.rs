@@ -91,6 +91,18 @@ struct ServeArgs {
     /// Development only: serve plain HTTP on a non-loopback address with no proxy in front.
     #[arg(long, conflicts_with_all = ["behind_tls_proxy", "tls_cert"])]
     insecure_http: bool,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// A request's headers must have arrived this long after its first byte.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    header_read_timeout: u64,
+    /// A request's body must have arrived this long after its headers (else 408).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    body_read_timeout: u64,
+    /// A connection with nothing read or written for this long is closed (idle keep-alive, stalled clients).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    idle_timeout: u64,
     #[command(flatten)]
     lockout: LockoutArgs,
 }
@@ -123,11 +135,20 @@ impl ServeArgs {
             (None, true) => Plaintext::Insecure,
             (None, false) => Plaintext::LoopbackOnly,
         };
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
         Ok(kubetoken::http::serve::Endpoint {
             listen: self.listen,
             tls: self.tls.files(),
             plaintext,
             issuer: self.issuer.clone(),
+            limits: kubetoken::http::serve::ConnectionLimits {
+                max_connections: self.max_connections,
+                header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout),
+                idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
+            },
+            body_read_timeout: std::time::Duration::from_secs(self.body_read_timeout),
         })
     }
 }

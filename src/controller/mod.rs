@@ -90,7 +90,9 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
     let url = listener.url();
     let health = Arc::new(Health { metrics: metrics.clone(), ready: ready_rx });
     tokio::spawn(async move {
-        if let Err(e) = crate::http::serve::serve(listener, health_router(health), std::future::pending()).await {
+        let limits = crate::http::serve::ConnectionLimits::default();
+        if let Err(e) = crate::http::serve::serve(listener, health_router(health), limits, std::future::pending()).await
+        {
             tracing::error!(error = %e, "health server stopped");
         }
     });

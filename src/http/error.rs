@@ -18,6 +18,8 @@ pub enum ApiError {
     OAuth(OAuthError, AuthScheme),
     UnsupportedMediaType,
     PayloadTooLarge(usize),
+    /// The body did not arrive within the body read timeout (seconds).
+    RequestTimeout(u64),
     MethodNotAllowed(&'static str),
 }
 
@@ -32,9 +34,10 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::OAuth(e, _) => e.code(),
-            ApiError::UnsupportedMediaType | ApiError::PayloadTooLarge(_) | ApiError::MethodNotAllowed(_) => {
-                "invalid_request"
-            }
+            ApiError::UnsupportedMediaType
+            | ApiError::PayloadTooLarge(_)
+            | ApiError::RequestTimeout(_)
+            | ApiError::MethodNotAllowed(_) => "invalid_request",
         }
     }
 }
@@ -88,6 +91,15 @@ impl IntoResponse for ApiError {
                 "invalid_request",
                 &format!("the request body is larger than {limit} bytes"),
             ),
+            ApiError::RequestTimeout(secs) => {
+                let mut r = error_body(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request",
+                    &format!("the request body did not arrive within {secs} s"),
+                );
+                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                r
+            }
             ApiError::MethodNotAllowed(allow) => {
                 let mut r = error_body(StatusCode::METHOD_NOT_ALLOWED, "invalid_request", &format!("use {allow}"));
                 r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));

@@ -45,14 +45,18 @@ impl Form {
     }
 }
 
-/// Reads a form body: 415 unless it is `application/x-www-form-urlencoded`, 413 past [`BODY_LIMIT`].
-pub async fn read_form(headers: &HeaderMap, body: Body) -> Result<Form, ApiError> {
+/// Reads a form body: 415 unless it is `application/x-www-form-urlencoded`, 413 past [`BODY_LIMIT`], 408 when it
+/// has not all arrived within `timeout` (a client trickling its body holds nothing for longer).
+pub async fn read_form(headers: &HeaderMap, body: Body, timeout: std::time::Duration) -> Result<Form, ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim();
     if !mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let bytes = axum::body::to_bytes(body, BODY_LIMIT).await.map_err(|_| ApiError::PayloadTooLarge(BODY_LIMIT))?;
+    let bytes = tokio::time::timeout(timeout, axum::body::to_bytes(body, BODY_LIMIT))
+        .await
+        .map_err(|_| ApiError::RequestTimeout(timeout.as_secs()))?
+        .map_err(|_| ApiError::PayloadTooLarge(BODY_LIMIT))?;
     Form::parse(&bytes).map_err(ApiError::from)
 }
 

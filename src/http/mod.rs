@@ -42,15 +42,22 @@ pub struct AppState {
     extras: Option<Arc<dyn ServerExtras>>,
     /// None: every request sees the service's issuer.
     issuer: Option<IssuerPolicy>,
+    body_read_timeout: std::time::Duration,
 }
 
 impl AppState {
     pub fn new(service: Arc<TokenService>, metrics: Arc<Metrics>) -> Self {
-        Self { service, metrics, extras: None, issuer: None }
+        Self { service, metrics, extras: None, issuer: None, body_read_timeout: DEFAULT_BODY_READ_TIMEOUT }
     }
 
     pub fn with_extras(mut self, extras: Arc<dyn ServerExtras>) -> Self {
         self.extras = Some(extras);
+        self
+    }
+
+    /// How long a request body may take to arrive.
+    pub fn with_body_read_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.body_read_timeout = timeout;
         self
     }
 
@@ -67,6 +74,8 @@ impl AppState {
         }
     }
 }
+
+pub const DEFAULT_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The peer address, when the server recorded it (not in `Router::oneshot` tests).
 type PeerInfo = Option<Extension<ConnectInfo<Peer>>>;
@@ -156,7 +165,7 @@ async fn token(State(s): State<Arc<AppState>>, peer: PeerInfo, headers: HeaderMa
     let started = Instant::now();
     let mut grant_label = "unknown";
     let result: Result<IssuedTokens, ApiError> = async {
-        let mut form = read_form(&headers, body).await?;
+        let mut form = read_form(&headers, body, s.body_read_timeout).await?;
         let grant_type = form.get("grant_type").map(str::to_string);
         grant_label = GRANT_TYPES.iter().find(|g| Some(**g) == grant_type.as_deref()).copied().unwrap_or("unknown");
         let (creds, scheme) = client_credentials(&headers, &mut form)?;
@@ -199,8 +208,12 @@ async fn token(State(s): State<Arc<AppState>>, peer: PeerInfo, headers: HeaderMa
 
 /// The form of the revocation and introspection endpoints: client authentication and a `token`.
 /// (`token_type_hint` is only a hint (RFC 7009 §2.1): both token kinds are recognised without it.)
-async fn token_form(headers: &HeaderMap, body: Body) -> Result<(ClientCredentials, AuthScheme, String), ApiError> {
-    let mut form = read_form(headers, body).await?;
+async fn token_form(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(ClientCredentials, AuthScheme, String), ApiError> {
+    let mut form = read_form(headers, body, s.body_read_timeout).await?;
     let (creds, scheme) = client_credentials(headers, &mut form)?;
     let token = form.require("token").map_err(|e| ApiError::OAuth(e, scheme))?;
     Ok((creds, scheme, token))
@@ -209,7 +222,7 @@ async fn token_form(headers: &HeaderMap, body: Body) -> Result<(ClientCredential
 async fn revoke(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let result: Result<bool, ApiError> = async {
-        let (creds, scheme, token) = token_form(&headers, body).await?;
+        let (creds, scheme, token) = token_form(&s, &headers, body).await?;
         s.service.revoke(&creds, &token).await.map_err(|e| ApiError::OAuth(e, scheme))
     }
     .await;
@@ -233,7 +246,7 @@ async fn revoke(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) 
 async fn introspect(State(s): State<Arc<AppState>>, peer: PeerInfo, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let result: Result<Introspection, ApiError> = async {
-        let (creds, scheme, token) = token_form(&headers, body).await?;
+        let (creds, scheme, token) = token_form(&s, &headers, body).await?;
         let issuer = s.issuer_for(peer, &headers);
         s.service.introspect_with_issuer(&issuer, &creds, &token).await.map_err(|e| ApiError::OAuth(e, scheme))
     }

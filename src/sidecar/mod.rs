@@ -218,16 +218,22 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
     println!("kubetoken sidecar listening on {}", listener.url());
     tracing::info!(%local, %namespace, applications = ?opts.applications, "serving");
     let extras = Arc::new(Extras { apps });
-    let state = Arc::new(AppState::new(service, metrics).with_extras(extras).with_issuer_policy(issuer_policy));
+    let state = Arc::new(
+        AppState::new(service, metrics)
+            .with_extras(extras)
+            .with_issuer_policy(issuer_policy)
+            .with_body_read_timeout(opts.endpoint.body_read_timeout),
+    );
     if let Some(health) = health_listener {
         let router = crate::http::health_router(state.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = serve(health, router, std::future::pending()).await {
+            let limits = crate::http::serve::ConnectionLimits::default();
+            if let Err(e) = serve(health, router, limits, std::future::pending()).await {
                 tracing::error!(error = %e, "health server stopped");
             }
         }));
     }
-    let served = serve(listener, router(state), crate::signal::shutdown()).await;
+    let served = serve(listener, router(state), opts.endpoint.limits, crate::signal::shutdown()).await;
     for t in tasks {
         t.abort();
     }

@@ -162,9 +162,13 @@ pub async fn run(opts: StandaloneOptions) -> Result<(), String> {
         println!("credentials for {}: client_id={} client_secret={}", g.application, g.client_id, g.client_secret);
     }
     println!("kubetoken listening on {}", listener.url());
-    let state = Arc::new(AppState::new(prepared.service.clone(), prepared.metrics.clone()).with_issuer_policy(issuer));
+    let state = Arc::new(
+        AppState::new(prepared.service.clone(), prepared.metrics.clone())
+            .with_issuer_policy(issuer)
+            .with_body_read_timeout(opts.endpoint.body_read_timeout),
+    );
     tracing::info!(%local, scheme = listener.scheme(), "serving");
-    serve(listener, router(state), crate::signal::shutdown()).await?;
+    serve(listener, router(state), opts.endpoint.limits, crate::signal::shutdown()).await?;
     prepared.store.close();
     tracing::info!("stopped; token state flushed");
     Ok(())
