@@ -692,3 +692,35 @@ fn concurrent_requests_for_one_key_on_the_file_store_all_succeed_and_leave_one_l
     let live = responses.iter().filter(|r| s.active(SHOP, &r.field("access_token"))).count();
     assert_eq!(live, 1, "exactly one token of the key is live");
 }
+
+/// Values a client sends reach the log escaped: a newline cannot start a forged log line, and terminal escape
+/// sequences are not written raw.
+#[test]
+fn client_supplied_values_cannot_forge_log_lines() {
+    let state = tempfile::tempdir().expect("state");
+    let mut s = Server::start(&examples_dir(), state.path(), &["--client-lockout-max-failures", "2"]);
+    let evil = "evil\n2026-01-01T00:00:00Z  WARN FORGED admin logged in\u{1b}[2J";
+    for _ in 0..3 {
+        let r = post_form(
+            &s.url("/oauth2/token"),
+            None,
+            &[("grant_type", "client_credentials"), ("client_id", evil), ("client_secret", "x")],
+        );
+        assert_eq!(r.status, 401, "{}", r.body);
+    }
+    // The username and a scope with the same payload, through a real client.
+    let r = s.password(evil, "wrong", "device_\nFORGED");
+    assert!(r.status == 400, "{}", r.body);
+    for _ in 0..6 {
+        s.password(evil, "wrong", "device_ipad");
+    }
+    let logs = s.stop();
+    assert!(logs.contains("client authentication failed"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "a raw escape sequence reached the log");
+    for line in logs.lines() {
+        assert!(!line.trim_start().starts_with("2026-01-01T00:00:00Z"), "forged line: {line}");
+        if line.contains("FORGED") {
+            assert!(line.contains("\\n"), "the newline was not escaped: {line}");
+        }
+    }
+}

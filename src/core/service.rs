@@ -95,10 +95,18 @@ pub enum IssueDecision {
     Replace { expect: Option<TokenId> },
 }
 
-/// The per-device rule: JWT always replaces; Opaque reuses while the access token is valid.
-pub fn decide_issue(format: TokenFormat, current: Option<&LivePair>, now: UnixTime) -> IssueDecision {
+/// The per-device rule: JWT always replaces; Opaque reuses while the access token is valid and carries exactly
+/// the `granted` scopes (a refresh may have narrowed the live pair: that one is not what was asked for).
+pub fn decide_issue(
+    format: TokenFormat,
+    current: Option<&LivePair>,
+    granted: &ScopeSet,
+    now: UnixTime,
+) -> IssueDecision {
     match current {
-        Some(pair) if format == TokenFormat::Opaque && pair.access_active(now) => IssueDecision::Reuse(pair.clone()),
+        Some(pair) if format == TokenFormat::Opaque && pair.access_active(now) && pair.access_scopes == *granted => {
+            IssueDecision::Reuse(pair.clone())
+        }
         _ => IssueDecision::Replace { expect: current.map(|p| p.access_id) },
     }
 }
@@ -222,9 +230,9 @@ impl TokenService {
             }
             _ => {
                 if self.fail_check(false, &creds.client_id, now) {
-                    tracing::warn!(client_id = %creds.client_id, "client locked after repeated failed authentication");
+                    tracing::warn!(client_id = ?creds.client_id, "client locked after repeated failed authentication");
                 } else {
-                    tracing::info!(client_id = %creds.client_id, "client authentication failed");
+                    tracing::info!(client_id = ?creds.client_id, "client authentication failed");
                 }
                 Err(OAuthError::InvalidClient("client authentication failed".into()))
             }
@@ -400,7 +408,7 @@ impl TokenService {
             let (pair, durable, reused) = {
                 let _key_lock = self.key_lock(&key);
                 let current = self.store.pair(&key);
-                match decide_issue(app.format, current.as_ref(), now) {
+                match decide_issue(app.format, current.as_ref(), &key.scopes, now) {
                     // The pair may have been written by a request still waiting for its fsync: wait for that too.
                     IssueDecision::Reuse(pair) => (pair, self.store.sync(), true),
                     IssueDecision::Replace { expect } => {

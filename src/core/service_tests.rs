@@ -377,13 +377,14 @@ fn decide_issue_follows_the_format_rule() {
         access_expires_at: 100,
         refresh: None,
     };
-    assert_eq!(decide_issue(TokenFormat::Opaque, Some(&pair), 99), IssueDecision::Reuse(pair.clone()));
-    assert_eq!(
-        decide_issue(TokenFormat::Opaque, Some(&pair), 100),
-        IssueDecision::Replace { expect: Some(pair.access_id) }
-    );
-    assert_eq!(decide_issue(TokenFormat::Jwt, Some(&pair), 0), IssueDecision::Replace { expect: Some(pair.access_id) });
-    assert_eq!(decide_issue(TokenFormat::Jwt, None, 0), IssueDecision::Replace { expect: None });
+    let granted = ScopeSet::default();
+    let replace = IssueDecision::Replace { expect: Some(pair.access_id) };
+    assert_eq!(decide_issue(TokenFormat::Opaque, Some(&pair), &granted, 99), IssueDecision::Reuse(pair.clone()));
+    assert_eq!(decide_issue(TokenFormat::Opaque, Some(&pair), &granted, 100), replace);
+    let other = ScopeSet::parse("device_x").expect("scope");
+    assert_eq!(decide_issue(TokenFormat::Opaque, Some(&pair), &other, 99), replace, "other scopes: no reuse");
+    assert_eq!(decide_issue(TokenFormat::Jwt, Some(&pair), &granted, 0), replace);
+    assert_eq!(decide_issue(TokenFormat::Jwt, None, &granted, 0), IssueDecision::Replace { expect: None });
 }
 
 /// A store whose changes are visible at once but durable only when the test opens the gate: the state a
@@ -638,4 +639,33 @@ async fn requests_for_one_key_never_conflict_in_the_file_store() {
         }
     }
     assert_eq!(live, 1);
+}
+
+/// Opaque reuse hands out exactly what was asked for: after a refresh narrowed the key's live pair, a request
+/// for the full set gets a new pair with the full set, not the narrowed one.
+#[tokio::test]
+async fn opaque_reuse_happens_only_when_the_live_pair_has_the_requested_scopes() {
+    let f = fixture(TokenFormat::Opaque);
+    let full = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("full");
+    let narrow = f
+        .service
+        .token(
+            &client("shop"),
+            Grant::RefreshToken {
+                refresh_token: full.refresh_token.clone().expect("refresh"),
+                scope: Some("orders:read".into()),
+            },
+        )
+        .await
+        .expect("narrowing refresh");
+    assert_eq!(narrow.scope, "orders:read");
+    let again = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("full again");
+    assert_eq!(again.scope, "device_ipad orders:read", "the full set was asked for");
+    assert_ne!(again.access_token, narrow.access_token, "the narrowed token was handed out for the full set");
+    assert!(!again.reused);
+    assert!(!f.active(&narrow.access_token).await, "the narrowed pair was replaced");
+    // And with the full set live again, the same request reuses it.
+    let same = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("same");
+    assert!(same.reused);
+    assert_eq!(same.access_token, again.access_token);
 }
