@@ -64,6 +64,7 @@ pub struct OAuthApplicationSpec {
     pub client_roles: Vec<String>,
     /// Scopes the application declares. `device_<id>` scopes need no declaration.
     #[serde(default)]
+    #[schemars(length(max = 256))]
     pub scopes: Vec<ScopeSpec>,
     /// Where the users of the `password` grant live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,11 +135,20 @@ impl SigningAlgorithm {
     }
 }
 
+/// Bounds the CRD states too (they also keep the API server's CEL cost estimate of the scope rule small).
+pub const MAX_DECLARED_SCOPES: usize = 256;
+pub const MAX_SCOPE_NAME_BYTES: usize = 128;
+
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScopeSpec {
-    /// RFC 6749 scope token; `device_` scopes are implicit and must not be declared.
-    #[schemars(regex(pattern = r"^[\x21\x23-\x5B\x5D-\x7E]+$"))]
+    /// RFC 6749 scope token; `device_` scopes are implicit and `default` is what an empty grant gets: neither may
+    /// be declared.
+    #[schemars(regex(pattern = r"^[\x21\x23-\x5B\x5D-\x7E]+$"), length(max = 128))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self != 'default' && !self.startsWith('device_')",
+        "message": "'default' and device_ scopes are implicit and must not be declared"
+    }]))]
     pub name: String,
     /// Roles that may have this scope; anyone may when empty.
     #[serde(default)]
@@ -259,12 +269,24 @@ impl OAuthApplicationSpec {
                 return Err(field(format!("spec.audience[{i}]"), "must not be empty"));
             }
         }
+        if self.scopes.len() > MAX_DECLARED_SCOPES {
+            return Err(field("spec.scopes", format!("at most {MAX_DECLARED_SCOPES} scopes may be declared")));
+        }
         for (i, scope) in self.scopes.iter().enumerate() {
             let path = format!("spec.scopes[{i}].name");
+            if scope.name.len() > MAX_SCOPE_NAME_BYTES {
+                return Err(field(path, format!("longer than {MAX_SCOPE_NAME_BYTES} characters")));
+            }
             if !is_scope_token(&scope.name) {
                 return Err(field(
                     path,
                     format!("{:?} is not a valid scope name (RFC 6749 scope characters, no spaces)", scope.name),
+                ));
+            }
+            if scope.name == crate::core::scope::DEFAULT_SCOPE {
+                return Err(field(
+                    path,
+                    "\"default\" is the scope a grant gets when nothing else is granted and must not be declared",
                 ));
             }
             if is_device_scope(&scope.name) {
@@ -331,6 +353,28 @@ mod tests {
 
     fn spec(yaml: &str) -> OAuthApplicationSpec {
         serde_yaml::from_str(yaml).expect("test spec parses")
+    }
+
+    #[test]
+    fn scope_declarations_that_cannot_mean_anything_are_refused_naming_the_field() {
+        for (name, why) in [("default", "default"), ("device_ipad", "device_")] {
+            let s = spec(&format!("grantTypes: [client_credentials]\nscopes: [{{name: ok}}, {{name: {name}}}]"));
+            let e = s.validate().expect_err(name);
+            assert_eq!(e.path, "spec.scopes[1].name", "{name}");
+            assert!(e.message.contains(why), "{name}: {}", e.message);
+        }
+    }
+
+    /// The API server refuses them too: the CRD carries a CEL rule on the scope name.
+    #[test]
+    fn the_crd_refuses_default_and_device_scope_declarations() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(OAuthApplication::crd()).expect("crd");
+        let name = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["scopes"]
+            ["items"]["properties"]["name"];
+        let rules = name["x-kubernetes-validations"].as_array().expect("validation rules on scopes[].name");
+        let rule = rules.iter().filter_map(|r| r["rule"].as_str()).collect::<Vec<_>>().join(" && ");
+        assert!(rule.contains("self != 'default'") && rule.contains("!self.startsWith('device_')"), "{rule}");
     }
 
     #[test]
