@@ -72,6 +72,7 @@ fn main() {
                 issuer: "http://127.0.0.1:8080".into(),
                 user_lockout: LockoutPolicy::default(),
                 client_lockout: LockoutPolicy::default(),
+                request_bounds: Default::default(),
             },
         );
         let creds = ClientCredentials { client_id: "bench".into(), client_secret: "bench-secret".into() };

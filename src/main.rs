@@ -105,6 +105,21 @@ struct ServeArgs {
     idle_timeout: u64,
     #[command(flatten)]
     lockout: LockoutArgs,
+    /// Scopes one request may ask for (more: invalid_scope).
+    #[arg(long, default_value_t = 32)]
+    max_request_scopes: usize,
+    /// Bytes of one request's scope parameter (more: invalid_scope).
+    #[arg(long, default_value_t = 1024)]
+    max_scope_length: usize,
+}
+
+impl ServeArgs {
+    fn request_bounds(&self) -> kubetoken::core::service::RequestBounds {
+        kubetoken::core::service::RequestBounds {
+            max_scopes: self.max_request_scopes,
+            max_scope_bytes: self.max_scope_length,
+        }
+    }
 }
 
 /// TLS from PEM files, reloaded when they change.
@@ -259,6 +274,7 @@ fn standalone(args: StandaloneArgs) -> Result<(), String> {
         endpoint: args.serve.endpoint()?,
         user_lockout,
         client_lockout,
+        request_bounds: args.serve.request_bounds(),
     }))
 }
 
@@ -278,6 +294,7 @@ fn sidecar(args: SidecarArgs) -> Result<(), String> {
         health_listen: args.health_listen,
         user_lockout,
         client_lockout,
+        request_bounds: args.serve.request_bounds(),
         store: kubetoken::storage::kube_store::KubeStoreOptions {
             writes_per_second: args.api_writes_per_second,
             compact_bytes: args.journal_compact_kib.max(1) * 1024,

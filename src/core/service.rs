@@ -125,6 +125,22 @@ pub struct ServiceConfig {
     pub issuer: String,
     pub user_lockout: LockoutPolicy,
     pub client_lockout: LockoutPolicy,
+    pub request_bounds: RequestBounds,
+}
+
+/// How much a single request may ask for: memory and work per request stay bounded whatever a client sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestBounds {
+    /// Scopes in one request.
+    pub max_scopes: usize,
+    /// Bytes of the `scope` parameter.
+    pub max_scope_bytes: usize,
+}
+
+impl Default for RequestBounds {
+    fn default() -> Self {
+        Self { max_scopes: 32, max_scope_bytes: 1024 }
+    }
 }
 
 pub struct TokenService {
@@ -136,6 +152,7 @@ pub struct TokenService {
     issuer: String,
     user_lockout: Lockout,
     client_lockout: Lockout,
+    request_bounds: RequestBounds,
     rng: SystemRandom,
     passwords: Arc<PasswordChecker>,
     key_locks: Box<[std::sync::Mutex<()>]>,
@@ -151,9 +168,20 @@ fn store_error(e: StoreError) -> OAuthError {
     }
 }
 
-fn parse_scope(scope: Option<&str>) -> Result<ScopeSet, OAuthError> {
-    ScopeSet::parse(scope.unwrap_or(""))
-        .map_err(|_| OAuthError::InvalidScope("scope contains characters outside RFC 6749 section 3.3".into()))
+fn parse_scope(scope: Option<&str>, bounds: &RequestBounds) -> Result<ScopeSet, OAuthError> {
+    let scope = scope.unwrap_or("");
+    if scope.len() > bounds.max_scope_bytes {
+        return Err(OAuthError::InvalidScope(format!(
+            "the scope parameter may be at most {} bytes long",
+            bounds.max_scope_bytes
+        )));
+    }
+    let set = ScopeSet::parse(scope)
+        .map_err(|_| OAuthError::InvalidScope("scope contains characters outside RFC 6749 section 3.3".into()))?;
+    if set.iter().count() > bounds.max_scopes {
+        return Err(OAuthError::InvalidScope(format!("a request may ask for at most {} scopes", bounds.max_scopes)));
+    }
+    Ok(set)
 }
 
 impl TokenService {
@@ -165,6 +193,7 @@ impl TokenService {
             issuer: config.issuer,
             user_lockout: Lockout::new(config.user_lockout),
             client_lockout: Lockout::new(config.client_lockout),
+            request_bounds: config.request_bounds,
             rng: SystemRandom::new(),
             passwords: Arc::default(),
             key_locks: (0..64).map(|_| std::sync::Mutex::new(())).collect(),
@@ -262,14 +291,14 @@ impl TokenService {
         }
         match grant {
             Grant::ClientCredentials { scope } => {
-                let requested = parse_scope(scope.as_deref())?;
+                let requested = parse_scope(scope.as_deref(), &self.request_bounds)?;
                 let granted = app.scopes.grant(&requested, &app.client_roles);
                 let key = TokenKey { client_id: app.client_id.clone(), subject: Subject::Client, scopes: granted };
                 // RFC 6749 §4.4.3: no refresh token for client_credentials.
                 self.issue(issuer, &app, key, false).await
             }
             Grant::Password { username, password, scope } => {
-                let requested = parse_scope(scope.as_deref())?;
+                let requested = parse_scope(scope.as_deref(), &self.request_bounds)?;
                 let roles = self.check_password(&app, &username, password).await?;
                 let granted = app.scopes.grant(&requested, &roles);
                 let key =
@@ -277,7 +306,7 @@ impl TokenService {
                 self.issue(issuer, &app, key, app.issues_refresh_tokens()).await
             }
             Grant::RefreshToken { refresh_token, scope } => {
-                let requested = scope.as_deref().map(|s| parse_scope(Some(s))).transpose()?;
+                let requested = scope.as_deref().map(|s| parse_scope(Some(s), &self.request_bounds)).transpose()?;
                 self.refresh(issuer, &app, &refresh_token, requested).await
             }
         }

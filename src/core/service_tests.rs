@@ -89,6 +89,7 @@ fn fixture(format: TokenFormat) -> Fixture {
             issuer: "https://issuer.test".into(),
             user_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
             client_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
+            request_bounds: Default::default(),
         },
     );
     Fixture { service, clock }
@@ -439,6 +440,7 @@ async fn a_revocation_is_answered_only_once_the_change_that_removed_the_token_is
         issuer: "https://issuer.test".into(),
         user_lockout: LockoutPolicy::default(),
         client_lockout: LockoutPolicy::default(),
+        request_bounds: Default::default(),
     };
     let service = Arc::new(TokenService::new(registry, store.clone(), Arc::new(ManualClock::new(T0)), config));
     let grant = || Grant::ClientCredentials { scope: Some("device_x".into()) };
@@ -616,6 +618,7 @@ async fn requests_for_one_key_never_conflict_in_the_file_store() {
         issuer: "https://issuer.test".into(),
         user_lockout: LockoutPolicy::default(),
         client_lockout: LockoutPolicy::default(),
+        request_bounds: Default::default(),
     };
     let service = Arc::new(TokenService::new(registry, store.clone(), clock, config));
     let tasks: Vec<_> = (0..128)
@@ -668,4 +671,25 @@ async fn opaque_reuse_happens_only_when_the_live_pair_has_the_requested_scopes()
     let same = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("same");
     assert!(same.reused);
     assert_eq!(same.access_token, again.access_token);
+}
+
+/// Bounded input: past the configured number of scopes, or a scope parameter past the configured length, a
+/// request is `invalid_scope` before anything else is done with it.
+#[tokio::test]
+async fn too_many_scopes_or_an_overlong_scope_parameter_is_invalid_scope() {
+    let f = fixture(TokenFormat::Jwt);
+    let bounds = RequestBounds::default();
+    let scopes = |n: usize| (0..n).map(|i| format!("device_d{i}")).collect::<Vec<_>>().join(" ");
+    let at_limit = f.password("alice", "alice-pw", &scopes(bounds.max_scopes)).await;
+    assert!(at_limit.is_ok(), "{at_limit:?}");
+    for scope in [scopes(bounds.max_scopes + 1), format!("device_{}", "x".repeat(bounds.max_scope_bytes))] {
+        match f.password("alice", "alice-pw", &scope).await {
+            Err(OAuthError::InvalidScope(d)) => assert!(d.contains("at most"), "{d}"),
+            other => panic!("expected invalid_scope, got {other:?}"),
+        }
+    }
+    // Refresh requests are bounded the same way.
+    let r = at_limit.expect("token").refresh_token.expect("refresh");
+    let grant = Grant::RefreshToken { refresh_token: r, scope: Some(scopes(bounds.max_scopes + 1)) };
+    assert!(matches!(f.service.token(&client("shop"), grant).await, Err(OAuthError::InvalidScope(_))));
 }

@@ -54,6 +54,7 @@ fn router_with_store(store: Arc<dyn TokenStore>) -> Router {
             issuer: "https://tokens.example/".into(),
             user_lockout: LockoutPolicy::default(),
             client_lockout: LockoutPolicy::default(),
+            request_bounds: Default::default(),
         },
     );
     router(Arc::new(AppState::new(Arc::new(service), Arc::new(Metrics::default()))))

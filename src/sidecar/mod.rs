@@ -35,6 +35,7 @@ pub struct SidecarOptions {
     pub health_listen: Option<std::net::SocketAddr>,
     pub user_lockout: LockoutPolicy,
     pub client_lockout: LockoutPolicy,
+    pub request_bounds: crate::core::service::RequestBounds,
     pub store: KubeStoreOptions,
 }
 
@@ -174,7 +175,12 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
         crate::core::app::Registry::default(),
         routing.clone(),
         clock.clone(),
-        ServiceConfig { issuer, user_lockout: opts.user_lockout, client_lockout: opts.client_lockout },
+        ServiceConfig {
+            issuer,
+            user_lockout: opts.user_lockout,
+            client_lockout: opts.client_lockout,
+            request_bounds: opts.request_bounds,
+        },
     ));
 
     let mut tasks = Vec::new();

@@ -28,6 +28,7 @@ pub struct StandaloneOptions {
     pub endpoint: Endpoint,
     pub user_lockout: LockoutPolicy,
     pub client_lockout: LockoutPolicy,
+    pub request_bounds: crate::core::service::RequestBounds,
 }
 
 /// Credentials generated at start, to be shown to the operator once per start.
@@ -147,7 +148,12 @@ pub fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepared, Str
         registry,
         store.clone(),
         clock,
-        ServiceConfig { issuer, user_lockout: opts.user_lockout, client_lockout: opts.client_lockout },
+        ServiceConfig {
+            issuer,
+            user_lockout: opts.user_lockout,
+            client_lockout: opts.client_lockout,
+            request_bounds: opts.request_bounds,
+        },
     );
     Ok(Prepared { service: Arc::new(service), store, metrics, generated })
 }
