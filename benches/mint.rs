@@ -9,12 +9,13 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kubetoken::api::v1alpha1::{GrantType, SigningAlgorithm, TokenFormat};
 use kubetoken::core::app::{Application, ApplicationConfig, Registry};
+use kubetoken::core::app::{GrantType, TokenFormat};
 use kubetoken::core::clock::SystemClock;
 use kubetoken::core::lockout::LockoutPolicy;
 use kubetoken::core::scope::ScopePolicy;
 use kubetoken::core::service::{ClientCredentials, Grant, ServiceConfig, TokenService};
+use kubetoken::core::signing::Algorithm;
 use kubetoken::core::signing::SigningKey;
 use kubetoken::core::store::MemoryStore;
 
@@ -37,10 +38,10 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
     println!("| algorithm | sign µs | grant µs | grants/s (one core) |");
     println!("|---|---|---|---|");
-    for alg in [SigningAlgorithm::ES256, SigningAlgorithm::EdDSA, SigningAlgorithm::RS256] {
+    for alg in [Algorithm::ES256, Algorithm::EdDSA, Algorithm::RS256] {
         let ops = match (alg, quick) {
             (_, true) => 20,
-            (SigningAlgorithm::RS256, false) => 300,
+            (Algorithm::RS256, false) => 300,
             _ => 5000,
         };
         let key = Arc::new(SigningKey::from_pkcs8(alg, &SigningKey::generate_pkcs8(alg).expect("key")).expect("parse"));
@@ -73,6 +74,7 @@ fn main() {
                 user_lockout: LockoutPolicy::default(),
                 client_lockout: LockoutPolicy::default(),
                 request_bounds: Default::default(),
+                passwords: Arc::new(kubetoken::passwords::BlockingPoolVerifier::default()),
             },
         );
         let creds = ClientCredentials { client_id: "bench".into(), client_secret: "bench-secret".into() };

@@ -19,6 +19,7 @@ pub mod core;
 pub mod http;
 pub mod kube_client;
 pub mod metrics;
+pub mod passwords;
 pub mod sidecar;
 pub mod signal;
 pub mod standalone;

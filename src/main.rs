@@ -318,7 +318,7 @@ fn controller(args: ControllerArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let clock: std::sync::Arc<dyn kubetoken::core::clock::Clock> = match args.clock_offset_file {
-        Some(path) => std::sync::Arc::new(kubetoken::core::clock::OffsetFileClock::new(path)),
+        Some(path) => std::sync::Arc::new(kubetoken::controller::offset_clock::OffsetFileClock::new(path)),
         None => std::sync::Arc::new(kubetoken::core::clock::SystemClock),
     };
     runtime.block_on(kubetoken::controller::run(kubetoken::controller::ControllerOptions {

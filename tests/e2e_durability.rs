@@ -404,3 +404,102 @@ fn graceful_restart_keeps_tokens() {
     assert_eq!((reuse.status, reuse.error()), (400, "invalid_grant".to_string()), "{}", reuse.body);
     assert!(!server.active(SHOP, &refreshed.field("access_token")), "reuse detection revokes the live pair");
 }
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `path` and everything under it, each with its permission bits, directories first.
+fn modes_under(path: &Path) -> Vec<(PathBuf, u32)> {
+    let meta = fs::symlink_metadata(path).expect("metadata");
+    let mut out = vec![(path.to_path_buf(), meta.permissions().mode() & 0o7777)];
+    if meta.is_dir() {
+        let mut children: Vec<PathBuf> =
+            fs::read_dir(path).expect("read_dir").map(|e| e.expect("entry").path()).collect();
+        children.sort();
+        for child in children {
+            out.extend(modes_under(&child));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_state_directory_is_private_and_a_key_readable_by_others_is_reported_and_fixed() {
+    let parent = tempfile::tempdir().expect("tempdir");
+    let state = parent.path().join("state");
+    fs::create_dir(&state).expect("state dir");
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).expect("chmod");
+    // A token key copied in with a careless mode.
+    let mac_key = state.join("token-mac.key");
+    fs::write(&mac_key, [7u8; 32]).expect("key");
+    fs::set_permissions(&mac_key, fs::Permissions::from_mode(0o644)).expect("chmod");
+
+    let mut server = Server::start(&examples_dir(), &state, &[]);
+    let r = server.token(SHOP, &[("grant_type", "client_credentials"), ("scope", "device_private")]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let stderr = server.stop();
+    assert!(
+        stderr.lines().any(|l| l.contains("WARN") && l.contains(&mac_key.display().to_string()) && l.contains("0644")),
+        "the key readable by others is not reported with its mode:\n{stderr}"
+    );
+
+    // Keys, generated credentials, the token log and its lock: every file 0600, every directory 0700.
+    let entries = modes_under(&state);
+    assert!(entries.iter().any(|(p, _)| p.ends_with("tokens/tokens.log")), "{entries:?}");
+    assert!(entries.iter().any(|(p, _)| p.extension().is_some_and(|e| e == "pk8")), "{entries:?}");
+    for (path, mode) in &entries {
+        let want = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(*mode, want, "{} has mode {mode:04o}, want {want:04o}", path.display());
+    }
+    assert_eq!(fs::read(&mac_key).expect("key"), [7u8; 32], "the key itself is kept");
+}
+
+/// Bit rot in the middle of the token log: the binary refuses to start, naming the file and the offset of the bad
+/// record, rather than silently dropping the acknowledged records after it. The documented recovery (truncate at
+/// that offset) starts it again, without the records that followed.
+#[test]
+fn a_corrupt_record_in_the_middle_of_the_log_refuses_the_start_until_truncated_at_its_offset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(&examples_dir(), dir.path(), &[]);
+    let tokens: Vec<String> = (0..6)
+        .map(|i| {
+            let scope = format!("device_rot{i}");
+            let r = server.token(SHOP, &[("grant_type", "client_credentials"), ("scope", &scope)]);
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.field("access_token")
+        })
+        .collect();
+    let stderr = server.stop();
+    assert!(stderr.contains("token state flushed"), "no clean shutdown:\n{stderr}");
+
+    let log = dir.path().join("tokens").join("tokens.log");
+    let mut data = fs::read(&log).expect("log");
+    let starts: Vec<usize> =
+        std::iter::once(0).chain(data.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i + 1)).collect();
+    assert_eq!(starts.len(), tokens.len() + 1, "one record per token, then the end: {starts:?}");
+    let bad = 2; // the third record, for device_rot2
+    let offset = starts[bad];
+    data[offset + 20] ^= 0x01; // one bit inside its JSON
+    fs::write(&log, &data).expect("corrupt the log");
+
+    let stderr = match Server::try_start(&examples_dir(), dir.path(), &[]) {
+        Ok(_) => panic!("the server started with a corrupt record in the middle of its log"),
+        Err(stderr) => stderr,
+    };
+    let truncate = format!("truncate -s {offset} {}", log.display());
+    for part in [log.display().to_string(), format!("byte offset {offset}"), format!("line {}", bad + 1), truncate] {
+        assert!(stderr.contains(&part), "{part:?} missing from:\n{stderr}");
+    }
+    assert_eq!(fs::read(&log).expect("log"), data, "a refused log is left as it was");
+
+    // The recovery in ARCHITECTURE.md: keep a copy, truncate at the offset.
+    fs::copy(&log, dir.path().join("tokens.log.damaged")).expect("copy aside");
+    let status = Command::new("truncate").arg("-s").arg(offset.to_string()).arg(&log).status().expect("truncate");
+    assert!(status.success());
+    let server = Server::start(&examples_dir(), dir.path(), &[]);
+    for (i, token) in tokens.iter().enumerate() {
+        assert_eq!(server.active(SHOP, token), i < bad, "token {i}: only the records before the cut are kept");
+    }
+}

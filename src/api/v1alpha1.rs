@@ -1,6 +1,7 @@
 //! `OAuthApplication` (`kubetoken.io/v1alpha1`): the resource users `kubectl apply`, read as-is by standalone mode
 //! and (later) reconciled by the controller. Field names follow Kubernetes conventions (camelCase).
 
+use crate::core::signing::{Algorithm, KeyError};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -84,10 +85,25 @@ pub enum GrantType {
 
 impl GrantType {
     pub fn as_str(self) -> &'static str {
-        match self {
-            GrantType::Password => "password",
-            GrantType::ClientCredentials => "client_credentials",
-            GrantType::RefreshToken => "refresh_token",
+        crate::core::app::GrantType::from(self).as_str()
+    }
+}
+
+impl From<GrantType> for crate::core::app::GrantType {
+    fn from(g: GrantType) -> Self {
+        match g {
+            GrantType::Password => Self::Password,
+            GrantType::ClientCredentials => Self::ClientCredentials,
+            GrantType::RefreshToken => Self::RefreshToken,
+        }
+    }
+}
+
+impl From<TokenFormat> for crate::core::app::TokenFormat {
+    fn from(f: TokenFormat) -> Self {
+        match f {
+            TokenFormat::Jwt => Self::Jwt,
+            TokenFormat::Opaque => Self::Opaque,
         }
     }
 }
@@ -126,11 +142,20 @@ pub enum SigningAlgorithm {
 
 impl SigningAlgorithm {
     pub fn as_str(self) -> &'static str {
-        match self {
-            SigningAlgorithm::ES256 => "ES256",
-            SigningAlgorithm::RS256 => "RS256",
-            SigningAlgorithm::EdDSA => "EdDSA",
-            SigningAlgorithm::Unsupported => "unsupported",
+        Algorithm::try_from(self).map_or("unsupported", Algorithm::as_str)
+    }
+}
+
+impl TryFrom<SigningAlgorithm> for Algorithm {
+    type Error = KeyError;
+    fn try_from(a: SigningAlgorithm) -> Result<Self, KeyError> {
+        match a {
+            SigningAlgorithm::ES256 => Ok(Algorithm::ES256),
+            SigningAlgorithm::RS256 => Ok(Algorithm::RS256),
+            SigningAlgorithm::EdDSA => Ok(Algorithm::EdDSA),
+            SigningAlgorithm::Unsupported => {
+                Err(KeyError::Rejected { alg: "unsupported", reason: "no such signing algorithm".into() })
+            }
         }
     }
 }
@@ -328,8 +353,8 @@ impl OAuthApplicationSpec {
             name: parts.name,
             client_id: parts.client_id,
             client_secrets: parts.client_secrets,
-            grant_types: self.grant_types.clone(),
-            format: self.token_format,
+            grant_types: self.grant_types.iter().map(|g| (*g).into()).collect(),
+            format: self.token_format.into(),
             access_ttl: self.access_lifetime_secs()?,
             refresh_ttl: self.refresh_lifetime_secs()?,
             audience: self.audience.clone(),

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::v1alpha1::SigningAlgorithm;
 use crate::core::clock::UnixTime;
-use crate::core::signing::{KeyError, SigningKey};
+use crate::core::signing::{Algorithm, KeyError, SigningKey};
 
 /// Key of the signing-keys Secret that holds the key set.
 pub const KEYS_FIELD: &str = "keys.json";
@@ -42,8 +42,8 @@ pub struct StoredKey {
 impl StoredKey {
     /// Generates a new key for `alg`, created at `now`.
     pub fn generate(alg: SigningAlgorithm, now: UnixTime) -> Result<Self, KeyError> {
-        let der = SigningKey::generate_pkcs8(alg)?;
-        let parsed = SigningKey::from_pkcs8(alg, &der)?;
+        let der = SigningKey::generate_pkcs8(alg.try_into()?)?;
+        let parsed = SigningKey::from_pkcs8(alg.try_into()?, &der)?;
         Ok(Self {
             kid: parsed.kid().to_string(),
             alg,
@@ -57,7 +57,9 @@ impl StoredKey {
 
     pub fn signing_key(&self) -> Result<SigningKey, String> {
         let der = STANDARD.decode(&self.pkcs8).map_err(|e| format!("key {}: bad base64: {e}", self.kid))?;
-        SigningKey::from_pkcs8(self.alg, &der).map_err(|e| format!("key {}: {e}", self.kid))
+        Algorithm::try_from(self.alg)
+            .and_then(|alg| SigningKey::from_pkcs8(alg, &der))
+            .map_err(|e| format!("key {}: {e}", self.kid))
     }
 }
 

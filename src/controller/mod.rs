@@ -9,6 +9,7 @@
 pub mod keys;
 pub mod leader;
 pub mod metrics;
+pub mod offset_clock;
 pub mod reconcile;
 pub mod status;
 

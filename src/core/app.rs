@@ -9,7 +9,34 @@ use subtle::ConstantTimeEq;
 use super::scope::ScopePolicy;
 use super::signing::SigningKey;
 use super::tokens::OpaqueTokens;
-use crate::api::v1alpha1::{GrantType, TokenFormat};
+
+/// The grants an application may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GrantType {
+    Password,
+    ClientCredentials,
+    RefreshToken,
+}
+
+impl GrantType {
+    /// The `grant_type` value of RFC 6749.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantType::Password => "password",
+            GrantType::ClientCredentials => "client_credentials",
+            GrantType::RefreshToken => "refresh_token",
+        }
+    }
+}
+
+/// What an access token is: a signed JWT (a new one replaces the key's previous token) or an opaque handle (the
+/// same one is handed out again while it is valid).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokenFormat {
+    #[default]
+    Jwt,
+    Opaque,
+}
 
 /// A password hash from the user store, checked for shape when loaded.
 #[derive(Clone)]
@@ -82,33 +109,13 @@ fn verify_argon2(phc: &str, password: &str, memory: &mut Vec<argon2::Block>) -> 
     Some(out.ct_eq(expected.as_bytes()).into())
 }
 
-/// Runs password verifications off the executor, at most one per CPU at a time, each with working memory kept
-/// from one verification to the next. Bounds CPU and memory under a flood of password requests.
-pub struct PasswordChecker {
-    permits: tokio::sync::Semaphore,
-    memories: std::sync::Mutex<Vec<Vec<argon2::Block>>>,
-}
+/// A password verification under way: `Ok(matches)`, or why it could not be done.
+pub type PasswordCheck = std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send>>;
 
-impl Default for PasswordChecker {
-    fn default() -> Self {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self { permits: tokio::sync::Semaphore::new(cpus), memories: std::sync::Mutex::default() }
-    }
-}
-
-impl PasswordChecker {
-    pub async fn verify(self: &Arc<Self>, digest: PasswordDigest, password: String) -> Result<bool, String> {
-        let _permit = self.permits.acquire().await.map_err(|_| "password checker closed".to_string())?;
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut memory = this.memories.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
-            let ok = digest.verify(&password, &mut memory);
-            this.memories.lock().unwrap_or_else(|p| p.into_inner()).push(memory);
-            ok
-        })
-        .await
-        .map_err(|e| format!("password verification task failed: {e}"))
-    }
+/// Port: where password hashes are verified. Verification costs milliseconds of CPU and megabytes of memory
+/// (argon2), so the adapter decides where it runs and how many run at once; the core only awaits the answer.
+pub trait PasswordVerifier: Send + Sync {
+    fn verify(&self, digest: PasswordDigest, password: String) -> PasswordCheck;
 }
 
 /// 16 random bytes from the OS, as a PHC salt.

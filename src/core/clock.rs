@@ -19,26 +19,6 @@ impl Clock for SystemClock {
     }
 }
 
-/// The system clock shifted by a number of seconds read from a file at every call: lets end-to-end tests move a
-/// running process's time forward (e.g. past a 30-day key rotation). A missing or unreadable file means no shift.
-#[derive(Debug, Clone)]
-pub struct OffsetFileClock {
-    path: std::path::PathBuf,
-}
-
-impl OffsetFileClock {
-    pub fn new(path: impl Into<std::path::PathBuf>) -> Self {
-        Self { path: path.into() }
-    }
-}
-
-impl Clock for OffsetFileClock {
-    fn now(&self) -> UnixTime {
-        let offset: i64 = std::fs::read_to_string(&self.path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-        SystemClock.now().saturating_add_signed(offset)
-    }
-}
-
 /// A clock that moves only when told to (tests).
 #[derive(Debug, Default)]
 pub struct ManualClock(AtomicU64);

@@ -22,3 +22,42 @@ pub mod signing;
 pub mod state;
 pub mod store;
 pub mod tokens;
+
+#[cfg(test)]
+mod tests {
+    /// Dependencies point one way: the core knows nothing of the CRD types, Kubernetes, the HTTP layer, the storage
+    /// adapters or the async runtime (its tests may use anything).
+    #[test]
+    fn the_core_imports_no_adapter_and_no_runtime() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core");
+        let forbidden = [
+            "crate::api",
+            "crate::http",
+            "crate::storage",
+            "crate::controller",
+            "crate::sidecar",
+            "crate::standalone",
+            "crate::passwords",
+            "kube::",
+            "k8s_openapi",
+            "tokio::",
+        ];
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&dir).expect("src/core") {
+            let path = entry.expect("entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if name.ends_with("_tests.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read");
+            // The code before the file's own `#[cfg(test)]` module.
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for f in forbidden {
+                if code.contains(f) {
+                    found.push(format!("{name}: {f}"));
+                }
+            }
+        }
+        assert!(found.is_empty(), "the core depends on outer layers: {found:?}");
+    }
+}

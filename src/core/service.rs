@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use aws_lc_rs::rand::SystemRandom;
 use serde::Serialize;
 
-use super::app::{Application, PasswordChecker, PasswordDigest, Registry};
+use super::app::{Application, GrantType, PasswordDigest, PasswordVerifier, Registry, TokenFormat};
 use super::clock::{Clock, UnixTime};
 use super::error::OAuthError;
 use super::lockout::{Lockout, LockoutPolicy, SharedFailure};
@@ -14,7 +14,6 @@ use super::model::{Change, LivePair, RefreshGrant, RefreshLookup, SharedKey, Sub
 use super::scope::ScopeSet;
 use super::store::{StoreError, TokenStore};
 use super::tokens::{AccessClaims, JtiOnly, TokenKind};
-use crate::api::v1alpha1::{GrantType, TokenFormat};
 
 /// How many times a decision is retried when another request changed the same key in between.
 const MAX_ATTEMPTS: usize = 16;
@@ -126,6 +125,8 @@ pub struct ServiceConfig {
     pub user_lockout: LockoutPolicy,
     pub client_lockout: LockoutPolicy,
     pub request_bounds: RequestBounds,
+    /// Where password hashes are verified (off the async executor, in practice).
+    pub passwords: Arc<dyn PasswordVerifier>,
 }
 
 /// How much a single request may ask for: memory and work per request stay bounded whatever a client sends.
@@ -154,7 +155,7 @@ pub struct TokenService {
     client_lockout: Lockout,
     request_bounds: RequestBounds,
     rng: SystemRandom,
-    passwords: Arc<PasswordChecker>,
+    passwords: Arc<dyn PasswordVerifier>,
     key_locks: Box<[std::sync::Mutex<()>]>,
 }
 
@@ -195,7 +196,7 @@ impl TokenService {
             client_lockout: Lockout::new(config.client_lockout),
             request_bounds: config.request_bounds,
             rng: SystemRandom::new(),
-            passwords: Arc::default(),
+            passwords: config.passwords,
             key_locks: (0..64).map(|_| std::sync::Mutex::new(())).collect(),
         }
     }

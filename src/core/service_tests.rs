@@ -39,8 +39,8 @@ fn app_with_users(
     users: HashMap<String, User>,
 ) -> Application {
     let signer = SigningKey::from_pkcs8(
-        crate::api::v1alpha1::SigningAlgorithm::ES256,
-        &SigningKey::generate_pkcs8(crate::api::v1alpha1::SigningAlgorithm::ES256).expect("key"),
+        crate::core::signing::Algorithm::ES256,
+        &SigningKey::generate_pkcs8(crate::core::signing::Algorithm::ES256).expect("key"),
     )
     .expect("parse");
     Application::new(ApplicationConfig {
@@ -90,6 +90,7 @@ fn fixture(format: TokenFormat) -> Fixture {
             user_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
             client_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
             request_bounds: Default::default(),
+            passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
         },
     );
     Fixture { service, clock }
@@ -441,6 +442,7 @@ async fn a_revocation_is_answered_only_once_the_change_that_removed_the_token_is
         user_lockout: LockoutPolicy::default(),
         client_lockout: LockoutPolicy::default(),
         request_bounds: Default::default(),
+        passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
     };
     let service = Arc::new(TokenService::new(registry, store.clone(), Arc::new(ManualClock::new(T0)), config));
     let grant = || Grant::ClientCredentials { scope: Some("device_x".into()) };
@@ -619,6 +621,7 @@ async fn requests_for_one_key_never_conflict_in_the_file_store() {
         user_lockout: LockoutPolicy::default(),
         client_lockout: LockoutPolicy::default(),
         request_bounds: Default::default(),
+        passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
     };
     let service = Arc::new(TokenService::new(registry, store.clone(), clock, config));
     let tasks: Vec<_> = (0..128)

@@ -8,8 +8,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 
-use crate::api::v1alpha1::SigningAlgorithm;
-
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("{alg} key rejected: {reason}")]
@@ -22,6 +20,25 @@ pub enum KeyError {
 #[error("signing failed")]
 pub struct SignError;
 
+/// The JWS algorithms kubetoken signs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    ES256,
+    RS256,
+    EdDSA,
+}
+
+impl Algorithm {
+    /// The JWS `alg` name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::ES256 => "ES256",
+            Algorithm::RS256 => "RS256",
+            Algorithm::EdDSA => "EdDSA",
+        }
+    }
+}
+
 enum KeyPairKind {
     Es256(EcdsaKeyPair),
     Rs256(RsaKeyPair),
@@ -30,7 +47,7 @@ enum KeyPairKind {
 
 /// A parsed private key, ready to sign, with its public half as a JWK.
 pub struct SigningKey {
-    alg: SigningAlgorithm,
+    alg: Algorithm,
     kid: String,
     /// base64url of this key's JWT header, which is the same for every token it signs.
     header_b64: String,
@@ -57,33 +74,32 @@ fn thumbprint(required_members: &Value) -> String {
 
 impl SigningKey {
     /// Generates a new private key, as PKCS#8 DER.
-    pub fn generate_pkcs8(alg: SigningAlgorithm) -> Result<Vec<u8>, KeyError> {
+    pub fn generate_pkcs8(alg: Algorithm) -> Result<Vec<u8>, KeyError> {
         let rng = SystemRandom::new();
         match alg {
-            SigningAlgorithm::ES256 => EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            Algorithm::ES256 => EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
                 .map(|d| d.as_ref().to_vec())
                 .map_err(|_| KeyError::Generate("ES256")),
-            SigningAlgorithm::EdDSA => Ed25519KeyPair::generate_pkcs8(&rng)
+            Algorithm::EdDSA => Ed25519KeyPair::generate_pkcs8(&rng)
                 .map(|d| d.as_ref().to_vec())
                 .map_err(|_| KeyError::Generate("EdDSA")),
-            SigningAlgorithm::RS256 => {
+            Algorithm::RS256 => {
                 let key =
                     RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).map_err(|_| KeyError::Generate("RS256"))?;
                 let der: aws_lc_rs::encoding::Pkcs8V1Der<'static> =
                     key.as_der().map_err(|_| KeyError::Generate("RS256"))?;
                 Ok(der.as_ref().to_vec())
             }
-            SigningAlgorithm::Unsupported => Err(KeyError::Generate("unsupported")),
         }
     }
 
     /// Parses a PKCS#8 DER private key for `alg`.
-    pub fn from_pkcs8(alg: SigningAlgorithm, der: &[u8]) -> Result<Self, KeyError> {
+    pub fn from_pkcs8(alg: Algorithm, der: &[u8]) -> Result<Self, KeyError> {
         let rng = SystemRandom::new();
         let rejected =
             |e: aws_lc_rs::error::KeyRejected| KeyError::Rejected { alg: alg.as_str(), reason: e.to_string() };
         let (pair, required) = match alg {
-            SigningAlgorithm::ES256 => {
+            Algorithm::ES256 => {
                 let pair =
                     EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der).map_err(rejected)?;
                 // Uncompressed point: 0x04 || x (32 bytes) || y (32 bytes).
@@ -91,7 +107,7 @@ impl SigningKey {
                 let required = json!({"crv": "P-256", "kty": "EC", "x": b64(&point[1..33]), "y": b64(&point[33..65])});
                 (KeyPairKind::Es256(pair), required)
             }
-            SigningAlgorithm::RS256 => {
+            Algorithm::RS256 => {
                 let pair = RsaKeyPair::from_pkcs8(der).map_err(rejected)?;
                 let public = pair.public_key();
                 let required = json!({
@@ -101,13 +117,10 @@ impl SigningKey {
                 });
                 (KeyPairKind::Rs256(pair), required)
             }
-            SigningAlgorithm::EdDSA => {
+            Algorithm::EdDSA => {
                 let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(rejected)?;
                 let required = json!({"crv": "Ed25519", "kty": "OKP", "x": b64(pair.public_key().as_ref())});
                 (KeyPairKind::EdDsa(pair), required)
-            }
-            SigningAlgorithm::Unsupported => {
-                return Err(KeyError::Rejected { alg: "unsupported", reason: "no such signing algorithm".into() });
             }
         };
         let kid = thumbprint(&required);
@@ -186,7 +199,7 @@ mod tests {
 
     #[test]
     fn every_algorithm_signs_and_verifies_and_rejects_tampering() {
-        for alg in [SigningAlgorithm::ES256, SigningAlgorithm::EdDSA, SigningAlgorithm::RS256] {
+        for alg in [Algorithm::ES256, Algorithm::EdDSA, Algorithm::RS256] {
             let der = SigningKey::generate_pkcs8(alg).expect("generate");
             let key = SigningKey::from_pkcs8(alg, &der).expect("parse");
             let token = key.sign_jwt(br#"{"sub":"alice"}"#).expect("sign");
@@ -204,19 +217,19 @@ mod tests {
 
     #[test]
     fn kid_is_stable_for_the_same_key_and_differs_between_keys() {
-        let der = SigningKey::generate_pkcs8(SigningAlgorithm::ES256).expect("generate");
-        let a = SigningKey::from_pkcs8(SigningAlgorithm::ES256, &der).expect("parse");
-        let b = SigningKey::from_pkcs8(SigningAlgorithm::ES256, &der).expect("parse");
-        let other = SigningKey::generate_pkcs8(SigningAlgorithm::ES256).expect("generate");
-        let c = SigningKey::from_pkcs8(SigningAlgorithm::ES256, &other).expect("parse");
+        let der = SigningKey::generate_pkcs8(Algorithm::ES256).expect("generate");
+        let a = SigningKey::from_pkcs8(Algorithm::ES256, &der).expect("parse");
+        let b = SigningKey::from_pkcs8(Algorithm::ES256, &der).expect("parse");
+        let other = SigningKey::generate_pkcs8(Algorithm::ES256).expect("generate");
+        let c = SigningKey::from_pkcs8(Algorithm::ES256, &other).expect("parse");
         assert_eq!(a.kid(), b.kid());
         assert_ne!(a.kid(), c.kid());
     }
 
     #[test]
     fn key_of_the_wrong_algorithm_is_rejected() {
-        let der = SigningKey::generate_pkcs8(SigningAlgorithm::EdDSA).expect("generate");
-        assert!(SigningKey::from_pkcs8(SigningAlgorithm::ES256, &der).is_err());
-        assert!(SigningKey::from_pkcs8(SigningAlgorithm::RS256, b"garbage").is_err());
+        let der = SigningKey::generate_pkcs8(Algorithm::EdDSA).expect("generate");
+        assert!(SigningKey::from_pkcs8(Algorithm::ES256, &der).is_err());
+        assert!(SigningKey::from_pkcs8(Algorithm::RS256, b"garbage").is_err());
     }
 }

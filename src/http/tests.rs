@@ -10,13 +10,14 @@ use base64::engine::general_purpose::STANDARD;
 use tower::ServiceExt;
 
 use super::*;
-use crate::api::v1alpha1::{GrantType, SigningAlgorithm, TokenFormat};
 use crate::core::app::{Application, ApplicationConfig, Registry};
+use crate::core::app::{GrantType, TokenFormat};
 use crate::core::clock::ManualClock;
 use crate::core::lockout::LockoutPolicy;
 use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
 use crate::core::scope::ScopePolicy;
 use crate::core::service::ServiceConfig;
+use crate::core::signing::Algorithm;
 use crate::core::signing::SigningKey;
 use crate::core::store::{MemoryStore, StoreError, StoreFuture, TokenStore};
 
@@ -29,7 +30,7 @@ fn router_under_test() -> Router {
 }
 
 fn router_with_store(store: Arc<dyn TokenStore>) -> Router {
-    let key = SigningKey::generate_pkcs8(SigningAlgorithm::EdDSA).expect("key");
+    let key = SigningKey::generate_pkcs8(Algorithm::EdDSA).expect("key");
     let app = Application::new(ApplicationConfig {
         name: "default/one".into(),
         client_id: CLIENT_ID.into(),
@@ -42,7 +43,7 @@ fn router_with_store(store: Arc<dyn TokenStore>) -> Router {
         client_roles: vec![],
         scopes: ScopePolicy::new([("read".to_string(), vec![])]),
         users: HashMap::new(),
-        signer: Arc::new(SigningKey::from_pkcs8(SigningAlgorithm::EdDSA, &key).expect("parse")),
+        signer: Arc::new(SigningKey::from_pkcs8(Algorithm::EdDSA, &key).expect("parse")),
         verification_keys: vec![],
         token_secrets: vec![vec![7u8; 32]],
     });
@@ -55,6 +56,7 @@ fn router_with_store(store: Arc<dyn TokenStore>) -> Router {
             user_lockout: LockoutPolicy::default(),
             client_lockout: LockoutPolicy::default(),
             request_bounds: Default::default(),
+            passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
         },
     );
     router(Arc::new(AppState::new(Arc::new(service), Arc::new(Metrics::default()))))

@@ -180,6 +180,7 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
             user_lockout: opts.user_lockout,
             client_lockout: opts.client_lockout,
             request_bounds: opts.request_bounds,
+            passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
         },
     ));
 

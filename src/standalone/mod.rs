@@ -96,7 +96,9 @@ fn build_application(
 
     let alg = spec.signing.algorithm;
     let der = state.signing_key(ns, name, alg).map_err(|e| format!("{}: signing key: {e}", m.object()))?;
-    let signer = SigningKey::from_pkcs8(alg, &der).map_err(|e| format!("{}: signing key: {e}", m.object()))?;
+    let signer = crate::core::signing::Algorithm::try_from(alg)
+        .and_then(|alg| SigningKey::from_pkcs8(alg, &der))
+        .map_err(|e| format!("{}: signing key: {e}", m.object()))?;
 
     spec.application(ApplicationParts {
         name: format!("{ns}/{name}"),
@@ -153,6 +155,7 @@ pub fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepared, Str
             user_lockout: opts.user_lockout,
             client_lockout: opts.client_lockout,
             request_bounds: opts.request_bounds,
+            passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
         },
     );
     Ok(Prepared { service: Arc::new(service), store, metrics, generated })

@@ -5,12 +5,18 @@
 //! (group commit): one writer thread writes and fsyncs everything queued while the previous fsync ran.
 //!
 //! Log format: one record per line, `<crc32 as 8 hex digits> <JSON record>\n`. On start the log is replayed; a
-//! torn or corrupt tail (a write that was never acknowledged) is cut off. When the log holds many more records
+//! torn or corrupt tail (a write that was never acknowledged: bad records with no valid record after them) is cut
+//! off. A bad record followed by a valid one is damage to records that may have been acknowledged: the store
+//! refuses to open, naming the file and the byte offset, and cuts nothing. When the log holds many more records
 //! than live entries, the writer replaces it with a snapshot of the live state (write, fsync, rename, fsync dir),
 //! dropping expired entries.
+//!
+//! The directory is mode 0700 and every file in it 0600 (log, lock, compaction file): created so, and tightened
+//! at open if an earlier version or an operator left them wider.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -26,6 +32,67 @@ use crate::metrics::Histogram;
 const LOG_FILE: &str = "tokens.log";
 const COMPACT_FILE: &str = "tokens.log.compact";
 const LOCK_FILE: &str = "lock";
+
+/// The mode of every file of the token state (and of the standalone state directory): the owner's only.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// The mode of the directories holding them.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Takes away every permission bit of `mode` that `want` does not allow (it never adds any); `Some(mode)` when it
+/// did.
+fn tighten(
+    path: &Path,
+    mode: u32,
+    want: u32,
+    set: impl FnOnce(fs::Permissions) -> io::Result<()>,
+) -> io::Result<Option<u32>> {
+    if mode & !want == 0 {
+        return Ok(None);
+    }
+    set(fs::Permissions::from_mode(mode & want)).map_err(|e| {
+        io::Error::new(e.kind(), format!("cannot restrict {} from mode {mode:04o} to {want:04o}: {e}", path.display()))
+    })?;
+    Ok(Some(mode))
+}
+
+/// Restricts the file or directory at `path` (symbolic links followed) to at most `want`; returns its previous
+/// mode if that was wider.
+pub fn restrict_path(path: &Path, want: u32) -> io::Result<Option<u32>> {
+    let mode = fs::metadata(path)?.permissions().mode() & 0o7777;
+    tighten(path, mode, want, |p| fs::set_permissions(path, p))
+}
+
+/// Restricts the open `file` (at `path`) to at most `want`; returns its previous mode if that was wider.
+pub fn restrict_file(file: &File, path: &Path, want: u32) -> io::Result<Option<u32>> {
+    let mode = file.metadata()?.permissions().mode() & 0o7777;
+    tighten(path, mode, want, |p| file.set_permissions(p))
+}
+
+/// Creates the directory `dir` with mode 0700 (missing parents with the default mode), or restricts an existing
+/// one to 0700; returns its previous mode if that was wider.
+pub fn create_private_dir(dir: &Path) -> io::Result<Option<u32>> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::DirBuilder::new().mode(PRIVATE_DIR_MODE).create(dir) {
+        Ok(()) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => restrict_path(dir, PRIVATE_DIR_MODE),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens (creating it with mode 0600 if missing) the file at `path`, restricted to 0600.
+fn open_private(options: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    let file = options.mode(PRIVATE_FILE_MODE).open(path)?;
+    if let Some(mode) = restrict_file(&file, path, PRIVATE_FILE_MODE)? {
+        tracing::warn!(
+            path = %path.display(),
+            mode = %format!("{mode:04o}"),
+            "the file was accessible by group or others; restricted it to the owner"
+        );
+    }
+    Ok(file)
+}
 
 #[derive(Debug, Clone)]
 pub struct FileStoreOptions {
@@ -141,7 +208,52 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Replays `path` into `state`, cutting off a torn tail. Returns the report.
+/// Quotes `s` for a POSIX shell if it needs it.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+,:@%=".contains(&b)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Checks that what follows the first bad record (at byte `bad`, line `line`) is a torn tail: no complete, valid
+/// record after it. Otherwise the records after it may have been acknowledged, and cutting would lose them
+/// silently: the error names the file, the offset and how to recover.
+fn check_torn_tail(path: &Path, data: &[u8], bad: usize, line: usize) -> io::Result<()> {
+    let mut valid = 0usize;
+    let mut first_valid = None;
+    let mut offset = bad;
+    for (i, chunk) in data[bad..].split_inclusive(|b| *b == b'\n').enumerate() {
+        let start = offset;
+        offset += chunk.len();
+        // The bad line itself, and a last line without its newline (never written whole), do not count.
+        let Some(body) = chunk.strip_suffix(b"\n").filter(|_| i > 0) else { continue };
+        if decode_line(body).is_some() {
+            valid += 1;
+            first_valid.get_or_insert(start);
+        }
+    }
+    let Some(first_valid) = first_valid else { return Ok(()) };
+    let file = shell_quote(&path.to_string_lossy());
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "{}: the record at byte offset {bad} (line {line}) is corrupt, but {valid} valid record(s) follow it (the \
+             first at byte offset {first_valid}): this is not a torn tail, the records after it may have been \
+             acknowledged, so nothing was cut and the log was not loaded. To recover (with kubetoken stopped), keep \
+             a copy of the log (cp -p {file} {file}.damaged), then either truncate it at the bad \
+             record (truncate -s {bad} {file}), which drops every change recorded after it (tokens revoked or \
+             superseded since then are active again until they expire, tokens issued since then are inactive), or \
+             restore the state directory from a backup, or remove the log (every token becomes inactive). See \
+             ARCHITECTURE.md, \"The durability promise (standalone)\".",
+            path.display()
+        ),
+    ))
+}
+
+/// Replays `path` into `state`, cutting off a torn tail; refuses a log with a bad record before a valid one.
+/// Returns the report.
 fn replay(path: &Path, state: &mut TokenState) -> io::Result<ReplayReport> {
     let data = match fs::read(path) {
         Ok(d) => d,
@@ -157,10 +269,12 @@ fn replay(path: &Path, state: &mut TokenState) -> io::Result<ReplayReport> {
         records += 1;
         good_len += end + 1;
     }
-    // Everything after the first bad line belongs to writes that were never fsynced (an fsynced batch is intact),
-    // so no acknowledged change is lost by cutting there.
+    // An fsynced batch is intact, so bad records with no valid record after them belong to writes that were never
+    // fsynced (acknowledged): no acknowledged change is lost by cutting there. A valid record after a bad one is
+    // refused instead.
     let truncated = (data.len() - good_len) as u64;
     if truncated > 0 {
+        check_torn_tail(path, &data, good_len, records + 1)?;
         let f = OpenOptions::new().write(true).open(path)?;
         f.set_len(good_len as u64)?;
         f.sync_all()?;
@@ -176,8 +290,14 @@ impl FileStore {
         batches: Arc<Histogram>,
         options: FileStoreOptions,
     ) -> io::Result<(Self, ReplayReport)> {
-        fs::create_dir_all(dir)?;
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK_FILE))?;
+        if let Some(mode) = create_private_dir(dir)? {
+            tracing::warn!(
+                path = %dir.display(),
+                mode = %format!("{mode:04o}"),
+                "the token log directory was accessible by group or others; restricted it to the owner"
+            );
+        }
+        let lock = open_private(OpenOptions::new().create(true).truncate(false).write(true), &dir.join(LOCK_FILE))?;
         lock.try_lock().map_err(|_| {
             io::Error::new(
                 io::ErrorKind::WouldBlock,
@@ -189,7 +309,7 @@ impl FileStore {
         let mut state = TokenState::default();
         let report = replay(&log_path, &mut state)?;
         state.prune(clock.now());
-        let file = OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let file = open_private(OpenOptions::new().create(true).append(true), &log_path)?;
         sync_dir(dir)?;
         let (durable, _) = watch::channel(Durable::default());
         let shared = Arc::new(Shared {
@@ -313,7 +433,7 @@ fn writer_loop(shared: &Shared, mut file: File) {
 fn write_snapshot(dir: &Path, data: &[u8]) -> io::Result<File> {
     let tmp = dir.join(COMPACT_FILE);
     {
-        let mut f = File::create(&tmp)?;
+        let mut f = open_private(OpenOptions::new().write(true).create(true).truncate(true), &tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -572,6 +692,141 @@ mod tests {
             assert!(store.find_access(&TokenId([3; 16])).is_some(), "the newest pair is kept");
             assert!(store.find_access(&TokenId([1; 16])).is_none(), "superseded pairs stay superseded");
         }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::symlink_metadata(path).expect("metadata").permissions().mode() & 0o7777
+    }
+
+    /// Every entry of `dir` (not recursive) with its mode.
+    fn modes(dir: &Path) -> Vec<(String, u32)> {
+        let mut entries: Vec<(String, u32)> = fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| {
+                let e = e.expect("entry");
+                (e.file_name().to_string_lossy().into_owned(), mode(&e.path()))
+            })
+            .collect();
+        entries.sort();
+        entries
+    }
+
+    #[tokio::test]
+    async fn the_log_directory_is_0700_and_every_file_in_it_0600_also_after_compaction() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("tokens");
+        let clock = Arc::new(ManualClock::new(10));
+        let store = open(&dir, clock.clone(), 20);
+        let mut expect = None;
+        for n in 1..=60u8 {
+            store
+                .commit(Change { key: key(1), expect, next: Some(pair(n, 100)), rotated_out: None })
+                .await
+                .expect("commit");
+            expect = Some(TokenId([n; 16]));
+        }
+        // The log is now the renamed compaction file: its mode is the one it was created with.
+        let lines = fs::read_to_string(dir.join(LOG_FILE)).expect("log").lines().count();
+        assert!(lines < 60, "the log was never compacted: {lines} lines");
+        assert_eq!(mode(&dir), 0o700, "the log directory");
+        let entries = modes(&dir);
+        assert!(entries.iter().any(|(n, _)| n == LOG_FILE) && entries.iter().any(|(n, _)| n == LOCK_FILE));
+        for (name, m) in &entries {
+            assert_eq!(*m, 0o600, "{name} has mode {m:04o}; entries: {entries:?}");
+        }
+    }
+
+    #[test]
+    fn an_existing_directory_and_files_with_wider_modes_are_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("tokens");
+        fs::create_dir(&dir).expect("dir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
+        for (name, m) in [(LOG_FILE, 0o644), (LOCK_FILE, 0o666)] {
+            fs::write(dir.join(name), b"").expect("file");
+            fs::set_permissions(dir.join(name), fs::Permissions::from_mode(m)).expect("chmod file");
+        }
+        let _store = open(&dir, Arc::new(ManualClock::new(10)), 1000);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(modes(&dir), vec![(LOCK_FILE.to_string(), 0o600), (LOG_FILE.to_string(), 0o600)]);
+    }
+
+    /// Bit rot in the middle of the log is not a torn write: the records after it were acknowledged, so the store
+    /// refuses to open (and cuts nothing) rather than silently drop them.
+    #[tokio::test]
+    async fn a_corrupt_record_followed_by_valid_ones_refuses_to_open_naming_the_offset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(10));
+        {
+            let store = open(dir.path(), clock.clone(), 1000);
+            for n in 1..=4u8 {
+                store
+                    .commit(Change { key: key(n.into()), expect: None, next: Some(pair(n, 100)), rotated_out: None })
+                    .await
+                    .expect("commit");
+            }
+        }
+        let log = dir.path().join(LOG_FILE);
+        let mut data = fs::read(&log).expect("log");
+        let second_line = data.iter().position(|b| *b == b'\n').expect("a first line") + 1;
+        data[second_line + 12] ^= 0x01; // one bit inside the JSON of the second record
+        fs::write(&log, &data).expect("corrupt");
+
+        let Err(err) =
+            FileStore::open(dir.path(), clock.clone(), Arc::new(Histogram::new(&[1.0])), FileStoreOptions::default())
+        else {
+            panic!("a log with a corrupt record followed by valid ones was opened");
+        };
+        let message = err.to_string();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{message}");
+        for part in [
+            log.display().to_string(),
+            format!("byte offset {second_line}"),
+            "line 2".to_string(),
+            format!("truncate -s {second_line} {}", log.display()),
+        ] {
+            assert!(message.contains(&part), "{part:?} missing from: {message}");
+        }
+        assert_eq!(fs::read(&log).expect("log"), data, "nothing is cut from a log that is refused");
+
+        // The documented recovery: truncate at that offset, accepting the loss of the records after it.
+        OpenOptions::new().write(true).open(&log).expect("log").set_len(second_line as u64).expect("truncate");
+        let (store, report) =
+            FileStore::open(dir.path(), clock, Arc::new(Histogram::new(&[1.0])), FileStoreOptions::default())
+                .expect("opens after the truncation");
+        assert_eq!((report.records, report.truncated_bytes), (1, 0));
+        assert!(store.find_access(&TokenId([1; 16])).is_some());
+        assert!(store.find_access(&TokenId([2; 16])).is_none());
+    }
+
+    /// A complete last line that fails its checksum is indistinguishable from a torn write: it is cut.
+    #[tokio::test]
+    async fn a_corrupt_last_record_is_cut_like_a_torn_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(10));
+        {
+            let store = open(dir.path(), clock.clone(), 1000);
+            for n in 1..=3u8 {
+                store
+                    .commit(Change { key: key(n.into()), expect: None, next: Some(pair(n, 100)), rotated_out: None })
+                    .await
+                    .expect("commit");
+            }
+        }
+        let log = dir.path().join(LOG_FILE);
+        let mut data = fs::read(&log).expect("log");
+        let last_line = data[..data.len() - 1].iter().rposition(|b| *b == b'\n').expect("earlier lines") + 1;
+        data[last_line + 12] ^= 0x01;
+        // Garbage after it that is not a valid record either (a torn batch) is cut with it.
+        data.extend_from_slice(b"\n00000000 {}\n\0\0\0");
+        fs::write(&log, &data).expect("corrupt");
+        let mut state = TokenState::default();
+        let report = replay(&log, &mut state).expect("replay");
+        assert_eq!(report.records, 2);
+        assert_eq!(report.truncated_bytes, (data.len() - last_line) as u64);
+        assert_eq!(fs::read(&log).expect("log").len(), last_line);
     }
 
     #[test]
