@@ -35,7 +35,7 @@ fn shop_spec(format: &str) -> Value {
             {"name": "catalog:read"},
         ],
         "users": {"secretRef": {"name": "shop-users"}},
-        "credentials": {"rotationGracePeriod": "3s"},
+        "credentials": {"rotationGracePeriod": "6s"},
     })
 }
 
@@ -292,7 +292,7 @@ async fn secret_rotation_users_and_spec_changes_take_effect_without_restart() {
     let with = |secret: &str| post_form(&s.url("/oauth2/token"), Some((&id, secret)), &cc);
     assert_eq!(with(&old_secret).json()["expires_in"], 3600);
 
-    // Rotation: both secrets work during the grace period (3 s here), only the new one after it.
+    // Rotation: both secrets work during the grace period (6 s here), only the new one after it.
     let patch = json!({"metadata": {"annotations": {"kubetoken.io/rotate-client-secret": "r1"}}});
     c.apps().patch("shop", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate");
     let new_secret = eventually("the secret is rotated", Duration::from_secs(20), || async {
@@ -305,14 +305,14 @@ async fn secret_rotation_users_and_spec_changes_take_effect_without_restart() {
         (with(&new_secret).status == 200).then_some(())
     })
     .await;
-    if rotated_at.elapsed() < Duration::from_secs(2) {
-        assert_eq!(with(&old_secret).status, 200, "the previous secret works during the grace period");
-    }
+    // Seen within moments of the rotation, far inside the 6 s grace on any machine that runs this suite at all.
+    assert_eq!(with(&old_secret).status, 200, "the previous secret works during the grace period");
     eventually("the previous secret stops working after the grace period", Duration::from_secs(15), || async {
         (with(&old_secret).status == 401).then_some(())
     })
     .await;
-    assert!(rotated_at.elapsed() >= Duration::from_secs(2), "not before the grace period ended");
+    // A lower bound: the rotation was seen at most a moment after it happened, and a busy machine only adds time.
+    assert!(rotated_at.elapsed() >= Duration::from_secs(4), "not before the grace period ended");
     assert_eq!(with(&new_secret).status, 200);
 
     // A new user in the users Secret can log in; a changed spec changes the lifetime.
