@@ -13,9 +13,8 @@ pub mod offset_clock;
 pub mod reconcile;
 pub mod status;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -145,7 +144,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
             Reporter { controller: MANAGER.into(), instance: Some(opts.lease.identity.clone()) },
         ),
         metrics: metrics.clone(),
-        failures: Mutex::new(HashMap::new()),
+        failures: self::reconcile::Backoff::default(),
     });
     // One controller per watched namespace (RBAC then needs only Roles there), or one over all namespaces.
     type Apis = (Api<OAuthApplication>, Api<Secret>, Api<ConfigMap>);

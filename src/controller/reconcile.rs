@@ -76,7 +76,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<ControllerMetrics>,
     /// Consecutive failures per application, for exponential backoff.
-    pub failures: Mutex<HashMap<String, u32>>,
+    pub failures: Backoff,
 }
 
 fn now_time(now: UnixTime) -> Time {
@@ -640,7 +640,7 @@ pub async fn reconcile(app: Arc<OAuthApplication>, ctx: Arc<Context>) -> Result<
     let key = format!("{}/{}", app.namespace().unwrap_or_default(), app.name_any());
     match &result {
         Ok(_) => {
-            ctx.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            ctx.failures.succeeded(&key);
         }
         Err(e) => {
             // Best effort: when the API itself is failing, this fails too (and is logged).
@@ -687,7 +687,7 @@ async fn reconcile_inner(app: &OAuthApplication, ctx: &Context) -> Result<Action
     all.extend(findings);
     status.conditions = status::conditions(&old.conditions, &all, app.meta().generation, &now_time(now));
     if status != old {
-        let patch = json!({ "status": status });
+        let patch = status_patch(&old, &status);
         apps.patch_status(
             &name,
             &PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() },
@@ -711,16 +711,128 @@ async fn reconcile_inner(app: &OAuthApplication, ctx: &Context) -> Result<Action
     Ok(Action::requeue(Duration::from_secs(recheck)))
 }
 
+/// A merge patch that makes the stored status exactly `new`: a field `new` no longer has is sent as `null`, so
+/// that nothing cleared (a client ID, a key ID) lingers from an older status.
+fn status_patch(old: &OAuthApplicationStatus, new: &OAuthApplicationStatus) -> serde_json::Value {
+    let mut fields = match serde_json::to_value(new) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    if let Ok(serde_json::Value::Object(before)) = serde_json::to_value(old) {
+        for name in before.keys() {
+            fields.entry(name.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
+    json!({ "status": fields })
+}
+
+/// The longest backoff. An application that keeps failing is retried, so records its failure, at least this often.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+fn backoff_delay(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.min(10).saturating_sub(1)).min(MAX_BACKOFF)
+}
+
+/// Consecutive reconcile failures per application. An application deleted while failing is never reconciled
+/// again, so its entry is dropped once it has not failed for twice the longest backoff: the map holds only
+/// applications that are failing now.
+#[derive(Default)]
+pub struct Backoff(Mutex<HashMap<String, (u32, Instant)>>);
+
+impl Backoff {
+    /// Records a failure at `now`; returns how many in a row.
+    pub fn failed(&self, key: &str, now: Instant) -> u32 {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, (_, at)| now.saturating_duration_since(*at) < 2 * MAX_BACKOFF);
+        let entry = map.entry(key.to_string()).or_insert((0, now));
+        *entry = (entry.0.saturating_add(1), now);
+        entry.0
+    }
+
+    pub fn succeeded(&self, key: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Requeue with exponential backoff per application: 1 s, 2 s, 4 s … up to 5 minutes.
 pub fn error_policy(app: Arc<OAuthApplication>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
     let key = format!("{}/{}", app.namespace().unwrap_or_default(), app.name_any());
-    let attempt = {
-        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(key.clone()).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
-    let delay = Duration::from_secs(1u64 << attempt.min(9).saturating_sub(1)).min(Duration::from_secs(300));
+    let attempt = ctx.failures.failed(&key, Instant::now());
+    let delay = backoff_delay(attempt);
     tracing::warn!(application = %key, %error, attempt, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_resets_on_success_and_forgets_applications_that_stopped_failing() {
+        let b = Backoff::default();
+        let t0 = Instant::now();
+        assert_eq!((b.failed("ns/a", t0), b.failed("ns/a", t0), b.failed("ns/a", t0)), (1, 2, 3));
+        assert_eq!(
+            (backoff_delay(1), backoff_delay(3), backoff_delay(30)),
+            (Duration::from_secs(1), Duration::from_secs(4), MAX_BACKOFF)
+        );
+        b.succeeded("ns/a");
+        assert_eq!(b.failed("ns/a", t0), 1, "a success starts over");
+        // "ns/a" is deleted while failing: it never fails (or succeeds) again. Another application's failure
+        // after two longest backoffs drops it.
+        assert_eq!(b.failed("ns/b", t0 + 2 * MAX_BACKOFF), 1);
+        assert_eq!(b.len(), 1, "only the application failing now is remembered");
+    }
+
+    #[test]
+    fn the_status_is_written_whole_and_cleared_fields_are_removed() {
+        let old = OAuthApplicationStatus {
+            client_id: Some("app-1".into()),
+            current_key_id: Some("k1".into()),
+            jwks_config_map: Some("app-jwks".into()),
+            ..OAuthApplicationStatus::default()
+        };
+        let new =
+            OAuthApplicationStatus { jwks_config_map: Some("app-jwks".into()), ..OAuthApplicationStatus::default() };
+        let patch = status_patch(&old, &new);
+        assert_eq!(patch["status"]["clientId"], serde_json::Value::Null, "{patch}");
+        assert!(
+            patch["status"].as_object().is_some_and(|s| s.contains_key("clientId") && s.contains_key("currentKeyId"))
+        );
+        assert_eq!(patch["status"]["jwksConfigMap"], "app-jwks");
+        // Applied as a JSON merge patch, the stored status is exactly `new`.
+        let mut stored = json!({ "status": serde_json::to_value(&old).expect("json") });
+        merge(&mut stored, &patch);
+        let stored: OAuthApplicationStatus = serde_json::from_value(stored["status"].clone()).expect("status");
+        assert_eq!(stored, new);
+    }
+
+    /// RFC 7386.
+    fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        match patch {
+            serde_json::Value::Object(p) => {
+                if !target.is_object() {
+                    *target = json!({});
+                }
+                if let serde_json::Value::Object(t) = target {
+                    for (k, v) in p {
+                        if v.is_null() {
+                            t.remove(k);
+                        } else {
+                            merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                        }
+                    }
+                }
+            }
+            other => *target = other.clone(),
+        }
+    }
 }
