@@ -38,7 +38,7 @@ const DURATION_PATTERN: &str = "^([0-9]+[smhd])+$";
     printcolumn = r#"{"name":"Key","type":"string","priority":1,"jsonPath":".status.currentKeyId"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct OAuthApplicationSpec {
     /// Grants this application may use.
     #[serde(default = "default_grant_types")]
@@ -117,7 +117,7 @@ pub enum TokenFormat {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct SigningSpec {
     #[serde(default)]
     pub algorithm: SigningAlgorithm,
@@ -165,7 +165,7 @@ pub const MAX_DECLARED_SCOPES: usize = 256;
 pub const MAX_SCOPE_NAME_BYTES: usize = 128;
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ScopeSpec {
     /// RFC 6749 scope token; `device_` scopes are implicit and `default` is what an empty grant gets: neither may
     /// be declared.
@@ -181,13 +181,13 @@ pub struct ScopeSpec {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct UsersSpec {
     pub secret_ref: SecretKeyRef,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     pub name: String,
     /// Key in the Secret; `users.yaml` when unset.
@@ -196,7 +196,7 @@ pub struct SecretKeyRef {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CredentialsSpec {
     /// Defaults to `<name>-credentials`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +232,7 @@ pub struct OAuthApplicationStatus {
 
 /// One entry of the users Secret (`users.yaml`).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+// Strict on purpose: the users file is ours, not a versioned API, and a typo (`rolse:`) would silently drop roles.
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UserEntry {
     pub username: String,
@@ -400,6 +401,23 @@ mod tests {
         let rules = name["x-kubernetes-validations"].as_array().expect("validation rules on scopes[].name");
         let rule = rules.iter().filter_map(|r| r["rule"].as_str()).collect::<Vec<_>>().join(" && ");
         assert!(rule.contains("self != 'default'") && rule.contains("!self.startsWith('device_')"), "{rule}");
+    }
+
+    /// A newer CRD version may add fields: an older controller still reads the object (and ignores them).
+    #[test]
+    fn objects_with_fields_from_a_newer_crd_are_read() {
+        let app: OAuthApplication = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kubetoken.io/v1alpha1", "kind": "OAuthApplication",
+            "metadata": {"name": "shop", "namespace": "default"},
+            "spec": {
+                "grantTypes": ["client_credentials"], "futureField": true,
+                "signing": {"algorithm": "ES256", "futureKeyOption": 1},
+                "scopes": [{"name": "a", "futureScopeOption": "x"}],
+                "credentials": {"secretName": "c", "future": {}},
+            },
+        }))
+        .expect("read despite unknown fields");
+        assert_eq!(app.spec.scopes[0].name, "a");
     }
 
     #[test]

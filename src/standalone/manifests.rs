@@ -137,10 +137,19 @@ impl Manifests {
                 if api_version != API_VERSION {
                     return Err(err("apiVersion", format!("expected {API_VERSION}, found {api_version:?}")));
                 }
-                let app: OAuthApplication = serde_path_to_error::deserialize(value).map_err(|e| {
+                // The CRD types accept unknown fields (a newer CRD may add some); a manifest is checked strictly, so
+                // a typo does not pass silently.
+                let mut unknown = Vec::new();
+                let mut note = |path: serde_ignored::Path<'_>| unknown.push(field_path(&path));
+                let strict = serde_ignored::Deserializer::new(value, &mut note);
+                let app: OAuthApplication = serde_path_to_error::deserialize(strict).map_err(|e| {
                     let path = e.path().to_string();
                     err(&path, e.into_inner().to_string())
                 })?;
+                // (apiVersion and kind were checked above; the generated type skips over them.)
+                if let Some(field) = unknown.iter().find(|f| *f != "apiVersion" && *f != "kind") {
+                    return Err(err(field, "unknown field (a typo?)".into()));
+                }
                 let manifest = AppManifest { file: file.to_path_buf(), app };
                 if self.apps.iter().any(|a| a.namespace() == manifest.namespace() && a.name() == name) {
                     return Err(err("metadata.name", "defined twice".into()));
@@ -183,6 +192,20 @@ impl Manifests {
     }
 }
 
+/// `spec.scopes[0].rolse`, in the notation of the other errors (serde_path_to_error's).
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => match field_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +226,18 @@ mod tests {
         let s = m.secret("prod", "s").expect("secret");
         assert_eq!(s.data["a"], b"hello");
         assert_eq!(s.data["b"], b"world");
+    }
+
+    /// A typo in a manifest must not pass silently, even though the CRD types accept unknown fields (so that an
+    /// older controller keeps reading objects written for a newer CRD).
+    #[test]
+    fn an_unknown_field_in_a_manifest_is_an_error_naming_it() {
+        let e = load(
+            "apiVersion: kubetoken.io/v1alpha1\nkind: OAuthApplication\nmetadata: {name: shop}\nspec: {grantTypes: [client_credentials], scopes: [{name: a, rolse: [x]}]}\n",
+        )
+        .expect_err("a typo");
+        assert_eq!(e.field.as_deref(), Some("spec.scopes[0].rolse"), "{e}");
+        assert!(e.to_string().contains("unknown field"), "{e}");
     }
 
     #[test]
