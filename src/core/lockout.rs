@@ -36,6 +36,17 @@ struct Entry {
     failures: u32,
     last_failure: UnixTime,
     locked_until: UnixTime,
+    /// Checks admitted and not yet decided: each could be one more failure.
+    in_flight: u32,
+}
+
+/// Why a check was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Locked for this many more seconds.
+    Locked(u64),
+    /// As many checks are under way as failures would lock the subject: wait for their outcome.
+    Busy,
 }
 
 /// Bounds memory under a spray of made-up names: past this, entries idle for a lock period are dropped.
@@ -87,6 +98,66 @@ impl Lockout {
 
     pub fn succeed(&self, who: &str) {
         self.entries().remove(who);
+    }
+
+    /// Admits one credential check of `who`, decided together with the count: unless locked, at most as many
+    /// checks as failures would lock `who` are under way at once, so concurrent guesses cannot outrun the
+    /// lockout. The check ends with [`Admission::succeeded`] or [`Admission::failed`] (or is dropped: undecided).
+    pub fn admit<'a>(&'a self, who: &str, now: UnixTime) -> Result<Admission<'a>, Refused> {
+        let policy = self.policy;
+        let mut entries = self.entries();
+        if let Some(e) = entries.get(who) {
+            if e.locked_until > now {
+                return Err(Refused::Locked(e.locked_until - now));
+            }
+            let failures = if e.last_failure + policy.lock_secs <= now { 0 } else { e.failures };
+            if failures + e.in_flight >= policy.max_failures {
+                return Err(Refused::Busy);
+            }
+        }
+        entries.entry(who.to_string()).or_default().in_flight += 1;
+        Ok(Admission { lockout: self, who: who.to_string(), done: false })
+    }
+
+    fn settle(&self, who: &str) {
+        let mut entries = self.entries();
+        if let Some(e) = entries.get_mut(who) {
+            e.in_flight = e.in_flight.saturating_sub(1);
+            if e.in_flight == 0 && e.failures == 0 && e.locked_until == 0 {
+                entries.remove(who);
+            }
+        }
+    }
+}
+
+/// One admitted credential check.
+pub struct Admission<'a> {
+    lockout: &'a Lockout,
+    who: String,
+    done: bool,
+}
+
+impl Admission<'_> {
+    pub fn succeeded(mut self) {
+        self.done = true;
+        self.lockout.settle(&self.who);
+        self.lockout.succeed(&self.who);
+    }
+
+    /// Counts the failure; returns true when it locked the subject.
+    pub fn failed(mut self, now: UnixTime) -> bool {
+        self.done = true;
+        let locked = self.lockout.fail(&self.who, now);
+        self.lockout.settle(&self.who);
+        locked
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.lockout.settle(&self.who);
+        }
     }
 }
 

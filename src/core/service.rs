@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::app::{Application, GrantType, PasswordDigest, PasswordVerifier, Registry, TokenFormat};
 use super::clock::{Clock, UnixTime};
 use super::error::OAuthError;
-use super::lockout::{Lockout, LockoutPolicy, SharedFailure};
+use super::lockout::{Lockout, LockoutPolicy, Refused, SharedFailure};
 use super::model::{Change, LivePair, RefreshGrant, RefreshLookup, SharedKey, Subject, TokenId, TokenKey};
 use super::scope::ScopeSet;
 use super::store::{StoreError, TokenStore};
@@ -322,9 +322,19 @@ impl TokenService {
     ) -> Result<Vec<String>, OAuthError> {
         let lock_key = format!("{}\u{0}{}", app.client_id, username);
         let now = self.clock.now();
-        if let Some(secs) = self.user_lockout.locked(&lock_key, now) {
-            return Err(OAuthError::InvalidGrant(format!("the account is temporarily locked; try again in {secs}s")));
-        }
+        let admission = match self.user_lockout.admit(&lock_key, now) {
+            Ok(admission) => admission,
+            Err(Refused::Locked(secs)) => {
+                return Err(OAuthError::InvalidGrant(format!(
+                    "the account is temporarily locked; try again in {secs}s"
+                )));
+            }
+            Err(Refused::Busy) => {
+                return Err(OAuthError::InvalidGrant(
+                    "too many password checks for this account are under way; try again shortly".into(),
+                ));
+            }
+        };
         let user = app.users.get(username);
         // Unknown users are checked against a decoy hash so that timing does not reveal which usernames exist.
         let digest = user.map_or_else(|| PasswordDigest::decoy().clone(), |u| u.digest.clone());
@@ -334,11 +344,12 @@ impl TokenService {
         })?;
         match user {
             Some(u) if verified => {
-                self.user_lockout.succeed(&lock_key);
+                admission.succeeded();
                 Ok(u.roles.clone())
             }
             _ => {
-                if self.fail_check(true, &lock_key, now) {
+                self.store.share_failure(SharedFailure { user: true, who: lock_key.clone(), at: now });
+                if admission.failed(now) {
                     tracing::warn!(client_id = %app.client_id, username, "user locked after repeated failed passwords");
                 }
                 Err(OAuthError::InvalidGrant("invalid username or password".into()))

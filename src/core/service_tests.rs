@@ -696,3 +696,62 @@ async fn too_many_scopes_or_an_overlong_scope_parameter_is_invalid_scope() {
     let grant = Grant::RefreshToken { refresh_token: r, scope: Some(scopes(bounds.max_scopes + 1)) };
     assert!(matches!(f.service.token(&client("shop"), grant).await, Err(OAuthError::InvalidScope(_))));
 }
+
+/// Counts the password verifications actually run (each takes a while, as argon2 does).
+struct CountingVerifier {
+    inner: crate::passwords::BlockingPoolVerifier,
+    verified: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl crate::core::app::PasswordVerifier for CountingVerifier {
+    fn verify(&self, digest: crate::core::app::PasswordDigest, password: String) -> crate::core::app::PasswordCheck {
+        let verified = self.verified.clone();
+        let check = self.inner.verify(digest, password);
+        Box::pin(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            verified.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            check.await
+        })
+    }
+}
+
+/// The lockout cannot be raced: of 64 concurrent wrong guesses for one user, no more than the configured number
+/// are ever checked; the rest are refused unchecked, and the account ends locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_wrong_guesses_get_no_more_checks_than_the_lockout_allows() {
+    let verified = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clock = Arc::new(ManualClock::new(T0));
+    let registry = Registry::new(vec![app("shop", TokenFormat::Jwt, ALL)]).expect("registry");
+    let service = Arc::new(TokenService::new(
+        registry,
+        Arc::new(MemoryStore::default()),
+        clock,
+        ServiceConfig {
+            issuer: "https://issuer.test".into(),
+            user_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
+            client_lockout: LockoutPolicy::default(),
+            request_bounds: Default::default(),
+            passwords: Arc::new(CountingVerifier { inner: Default::default(), verified: verified.clone() }),
+        },
+    ));
+    let guesses: Vec<_> = (0..64)
+        .map(|i| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                let grant = Grant::Password { username: "alice".into(), password: format!("guess-{i}"), scope: None };
+                service.token(&client("shop"), grant).await
+            })
+        })
+        .collect();
+    for g in guesses {
+        assert!(matches!(g.await.expect("join"), Err(OAuthError::InvalidGrant(_))));
+    }
+    let checked = verified.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(checked <= 3, "{checked} guesses were checked with a lockout after 3");
+    // And the right password is now refused too: the account is locked.
+    let grant = Grant::Password { username: "alice".into(), password: "alice-pw".into(), scope: None };
+    match service.token(&client("shop"), grant).await {
+        Err(OAuthError::InvalidGrant(d)) => assert!(d.contains("locked"), "{d}"),
+        other => panic!("expected a locked account, got {other:?}"),
+    }
+}
