@@ -91,6 +91,47 @@ impl PasswordDigest {
             PasswordDigest::Argon2(hash_password(&random_password).unwrap_or_default())
         })
     }
+
+    /// The hash kind and cost parameters: `$argon2id$v=19$m=19456,t=2,p=1` or `$2b$12`.
+    fn cost_class(&self) -> String {
+        match self {
+            // `$argon2id$v=19$m=…,t=…,p=…$salt$hash`: everything before the salt.
+            PasswordDigest::Argon2(h) => h.split('$').take(4).collect::<Vec<_>>().join("$"),
+            PasswordDigest::Bcrypt(h) => h.chars().take(6).collect(),
+        }
+    }
+
+    /// A digest of a random password that costs what checking `like` costs (same kind and parameters): the
+    /// decoy for unknown users of an application whose users have `like`'s parameters. Made once per cost class.
+    pub fn decoy_like(like: &PasswordDigest) -> PasswordDigest {
+        static DECOYS: OnceLock<std::sync::Mutex<HashMap<String, PasswordDigest>>> = OnceLock::new();
+        let class = like.cost_class();
+        let decoys = DECOYS.get_or_init(Default::default);
+        if let Some(d) = decoys.lock().unwrap_or_else(|p| p.into_inner()).get(&class) {
+            return d.clone();
+        }
+        let random_password = random_salt().map(|s| s.as_str().to_string()).unwrap_or_default();
+        let made = match like {
+            PasswordDigest::Argon2(h) => PasswordHash::new(h).ok().and_then(|parsed| {
+                let params = argon2::Params::try_from(&parsed).ok()?;
+                let algorithm = argon2::Algorithm::try_from(parsed.algorithm).ok()?;
+                let version = parsed.version.map(argon2::Version::try_from).transpose().ok()?.unwrap_or_default();
+                let salt = random_salt().ok()?;
+                argon2::Argon2::new(algorithm, version, params)
+                    .hash_password(random_password.as_bytes(), &salt)
+                    .ok()
+                    .map(|h| PasswordDigest::Argon2(h.to_string()))
+            }),
+            PasswordDigest::Bcrypt(h) => h
+                .get(4..6)
+                .and_then(|cost| cost.parse::<u32>().ok())
+                .and_then(|cost| bcrypt::hash(&random_password, cost).ok())
+                .map(PasswordDigest::Bcrypt),
+        };
+        let made = made.unwrap_or_else(|| PasswordDigest::decoy().clone());
+        decoys.lock().unwrap_or_else(|p| p.into_inner()).insert(class, made.clone());
+        made
+    }
 }
 
 fn verify_argon2(phc: &str, password: &str, memory: &mut Vec<argon2::Block>) -> Option<bool> {
@@ -168,6 +209,9 @@ pub struct Application {
     pub verification_keys: Vec<Arc<SigningKey>>,
     /// Makes and checks this application's opaque and refresh token strings.
     pub tokens: OpaqueTokens,
+    /// Checked for unknown usernames: costs what checking the application's users costs (their most common
+    /// hash kind and parameters), so response time does not tell which usernames exist.
+    pub decoy: PasswordDigest,
 }
 
 fn sha256(data: &[u8]) -> [u8; 32] {
@@ -201,7 +245,17 @@ pub struct ApplicationConfig {
 impl Application {
     pub fn new(c: ApplicationConfig) -> Self {
         let audience = if c.audience.is_empty() { vec![c.client_id.clone()] } else { c.audience };
+        let mut classes: HashMap<String, (usize, &PasswordDigest)> = HashMap::new();
+        for u in c.users.values() {
+            classes.entry(u.digest.cost_class()).or_insert((0, &u.digest)).0 += 1;
+        }
+        let decoy = classes
+            .into_iter()
+            // The most common class; ties broken by name, so every replica picks the same.
+            .max_by(|a, b| a.1.0.cmp(&b.1.0).then_with(|| b.0.cmp(&a.0)))
+            .map_or_else(|| PasswordDigest::decoy().clone(), |(_, (_, like))| PasswordDigest::decoy_like(like));
         Self {
+            decoy,
             name: c.name,
             secret_digests: c.client_secrets.iter().map(|s| sha256(s.as_bytes())).collect(),
             client_id: c.client_id,

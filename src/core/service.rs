@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use aws_lc_rs::rand::SystemRandom;
 use serde::Serialize;
 
-use super::app::{Application, GrantType, PasswordDigest, PasswordVerifier, Registry, TokenFormat};
+use super::app::{Application, GrantType, PasswordVerifier, Registry, TokenFormat};
 use super::clock::{Clock, UnixTime};
 use super::error::OAuthError;
 use super::lockout::{Lockout, LockoutPolicy, Refused, SharedFailure};
@@ -337,7 +337,7 @@ impl TokenService {
         };
         let user = app.users.get(username);
         // Unknown users are checked against a decoy hash so that timing does not reveal which usernames exist.
-        let digest = user.map_or_else(|| PasswordDigest::decoy().clone(), |u| u.digest.clone());
+        let digest = user.map_or_else(|| app.decoy.clone(), |u| u.digest.clone());
         let verified = self.passwords.verify(digest, password).await.map_err(|reason| {
             tracing::error!(%reason, "password verification failed");
             OAuthError::ServerError("password verification failed".into())

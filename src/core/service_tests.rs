@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::*;
-use crate::core::app::{ApplicationConfig, User};
+use crate::core::app::{ApplicationConfig, PasswordDigest, User};
 use crate::core::clock::ManualClock;
 use crate::core::scope::ScopePolicy;
 use crate::core::signing::SigningKey;
@@ -754,4 +754,74 @@ async fn concurrent_wrong_guesses_get_no_more_checks_than_the_lockout_allows() {
         Err(OAuthError::InvalidGrant(d)) => assert!(d.contains("locked"), "{d}"),
         other => panic!("expected a locked account, got {other:?}"),
     }
+}
+
+/// The decoy checked for unknown usernames has the kind and cost of the application's users' hashes.
+#[test]
+fn the_decoy_costs_what_the_applications_users_cost() {
+    let bcrypt_user = |cost| User {
+        digest: PasswordDigest::parse(&bcrypt::hash("pw", cost).expect("hash")).expect("digest"),
+        roles: vec![],
+    };
+    let users = HashMap::from([("a".to_string(), bcrypt_user(6)), ("b".to_string(), bcrypt_user(6))]);
+    let decoy = app_with_users("shop", TokenFormat::Jwt, ALL, users).decoy;
+    assert!(matches!(&decoy, PasswordDigest::Bcrypt(h) if h.starts_with("$2b$06$")), "{decoy:?}");
+    let argon = crate::core::app::hash_password_with("pw", 64, 3, 1).expect("hash");
+    let users = HashMap::from([(
+        "c".to_string(),
+        User { digest: PasswordDigest::parse(&argon).expect("digest"), roles: vec![] },
+    )]);
+    let PasswordDigest::Argon2(decoy) = app_with_users("shop", TokenFormat::Jwt, ALL, users).decoy else {
+        panic!("an argon2 decoy for argon2 users");
+    };
+    assert!(decoy.starts_with("$argon2id$v=19$m=64,t=3,p=1$"), "{decoy}");
+    assert_ne!(decoy, argon, "a random password, not a user's hash");
+}
+
+/// No username oracle: a wrong password for an existing user and any password for an unknown user take about the
+/// same time, with expensive bcrypt users (the built-in argon2 decoy would answer unknown users several times
+/// faster). Medians of several attempts, and a generous tolerance: this runs on busy machines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_known_usernames_take_the_same_time_to_refuse() {
+    let slow_user = User {
+        digest: PasswordDigest::parse(&bcrypt::hash("right", 11).expect("hash")).expect("digest"),
+        roles: vec![],
+    };
+    let registry = Registry::new(vec![app_with_users(
+        "shop",
+        TokenFormat::Jwt,
+        ALL,
+        HashMap::from([("alice".to_string(), slow_user)]),
+    )])
+    .expect("registry");
+    let service = TokenService::new(
+        registry,
+        Arc::new(MemoryStore::default()),
+        Arc::new(ManualClock::new(T0)),
+        ServiceConfig {
+            issuer: "https://issuer.test".into(),
+            user_lockout: LockoutPolicy { max_failures: 1000, lock_secs: 60 },
+            client_lockout: LockoutPolicy::default(),
+            request_bounds: Default::default(),
+            passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
+        },
+    );
+    let time = |user: String| {
+        let service = &service;
+        async move {
+            let started = std::time::Instant::now();
+            let grant = Grant::Password { username: user, password: "wrong".into(), scope: None };
+            assert!(service.token(&client("shop"), grant).await.is_err());
+            started.elapsed()
+        }
+    };
+    let (mut known, mut unknown) = (Vec::new(), Vec::new());
+    for i in 0..7 {
+        known.push(time("alice".into()).await);
+        unknown.push(time(format!("nobody-{i}")).await);
+    }
+    known.sort();
+    unknown.sort();
+    let ratio = unknown[3].as_secs_f64() / known[3].as_secs_f64();
+    assert!((0.5..2.0).contains(&ratio), "unknown {:?} vs known {:?} (ratio {ratio:.2})", unknown[3], known[3]);
 }
