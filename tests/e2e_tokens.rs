@@ -165,8 +165,11 @@ fn repeated_failed_client_authentication_is_throttled() {
         let r = s.token(("shop-app", "wrong"), &[("grant_type", "client_credentials")]);
         assert_eq!((r.status, r.error().as_str()), (401, "invalid_client"));
     }
-    let r = s.token(SHOP, &[("grant_type", "client_credentials")]);
+    let r = s.token(("shop-app", "wrong"), &[("grant_type", "client_credentials")]);
     assert_eq!((r.status, r.error().as_str()), (401, "invalid_client"));
+    assert!(r.body.contains("try again"), "locked: {}", r.body);
+    // Knowing the client ID is not enough to lock the client out: its real secret still works.
+    assert_eq!(s.token(SHOP, &[("grant_type", "client_credentials")]).status, 200);
     assert_eq!(s.token(KIOSK, &[("grant_type", "client_credentials")]).status, 200);
 }
 

@@ -49,13 +49,49 @@ pub enum Refused {
     Busy,
 }
 
-/// Bounds memory under a spray of made-up names: past this, entries idle for a lock period are dropped.
-const PRUNE_ABOVE: usize = 10_000;
+/// Bounds memory under a spray of made-up names: at most twice this many subjects are remembered. When the
+/// current generation is full it becomes the previous one and the oldest is dropped whole, so every operation
+/// is O(1) (amortized), never a scan of all entries. A subject is moved to the current generation when touched.
+const GENERATION: usize = 50_000;
+
+#[derive(Debug, Default)]
+struct Entries {
+    current: HashMap<String, Entry>,
+    previous: HashMap<String, Entry>,
+}
+
+impl Entries {
+    fn get(&self, who: &str) -> Option<&Entry> {
+        self.current.get(who).or_else(|| self.previous.get(who))
+    }
+
+    /// The entry of `who` in the current generation (moved there, or created).
+    fn touch(&mut self, who: &str) -> &mut Entry {
+        if !self.current.contains_key(who) {
+            if self.current.len() >= GENERATION {
+                self.previous = std::mem::take(&mut self.current);
+            }
+            let entry = self.previous.remove(who).unwrap_or_default();
+            self.current.insert(who.to_string(), entry);
+        }
+        self.current.entry(who.to_string()).or_default()
+    }
+
+    fn remove(&mut self, who: &str) {
+        self.current.remove(who);
+        self.previous.remove(who);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Lockout {
     policy: LockoutPolicy,
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Entries>,
 }
 
 impl Lockout {
@@ -63,7 +99,7 @@ impl Lockout {
         Self { policy, entries: Mutex::default() }
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
         // The map holds counters only; after a panic elsewhere it is still usable.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -77,10 +113,7 @@ impl Lockout {
     pub fn fail(&self, who: &str, now: UnixTime) -> bool {
         let policy = self.policy;
         let mut entries = self.entries();
-        if entries.len() > PRUNE_ABOVE {
-            entries.retain(|_, e| e.locked_until > now || e.last_failure + policy.lock_secs > now);
-        }
-        let e = entries.entry(who.to_string()).or_default();
+        let e = entries.touch(who);
         // Failures spread wider apart than a lock period do not add up.
         if e.last_failure + policy.lock_secs <= now {
             e.failures = 0;
@@ -115,13 +148,14 @@ impl Lockout {
                 return Err(Refused::Busy);
             }
         }
-        entries.entry(who.to_string()).or_default().in_flight += 1;
+        entries.touch(who).in_flight += 1;
         Ok(Admission { lockout: self, who: who.to_string(), done: false })
     }
 
     fn settle(&self, who: &str) {
         let mut entries = self.entries();
-        if let Some(e) = entries.get_mut(who) {
+        if entries.get(who).is_some() {
+            let e = entries.touch(who);
             e.in_flight = e.in_flight.saturating_sub(1);
             if e.in_flight == 0 && e.failures == 0 && e.locked_until == 0 {
                 entries.remove(who);
@@ -175,6 +209,21 @@ mod tests {
         assert_eq!(l.locked("alice", 102), Some(60));
         assert_eq!(l.locked("bob", 102), None);
         assert_eq!(l.locked("alice", 162), None);
+    }
+
+    /// A spray of made-up names cannot grow memory without bound, and a subject being guessed at right now stays
+    /// remembered through it.
+    #[test]
+    fn a_spray_of_names_is_bounded_and_the_current_victim_stays_locked() {
+        let l = Lockout::new(LockoutPolicy { max_failures: 3, lock_secs: 60 });
+        for i in 0..(5 * GENERATION) {
+            l.fail(&format!("made-up-{i}"), 100);
+            if i % 1000 == 0 {
+                l.fail("alice", 100); // the attacker's real target, among the noise
+            }
+        }
+        assert!(l.entries().len() <= 2 * GENERATION, "{} entries", l.entries().len());
+        assert_eq!(l.locked("alice", 100), Some(60));
     }
 
     #[test]

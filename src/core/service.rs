@@ -244,21 +244,28 @@ impl TokenService {
         lockout.fail(who, now)
     }
 
-    /// Client authentication, throttled per client ID.
+    /// Client authentication, throttled per client ID. Client secrets are long and random, and checking one is a
+    /// constant-time hash comparison, so a locked client ID is still checked: the real client keeps working (a
+    /// client ID is no secret, and knowing one must not let anyone deny service to that client), while wrong
+    /// secrets during the lock are refused without being counted, shared with other replicas or logged again.
     pub fn authenticate_client(&self, creds: &ClientCredentials) -> Result<Arc<Application>, OAuthError> {
         self.absorb_shared_failures();
         let now = self.clock.now();
-        if let Some(secs) = self.client_lockout.locked(&creds.client_id, now) {
+        let registry = self.registry();
+        let app = registry.get(&creds.client_id).filter(|app| app.secret_matches(&creds.client_secret)).cloned();
+        if let Some(secs) = self.client_lockout.locked(&creds.client_id, now)
+            && app.is_none()
+        {
             return Err(OAuthError::InvalidClient(format!(
                 "too many failed client authentications; try again in {secs}s"
             )));
         }
-        match self.registry().get(&creds.client_id) {
-            Some(app) if app.secret_matches(&creds.client_secret) => {
+        match app {
+            Some(app) => {
                 self.client_lockout.succeed(&creds.client_id);
-                Ok(app.clone())
+                Ok(app)
             }
-            _ => {
+            None => {
                 if self.fail_check(false, &creds.client_id, now) {
                     tracing::warn!(client_id = ?creds.client_id, "client locked after repeated failed authentication");
                 } else {
