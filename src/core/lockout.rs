@@ -92,11 +92,13 @@ impl Entries {
 pub struct Lockout {
     policy: LockoutPolicy,
     entries: Mutex<Entries>,
+    /// Checks waiting for one under way to be decided (woken at every decision; each looks again).
+    waiters: Mutex<Vec<std::task::Waker>>,
 }
 
 impl Lockout {
     pub fn new(policy: LockoutPolicy) -> Self {
-        Self { policy, entries: Mutex::default() }
+        Self { policy, entries: Mutex::default(), waiters: Mutex::default() }
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
@@ -133,10 +135,33 @@ impl Lockout {
         self.entries().remove(who);
     }
 
-    /// Admits one credential check of `who`, decided together with the count: unless locked, at most as many
-    /// checks as failures would lock `who` are under way at once, so concurrent guesses cannot outrun the
-    /// lockout. The check ends with [`Admission::succeeded`] or [`Admission::failed`] (or is dropped: undecided).
-    pub fn admit<'a>(&'a self, who: &str, now: UnixTime) -> Result<Admission<'a>, Refused> {
+    /// Admits one credential check of `who`, decided together with the count: at most as many checks as failures
+    /// would lock `who` are under way at once, so concurrent guesses cannot outrun the lockout. A check beyond
+    /// that waits until one under way is decided (concurrent logins with the right password all get through, a
+    /// few at a time); `Err(seconds)` once `who` is locked. The check ends with [`Admission::succeeded`] or
+    /// [`Admission::failed`] (or is dropped: undecided).
+    pub async fn admit<'a>(&'a self, who: &str, now: UnixTime) -> Result<Admission<'a>, u64> {
+        std::future::poll_fn(|cx| {
+            let decided = |r: Result<Admission<'a>, Refused>| match r {
+                Ok(a) => Some(Ok(a)),
+                Err(Refused::Locked(secs)) => Some(Err(secs)),
+                Err(Refused::Busy) => None,
+            };
+            if let Some(r) = decided(self.try_admit(who, now)) {
+                return std::task::Poll::Ready(r);
+            }
+            self.waiters.lock().unwrap_or_else(|p| p.into_inner()).push(cx.waker().clone());
+            // Looked at again once registered: a decision in between would otherwise wake nobody.
+            match decided(self.try_admit(who, now)) {
+                Some(r) => std::task::Poll::Ready(r),
+                None => std::task::Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// [`Lockout::admit`] without waiting.
+    pub fn try_admit<'a>(&'a self, who: &str, now: UnixTime) -> Result<Admission<'a>, Refused> {
         let policy = self.policy;
         let mut entries = self.entries();
         if let Some(e) = entries.get(who) {
@@ -153,13 +178,19 @@ impl Lockout {
     }
 
     fn settle(&self, who: &str) {
-        let mut entries = self.entries();
-        if entries.get(who).is_some() {
-            let e = entries.touch(who);
-            e.in_flight = e.in_flight.saturating_sub(1);
-            if e.in_flight == 0 && e.failures == 0 && e.locked_until == 0 {
-                entries.remove(who);
+        {
+            let mut entries = self.entries();
+            if entries.get(who).is_some() {
+                let e = entries.touch(who);
+                e.in_flight = e.in_flight.saturating_sub(1);
+                if e.in_flight == 0 && e.failures == 0 && e.locked_until == 0 {
+                    entries.remove(who);
+                }
             }
+        }
+        let waiting = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
+        for waker in waiting {
+            waker.wake();
         }
     }
 }

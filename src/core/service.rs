@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::app::{Application, GrantType, PasswordVerifier, Registry, TokenFormat};
 use super::clock::{Clock, UnixTime};
 use super::error::OAuthError;
-use super::lockout::{Lockout, LockoutPolicy, Refused, SharedFailure};
+use super::lockout::{Lockout, LockoutPolicy, SharedFailure};
 use super::model::{Change, LivePair, RefreshGrant, RefreshLookup, SharedKey, Subject, TokenId, TokenKey};
 use super::scope::ScopeSet;
 use super::store::{StoreError, TokenStore};
@@ -329,17 +329,12 @@ impl TokenService {
     ) -> Result<Vec<String>, OAuthError> {
         let lock_key = format!("{}\u{0}{}", app.client_id, username);
         let now = self.clock.now();
-        let admission = match self.user_lockout.admit(&lock_key, now) {
+        let admission = match self.user_lockout.admit(&lock_key, now).await {
             Ok(admission) => admission,
-            Err(Refused::Locked(secs)) => {
+            Err(secs) => {
                 return Err(OAuthError::InvalidGrant(format!(
                     "the account is temporarily locked; try again in {secs}s"
                 )));
-            }
-            Err(Refused::Busy) => {
-                return Err(OAuthError::InvalidGrant(
-                    "too many password checks for this account are under way; try again shortly".into(),
-                ));
             }
         };
         let user = app.users.get(username);

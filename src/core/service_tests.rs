@@ -826,3 +826,19 @@ async fn unknown_and_known_usernames_take_the_same_time_to_refuse() {
     let ratio = unknown[3].as_secs_f64() / known[3].as_secs_f64();
     assert!((0.5..2.0).contains(&ratio), "unknown {:?} vs known {:?} (ratio {ratio:.2})", unknown[3], known[3]);
 }
+
+/// The other side of the lockout race: concurrent logins with the right password all get through (a few
+/// checks at a time), however many there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_logins_with_the_right_password_all_succeed() {
+    let f = Arc::new(fixture(TokenFormat::Jwt)); // lockout after 3 failures
+    let logins: Vec<_> = (0..24)
+        .map(|i| {
+            let f = f.clone();
+            tokio::spawn(async move { f.password("alice", "alice-pw", &format!("device_d{i}")).await })
+        })
+        .collect();
+    for l in logins {
+        l.await.expect("join").expect("every login with the right password succeeds");
+    }
+}
