@@ -22,7 +22,7 @@ use kube_test_server::KubeTestServer;
 use kubetoken::core::model::{LivePair, RefreshGrant, Subject, TokenId, TokenKey};
 use kubetoken::core::scope::ScopeSet;
 use kubetoken::core::state::Record;
-use kubetoken::storage::kube_store::layout;
+use kubetoken::storage::kube_store::{codec, layout};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kubetoken");
@@ -72,7 +72,7 @@ fn sidecar(kubeconfig: &std::path::Path) -> Proc {
             "--listen",
             "127.0.0.1:0",
             "--api-writes-per-second",
-            "5",
+            "4.8",
         ],
         "kubetoken sidecar listening on ",
     )
@@ -213,21 +213,26 @@ fn main() {
     latencies.sort();
     let tokens = latencies.len();
     let writes: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_journal_writes_total")).sum();
-    let compactions: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_compaction_writes_total")).sum();
+    let compaction_writes: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_compaction_writes_total")).sum();
+    let snapshots: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_compactions_total")).sum();
     let bytes: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_bytes_written_total")).sum();
+    let object_bytes: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_object_bytes_written_total")).sum();
     let conflicts: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_conflicts_total")).sum();
     println!("## Two sidecars of one application against the test server ({connections} connections, {seconds} s)\n");
     println!(
-        "| tokens/s | p50 ms | p99 ms | errors | journal writes/s (both) | compaction writes | 409s | bytes written per token |"
+        "| tokens/s | p50 ms | p99 ms | errors | API writes/s (both: journal + snapshots) | snapshots | 409s | request bytes per token | stored object bytes per token |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {:.0} | {:.1} | {:.1} | {errors} | {:.1} | {compactions} | {conflicts} | {:.0} |",
+        "| {:.0} | {:.1} | {:.1} | {errors} | {:.2} ({:.2} + {:.2}) | {snapshots} | {conflicts} | {:.0} | {:.0} |",
         tokens as f64 / elapsed,
         percentile(&latencies, 0.5).as_secs_f64() * 1e3,
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        (writes + compaction_writes) / elapsed,
         writes / elapsed,
+        compaction_writes / elapsed,
         bytes / tokens.max(1) as f64,
+        object_bytes / tokens.max(1) as f64,
     );
     assert!(tokens > 0 && errors == 0, "{errors} requests failed");
 
@@ -256,11 +261,11 @@ fn main() {
     }
     drop(replicas);
 
-    // Restart with many live keys: the state is written into the shards as compaction would, then a fresh
-    // sidecar loads it.
+    // Restart with many live keys: the state is written as a snapshot as compaction would (chunks of set 0 and
+    // the pointer), then a fresh sidecar loads it.
     let config_maps: Api<ConfigMap> = Api::namespaced(client, NS);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs();
-    let mut shards: Vec<Vec<Record>> = (0..layout::SHARDS).map(|_| Vec::new()).collect();
+    let mut records = Vec::with_capacity(live_keys);
     for n in 0..live_keys as u32 {
         let key = TokenKey {
             client_id: id.clone(),
@@ -278,34 +283,48 @@ fn main() {
             access_expires_at: now + 3600,
             refresh: Some(RefreshGrant { id: TokenId(refresh), expires_at: now + 86_400 }),
         };
-        shards[layout::shard_of(&key)].push(Record::Set { k: key, p: Some(pair), rot: None });
+        records.push(Record::Set { k: key, p: Some(pair), rot: None });
     }
-    let journal = runtime.block_on(config_maps.get(&layout::journal_name("shop"))).expect("journal");
-    // The journal's last sequence number: the seeded shards say they hold everything up to it.
-    let last = journal
-        .data
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|(k, v)| Some(layout::batch_first_seq(k)? + v.lines().count() as u64 - 1))
-        .max()
-        .unwrap_or(0);
-    let mut largest = 0;
-    for (i, records) in shards.iter().enumerate() {
-        let text = layout::encode_lines(records).expect("encode");
-        largest = largest.max(text.len());
-        let patch = json!({"data": {layout::UPTO_FIELD: last.to_string(), layout::ENTRIES_FIELD: text}});
+    // The journal's last sequence number: the seeded snapshot says it holds everything up to it.
+    let mut last = 0;
+    for i in 0..layout::SEGMENTS {
+        let segment = runtime.block_on(config_maps.get(&layout::segment_name("shop", i))).expect("segment");
+        for field in segment.binary_data.unwrap_or_default().keys() {
+            if let Some((first, n)) = layout::batch_of(field) {
+                last = last.max(first + n as u64 - 1);
+            }
+        }
+    }
+    let blob = codec::encode(&records);
+    let pieces = layout::chunks(&blob).expect("the snapshot fits its chunks");
+    let largest = pieces.iter().map(|p| p.len()).max().unwrap_or(0);
+    for (part, piece) in pieces.iter().enumerate() {
+        let patch = json!({"data": {layout::GEN_FIELD: "seeded"}, "binaryData": {layout::STATE_FIELD: base64::engine::general_purpose::STANDARD.encode(piece)}});
         runtime
-            .block_on(config_maps.patch(&layout::shard_name("shop", i), &PatchParams::default(), &Patch::Merge(&patch)))
-            .expect("seed shard");
+            .block_on(config_maps.patch(
+                &layout::chunk_name("shop", 0, part),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ))
+            .expect("seed chunk");
     }
+    let patch = json!({"data": {
+        layout::SET_FIELD: "0", layout::CHUNKS_FIELD: pieces.len().to_string(), layout::UPTO_FIELD: last.to_string(),
+        layout::GEN_FIELD: "seeded",
+    }});
+    runtime
+        .block_on(config_maps.patch(&layout::pointer_name("shop"), &PatchParams::default(), &Patch::Merge(&patch)))
+        .expect("seed pointer");
     let fresh = sidecar(&kubeconfig);
     let ready = wait_ready(&fresh);
     let entries = metric(&fresh, "kubetoken_sidecar_live_entries");
     println!(
-        "\n| live token keys | largest shard KiB | ready after restart ms | RSS MiB | peak RSS MiB |\n|---|---|---|---|---|"
+        "\n| live token keys | snapshot KiB | chunks | largest chunk KiB | ready after restart ms | RSS MiB | peak RSS MiB |\n|---|---|---|---|---|---|---|"
     );
     println!(
-        "| {entries} | {} | {} | {:.1} | {:.1} |",
+        "| {entries} | {} | {} | {} | {} | {:.1} | {:.1} |",
+        blob.len() / 1024,
+        pieces.len(),
         largest / 1024,
         ready.as_millis(),
         rss_kib(&fresh, "VmRSS:") as f64 / 1024.0,

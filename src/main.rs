@@ -210,12 +210,14 @@ struct SidecarArgs {
     /// and Prometheus reach the pod IP, not the pod's loopback where the token endpoint listens.
     #[arg(long)]
     health_listen: Option<SocketAddr>,
-    /// Token-state writes per second this replica may send to the API server (group commit batches the rest).
-    #[arg(long, default_value_t = 5.0)]
+    /// Token-journal writes per second this replica may send to the API server (group commit batches the rest).
+    /// Compaction adds a few writes per snapshot on top (see ARCHITECTURE.md).
+    #[arg(long, default_value_t = 4.8)]
     api_writes_per_second: f64,
-    /// Compact the token journal into its snapshot shards once it holds this many KiB.
-    #[arg(long, default_value_t = 128)]
-    journal_compact_kib: usize,
+    /// Seal a journal segment once it holds this many KiB of records (a ring of 16 segments; compaction when 12
+    /// await it). Smaller segments mean smaller writes but more frequent snapshots.
+    #[arg(long, default_value_t = 64)]
+    journal_segment_kib: usize,
 }
 
 #[derive(Args)]
@@ -297,7 +299,7 @@ fn sidecar(args: SidecarArgs) -> Result<(), String> {
         request_bounds: args.serve.request_bounds(),
         store: kubetoken::storage::kube_store::KubeStoreOptions {
             writes_per_second: args.api_writes_per_second,
-            compact_bytes: args.journal_compact_kib.max(1) * 1024,
+            segment_bytes: args.journal_segment_kib.max(1) * 1024,
             ..Default::default()
         },
     }))

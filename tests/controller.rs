@@ -347,7 +347,7 @@ async fn deleting_the_application_removes_its_children() {
     assert_eq!((secrets, config_maps), (3, 1), "credentials, signing keys, token secrets; the JWKS");
     let state =
         c.config_maps().list(&ListParams::default().labels("kubetoken.io/token-state-of=gone")).await.expect("list");
-    assert_eq!(state.items.len(), 33, "the journal and the shards");
+    assert_eq!(state.items.len(), 49, "the journal segments, the snapshot pointer and the snapshot chunks");
     c.apps().delete("gone", &DeleteParams::background()).await.expect("delete");
     let mut left = Vec::new();
     for _ in 0..300 {

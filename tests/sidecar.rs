@@ -239,8 +239,8 @@ async fn concurrent_requests_for_one_key_over_two_replicas_end_with_one_live_tok
     let (a, b) = (replica(&c, &[]).await, replica(&c, &[]).await);
     let urls = [a.url("/oauth2/token"), b.url("/oauth2/token")];
     // Whether the replicas' own writes collide depends on scheduling; three journal writes also meet an injected
-    // 409, so the conflict path is always taken.
-    let journal = format!("/api/v1/namespaces/{}/configmaps/shop-tokens-journal", c.namespace);
+    // 409, so the conflict path is always taken. (Every write of this test goes to the first journal segment.)
+    let journal = format!("/api/v1/namespaces/{}/configmaps/shop-tokens-journal-00", c.namespace);
     c.server().conflict_next_writes(&journal, 3);
     let received: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..20)
@@ -376,9 +376,18 @@ async fn api_faults_answer_503_and_lose_nothing() {
 async fn kill9_and_restart_keep_every_token_and_revive_none_and_state_holds_no_token_strings() {
     let (c, _controller, id, secret) = cluster("sc-restart", "JWT").await;
     let client = Client { id: &id, secret: &secret };
-    // A tiny compaction threshold, so that the state goes through snapshot shards.
-    let small = ["--journal-compact-kib", "2"];
+    // Tiny journal segments (and a write budget to match), so that the state goes round the ring of segments and
+    // through snapshots: compaction, segment reuse and loading from a snapshot are all on the path.
+    let small = ["--journal-segment-kib", "1", "--api-writes-per-second", "100"];
     let mut a = replica(&c, &small).await;
+    for i in 0..300 {
+        let r = post_form(
+            &a.url("/oauth2/token"),
+            Some((&id, &secret)),
+            &[("grant_type", "client_credentials"), ("scope", &format!("device_filler{i}"))],
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
     let mut live = Vec::new();
     let mut dead = Vec::new();
     let mut refresh = Vec::new();
@@ -398,28 +407,40 @@ async fn kill9_and_restart_keep_every_token_and_revive_none_and_state_holds_no_t
             live.push(field(&t, "access_token"));
         }
     }
+    let a_compactions_before = a.metric("kubetoken_kube_compactions_total").unwrap_or(0.0);
     a.kill9();
     let b = replica(&c, &small).await;
+    let a_compactions = |r: &SidecarProcess| r.metric("kubetoken_kube_compactions_total").unwrap_or(0.0);
     for t in &live {
         assert!(client.active(&b, t), "a token whose successor was not issued stays active");
     }
     for t in &dead {
         assert!(!client.active(&b, t), "a superseded token stays inactive");
     }
-    assert!(b.metric("kubetoken_kube_compaction_writes_total").is_some());
-    let shards_used = c
+    assert!(a_compactions(&b) + a_compactions_before > 0.0, "the ring was compacted");
+    let state_objects = c
         .config_maps()
         .list(&ListParams::default().labels("kubetoken.io/token-state-of=shop"))
         .await
         .expect("list")
         .items;
-    assert_eq!(shards_used.len(), 33, "a journal and 32 shards");
-    let everything = serde_json::to_string(&shards_used).expect("json");
-    assert!(everything.contains("\"upto\""));
-    assert!(
-        shards_used.iter().any(|cm| cm.data.as_ref().is_some_and(|d| d.get("entries").is_some_and(|e| !e.is_empty()))),
-        "compaction wrote snapshot shards"
-    );
+    assert_eq!(state_objects.len(), 49, "16 journal segments, the snapshot pointer and 2 sets of 16 chunks");
+    let pointer =
+        state_objects.iter().find(|cm| cm.metadata.name.as_deref() == Some("shop-tokens-snapshot")).expect("pointer");
+    let upto: u64 = pointer.data.as_ref().expect("data")["upto"].parse().expect("upto");
+    assert!(upto >= 100, "a snapshot holds the state up to record {upto}");
+    let first_segment =
+        state_objects.iter().find(|cm| cm.metadata.name.as_deref() == Some("shop-tokens-journal-00")).expect("segment");
+    let epoch: u64 = first_segment.data.as_ref().expect("data")["epoch"].parse().expect("epoch");
+    assert!(epoch > 1, "the ring went round: the first segment was reused from record {epoch} on");
+    // Every byte of the state, decoded from base64 too, holds no token string and no signature.
+    let mut everything = serde_json::to_string(&state_objects).expect("json").into_bytes();
+    for cm in &state_objects {
+        for bytes in cm.binary_data.iter().flat_map(|d| d.values()) {
+            everything.extend_from_slice(&bytes.0);
+        }
+    }
+    let everything = String::from_utf8_lossy(&everything).into_owned();
     for t in live.iter().chain(&dead).chain(&refresh) {
         assert!(!everything.contains(t.as_str()), "no token string in the state objects");
         if let Some(sig) = t.rsplit('.').next() {
@@ -442,8 +463,8 @@ fn the_audit_catches_a_request_outside_the_rules() {
     };
     let rules = common::rbac::rules(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/sidecar-rbac.yaml"));
     let allowed = [
-        record("GET", "/api/v1/namespaces/x/configmaps/shop-tokens-journal", ""),
-        record("PATCH", "/api/v1/namespaces/x/configmaps/shop-tokens-03", ""),
+        record("GET", "/api/v1/namespaces/x/configmaps/shop-tokens-journal-00", ""),
+        record("PATCH", "/api/v1/namespaces/x/configmaps/shop-tokens-snapshot-03", ""),
         record("GET", "/api/v1/namespaces/x/secrets", "fieldSelector=metadata.name%3Dshop-users&watch=true"),
     ];
     assert!(common::rbac::violations(&allowed, "kubetoken-sidecar/", &rules).is_empty());
@@ -558,9 +579,13 @@ async fn kill9_during_load_keeps_exactly_the_tokens_clients_hold_and_the_write_b
             assert!(client.active(&b, last), "{key}: the last token a client received, with no successor, was lost");
         }
     }
-    // The journal writes stayed within the budget (5/s, plus one for the first write).
-    let journal = c.config_maps().get("shop-tokens-journal").await.expect("journal");
-    let batches = journal.data.unwrap_or_default().keys().filter(|k| k.starts_with("b-")).count();
+    // The journal writes stayed within the budget (4.8/s, plus one for the first write). Segments are 64 KiB, so
+    // none was reused and every batch is still there.
+    let mut batches = 0;
+    for i in 0..16 {
+        let segment = c.config_maps().get(&format!("shop-tokens-journal-{i:02}")).await.expect("segment");
+        batches += segment.binary_data.unwrap_or_default().keys().filter(|k| k.starts_with("b-")).count();
+    }
     assert!(
         (batches as f64) <= elapsed * 5.0 + 2.0,
         "{batches} journal writes in {elapsed:.1} s exceed the budget of 5/s"
@@ -578,7 +603,7 @@ async fn an_application_deleted_and_created_again_is_served_from_fresh_state() {
     }
     c.apps().delete("shop", &Default::default()).await.expect("delete");
     eventually("the state objects are gone", Duration::from_secs(20), || async {
-        c.config_maps().get_opt("shop-tokens-journal").await.ok()?.is_none().then_some(())
+        c.config_maps().get_opt("shop-tokens-snapshot").await.ok()?.is_none().then_some(())
     })
     .await;
     c.create_app("shop", shop_spec("JWT")).await;

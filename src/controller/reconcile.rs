@@ -568,7 +568,7 @@ async fn reconcile_token_state(
         meta.labels = Some(BTreeMap::from([(TOKEN_STATE_LABEL.to_string(), app_name.clone())]));
         let cm = ConfigMap {
             metadata: meta,
-            data: Some(crate::storage::kube_store::layout::empty_object(&name)),
+            data: Some(crate::storage::kube_store::layout::empty_object(&app_name, &name)),
             ..ConfigMap::default()
         };
         match config_maps

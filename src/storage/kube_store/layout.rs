@@ -2,121 +2,111 @@
 //! (which creates the objects, owned by the application) and the sidecars (which read and write them).
 //!
 //! ```text
-//! <app>-tokens-journal   ConfigMap  base: "<seq>"            records up to here are in the shards
-//!                                   b-<first seq, 12 digits>: one batch of records, one JSON record a line
-//! <app>-tokens-00 .. 31  ConfigMaps upto: "<seq>"            this shard holds its keys' state up to this seq
-//!                                   entries: snapshot records, one JSON record a line
+//! <app>-tokens-journal-00 .. 15   ConfigMaps, a ring of journal segments
+//!     epoch: "<seq>"              the sequence number of this segment's first record (0: never used)
+//!     sealed: "<seq>"             present once full: its last record; nothing is appended after it
+//!     binaryData b-<seq>-<n>      one batch of n records (see codec), its first record numbered <seq>
+//! <app>-tokens-snapshot           ConfigMap: which snapshot is current
+//!     set, chunks, upto, gen      chunks 0..chunks of set 0 or 1 hold the state up to record <upto>
+//!     claim                       present while a replica is writing the next snapshot
+//! <app>-tokens-snapshot-00 .. 31  ConfigMaps: two sets of 16 snapshot chunks (set 0: 00..15, set 1: 16..31)
+//!     gen, binaryData state       one piece of a snapshot; its gen must equal the pointer's
 //! ```
-//! Records are the core's [`Record`]s: token keys, token ids and expiries. No token string, and nothing from
-//! which one can be made without the token-tagging Secret (opaque and refresh strings carry an HMAC tag under
-//! it; JWTs are signed with keys in another Secret).
+//! Records are the core's [`Record`]s in the binary form of [`super::codec`]: token keys, token ids and expiries.
+//! No token string, and nothing from which one can be made without the token-tagging Secret (opaque and refresh
+//! strings carry an HMAC tag under it; JWTs are signed with keys in another Secret).
 
 use std::collections::BTreeMap;
 
-use crate::core::model::TokenKey;
-use crate::core::state::Record;
+/// Journal segments in the ring.
+pub const SEGMENTS: usize = 16;
+/// Snapshot chunks per set.
+pub const CHUNKS_PER_SET: usize = 16;
+/// Largest snapshot chunk (decoded bytes; base64 in the object makes it 4/3 of this, under the 1 MiB limit).
+pub const CHUNK_BYTES: usize = 700 * 1024;
 
-/// Number of snapshot shards per application. Fixed: a key's shard must never change.
-pub const SHARDS: usize = 32;
-pub const BASE_FIELD: &str = "base";
+pub const EPOCH_FIELD: &str = "epoch";
+pub const SEALED_FIELD: &str = "sealed";
+pub const SET_FIELD: &str = "set";
+pub const CHUNKS_FIELD: &str = "chunks";
 pub const UPTO_FIELD: &str = "upto";
-pub const ENTRIES_FIELD: &str = "entries";
+pub const GEN_FIELD: &str = "gen";
+pub const CLAIM_FIELD: &str = "claim";
+pub const STATE_FIELD: &str = "state";
 const BATCH_PREFIX: &str = "b-";
 
-pub fn journal_name(app: &str) -> String {
-    format!("{app}-tokens-journal")
+pub fn segment_name(app: &str, index: usize) -> String {
+    format!("{app}-tokens-journal-{index:02}")
 }
 
-pub fn shard_name(app: &str, shard: usize) -> String {
-    format!("{app}-tokens-{shard:02}")
+/// The pointer to the current snapshot.
+pub fn pointer_name(app: &str) -> String {
+    format!("{app}-tokens-snapshot")
+}
+
+pub fn chunk_name(app: &str, set: usize, part: usize) -> String {
+    format!("{app}-tokens-snapshot-{:02}", set * CHUNKS_PER_SET + part)
 }
 
 /// Every state object of an application.
 pub fn object_names(app: &str) -> impl Iterator<Item = String> + '_ {
-    std::iter::once(journal_name(app)).chain((0..SHARDS).map(move |i| shard_name(app, i)))
+    (0..SEGMENTS)
+        .map(move |i| segment_name(app, i))
+        .chain(std::iter::once(pointer_name(app)))
+        .chain((0..2 * CHUNKS_PER_SET).map(move |i| chunk_name(app, 0, i)))
 }
 
 /// The data of a freshly created state object.
-pub fn empty_object(name: &str) -> BTreeMap<String, String> {
-    if name.ends_with("-tokens-journal") {
-        BTreeMap::from([(BASE_FIELD.to_string(), "0".to_string())])
+pub fn empty_object(app: &str, name: &str) -> BTreeMap<String, String> {
+    let field = |k: &str, v: &str| (k.to_string(), v.to_string());
+    if name == segment_name(app, 0) {
+        // The first segment is open from the start: records are numbered from 1.
+        BTreeMap::from([field(EPOCH_FIELD, "1")])
+    } else if name == pointer_name(app) {
+        BTreeMap::from([field(SET_FIELD, "0"), field(CHUNKS_FIELD, "0"), field(UPTO_FIELD, "0"), field(GEN_FIELD, "")])
+    } else if name.starts_with(&format!("{app}-tokens-journal-")) {
+        BTreeMap::from([field(EPOCH_FIELD, "0")])
     } else {
-        BTreeMap::from([(UPTO_FIELD.to_string(), "0".to_string()), (ENTRIES_FIELD.to_string(), String::new())])
+        BTreeMap::from([field(GEN_FIELD, "")])
     }
 }
 
-/// The shard of a key: FNV-1a of its fields, stable across versions and processes.
-pub fn shard_of(key: &TokenKey) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes.iter().chain(std::iter::once(&0xffu8)) {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    eat(key.client_id.as_bytes());
-    eat(key.sub().as_bytes());
-    eat(if key.username().is_some() { b"u" } else { b"c" });
-    for s in key.scopes.iter() {
-        eat(s.as_bytes());
-    }
-    (h % SHARDS as u64) as usize
+/// The field of a batch of `records` records, the first numbered `first_seq`.
+pub fn batch_field(first_seq: u64, records: usize) -> String {
+    format!("{BATCH_PREFIX}{first_seq:012}-{records}")
 }
 
-/// The token key a record is about; `None` for records that are not token state (shared lockout failures).
-pub fn record_key(record: &Record) -> Option<&TokenKey> {
-    match record {
-        Record::Set { k, .. } | Record::Rotated { k, .. } => Some(k),
-        Record::Failed { .. } => None,
-    }
+/// The first sequence number and the number of records of a batch field, if `field` is one.
+pub fn batch_of(field: &str) -> Option<(u64, usize)> {
+    let (first, n) = field.strip_prefix(BATCH_PREFIX)?.split_once('-')?;
+    Some((first.parse().ok()?, n.parse().ok()?)).filter(|(_, n)| *n > 0)
 }
 
-pub fn batch_field(first_seq: u64) -> String {
-    format!("{BATCH_PREFIX}{first_seq:012}")
-}
-
-/// The first sequence number of a batch field, if `field` is one.
-pub fn batch_first_seq(field: &str) -> Option<u64> {
-    field.strip_prefix(BATCH_PREFIX)?.parse().ok()
-}
-
-/// One JSON record a line.
-pub fn encode_lines<'a>(records: impl IntoIterator<Item = &'a Record>) -> Result<String, serde_json::Error> {
-    let mut out = String::new();
-    for r in records {
-        out.push_str(&serde_json::to_string(r)?);
-        out.push('\n');
-    }
-    Ok(out)
-}
-
-pub fn decode_lines(text: &str) -> Result<Vec<Record>, String> {
-    text.lines()
-        .filter(|l| !l.is_empty())
-        .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1)))
-        .collect()
+/// Cuts an encoded snapshot into chunks; `None` when it needs more than a set holds.
+pub fn chunks(snapshot: &[u8]) -> Option<Vec<&[u8]>> {
+    let pieces: Vec<&[u8]> = snapshot.chunks(CHUNK_BYTES).collect();
+    (pieces.len() <= CHUNKS_PER_SET).then_some(pieces)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::model::Subject;
-    use crate::core::scope::ScopeSet;
 
     #[test]
-    fn shards_are_stable_and_spread() {
-        let key = |u: &str, s: &str| TokenKey {
-            client_id: "shop".into(),
-            subject: Subject::User(u.into()),
-            scopes: ScopeSet::parse(s).expect("scope"),
-        };
-        // Pinned: a change of the hash would put existing keys in the wrong shard (FNV-1a worked by hand).
-        assert_eq!(shard_of(&key("alice", "device_ipad")), 3);
-        let used: std::collections::HashSet<usize> =
-            (0..200).map(|i| shard_of(&key(&format!("user{i}"), "device_x"))).collect();
-        assert_eq!(used.len(), SHARDS);
-        assert_eq!(batch_first_seq(&batch_field(42)), Some(42));
-        assert_eq!(batch_first_seq(BASE_FIELD), None);
+    fn every_object_has_its_own_name_and_a_start() {
+        let names: Vec<String> = object_names("shop").collect();
+        assert_eq!(names.len(), SEGMENTS + 1 + 2 * CHUNKS_PER_SET);
+        assert_eq!(names.iter().collect::<std::collections::HashSet<_>>().len(), names.len());
+        assert_eq!(names[0], "shop-tokens-journal-00");
+        assert_eq!(chunk_name("shop", 1, 0), "shop-tokens-snapshot-16");
+        assert_eq!(empty_object("shop", "shop-tokens-journal-00")[EPOCH_FIELD], "1");
+        assert_eq!(empty_object("shop", "shop-tokens-journal-07")[EPOCH_FIELD], "0");
+        assert_eq!(empty_object("shop", "shop-tokens-snapshot")[UPTO_FIELD], "0");
+        assert_eq!(empty_object("shop", "shop-tokens-snapshot-31")[GEN_FIELD], "");
+        assert_eq!(batch_of(&batch_field(42, 7)), Some((42, 7)));
+        assert_eq!(batch_of(EPOCH_FIELD), None);
+        assert_eq!(batch_of("b-000000000042-0"), None);
+        assert_eq!(chunks(&vec![0; CHUNK_BYTES + 1]).map(|c| c.len()), Some(2));
+        assert!(chunks(&vec![0; CHUNK_BYTES * CHUNKS_PER_SET + 1]).is_none());
     }
 }

@@ -1,28 +1,37 @@
 //! The in-cluster storage adapter: token state in ConfigMaps shared by every sidecar replica of an application.
 //!
 //! Design (see ARCHITECTURE.md and [`layout`]):
-//! - One **journal** ConfigMap per application is the single order of all changes. A replica appends a batch
-//!   (group commit) with a JSON merge patch that adds one `b-<seq>` field and carries the `resourceVersion` it
-//!   last saw: the API server's optimistic concurrency makes the append a compare-and-set over the whole log, so
-//!   a replica can only append on top of every change it has applied. On 409 it reads the journal, applies the
+//! - The **journal** is a ring of small segment ConfigMaps and the single order of all changes. A replica appends
+//!   a batch (group commit) to the open segment with a JSON merge patch that carries the `resourceVersion` it last
+//!   saw: the API server's optimistic concurrency makes the append a compare-and-set over the whole log, so a
+//!   replica can only append on top of every change it has applied. On 409 it reads the segment, applies the
 //!   other replicas' records, re-checks its pending changes (those now deciding on a stale pair fail with
 //!   `Conflict`, and the core decides them again) and appends the rest.
-//! - **Snapshot shards** (32 ConfigMaps) hold the state up to a sequence number; when the journal grows past a
-//!   threshold, a replica writes the changed shards and then removes the compacted batches from the journal.
-//! - Every replica watches the journal, so a change made through one replica is visible at the others after
+//! - The append that fills a segment **seals** it in the same write, so no replica can append to it afterwards;
+//!   the next append opens the following segment of the ring. Segments stay small, so an append rewrites (and
+//!   every replica's watch receives) a small object, whatever the number of live tokens.
+//! - When most of the ring holds records newer than the snapshot, one replica **compacts**: it claims the
+//!   snapshot pointer (a compare-and-set), writes the whole state into the inactive set of snapshot chunks (each
+//!   write conditional on the chunk's version read after the claim), then switches the pointer (conditional on its
+//!   claim). A replica that was overtaken fails one of those conditions and gives up; a crash leaves the previous
+//!   snapshot in place. Segments whose records the snapshot holds are then free for reuse.
+//! - Every replica watches the open segment, so a change made through one replica is visible at the others after
 //!   the watch delivers it.
 //!
 //! Promise, as for the local store: `commit` resolves only once the API server accepted the journal write that
 //! contains the change; a failed or timed-out write fails the request (503), never answers with a token whose
 //! predecessor's revocation was not stored.
 
+pub mod codec;
 pub mod layout;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
@@ -31,8 +40,8 @@ use serde_json::json;
 use tokio::sync::{Notify, oneshot, watch};
 
 use self::layout::{
-    BASE_FIELD, ENTRIES_FIELD, SHARDS, UPTO_FIELD, batch_field, batch_first_seq, decode_lines, encode_lines,
-    journal_name, record_key, shard_name, shard_of,
+    CHUNKS_FIELD, CHUNKS_PER_SET, CLAIM_FIELD, EPOCH_FIELD, GEN_FIELD, SEALED_FIELD, SEGMENTS, SET_FIELD, STATE_FIELD,
+    UPTO_FIELD, batch_field, chunk_name, pointer_name, segment_name,
 };
 use crate::core::clock::Clock;
 use crate::core::lockout::SharedFailure;
@@ -42,22 +51,29 @@ use crate::core::store::{StoreError, StoreFuture, TokenStore};
 use crate::metrics::Histogram;
 
 const FIELD_MANAGER: &str = "kubetoken-sidecar";
-/// Snapshots close to the 1 MiB object limit are refused rather than written.
-const MAX_OBJECT_BYTES: usize = 900 * 1024;
+/// Compact once this many segments hold records the snapshot does not (leaving a quarter of the ring as slack
+/// for the appends made while the snapshot is written).
+const COMPACT_AT_SEGMENTS: usize = SEGMENTS * 3 / 4;
+/// A claim on the snapshot pointer left unchanged this long is taken to be abandoned (its holder crashed).
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Records in one journal batch at most, so that one append stays far below the object size limit.
+const MAX_BATCH_RECORDS: usize = 2048;
+/// Loads retried at once when a compaction moved the state underneath the reads.
+const LOAD_ATTEMPTS: usize = 5;
 
 #[derive(Debug, Clone)]
 pub struct KubeStoreOptions {
     /// Journal writes per second this replica may make (the API write budget; compaction writes excepted).
     pub writes_per_second: f64,
-    /// Compact once the journal holds this many bytes of records.
-    pub compact_bytes: usize,
+    /// A journal segment is sealed once it holds this many bytes of records.
+    pub segment_bytes: usize,
     /// How long a commit may wait for the API server before the request fails with 503.
     pub commit_timeout: Duration,
 }
 
 impl Default for KubeStoreOptions {
     fn default() -> Self {
-        Self { writes_per_second: 5.0, compact_bytes: 128 * 1024, commit_timeout: Duration::from_secs(5) }
+        Self { writes_per_second: 4.8, segment_bytes: 64 * 1024, commit_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -66,14 +82,17 @@ impl Default for KubeStoreOptions {
 pub struct KubeStoreMetrics {
     pub journal_writes: AtomicU64,
     pub compaction_writes: AtomicU64,
+    pub compactions: AtomicU64,
     pub bytes_written: AtomicU64,
+    pub object_bytes_written: AtomicU64,
     pub conflicts: AtomicU64,
     pub write_failures: AtomicU64,
+    pub journal_full: AtomicU64,
     pub remote_records: AtomicU64,
     pub reloads: AtomicU64,
     pub journal_bytes: AtomicU64,
-    pub largest_shard_bytes: AtomicU64,
-    /// Milliseconds from a remote journal write's arrival in the watch to its records being applied.
+    pub snapshot_bytes: AtomicU64,
+    /// Seconds from a remote journal write's arrival in the watch to its records being applied.
     pub watch_apply: Histogram,
     pub batches: Arc<Histogram>,
 }
@@ -83,13 +102,16 @@ impl KubeStoreMetrics {
         Self {
             journal_writes: AtomicU64::new(0),
             compaction_writes: AtomicU64::new(0),
+            compactions: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
+            object_bytes_written: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
             write_failures: AtomicU64::new(0),
+            journal_full: AtomicU64::new(0),
             remote_records: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             journal_bytes: AtomicU64::new(0),
-            largest_shard_bytes: AtomicU64::new(0),
+            snapshot_bytes: AtomicU64::new(0),
             watch_apply: Histogram::new(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
             batches,
         }
@@ -104,10 +126,25 @@ impl KubeStoreMetrics {
                 &self.journal_writes,
                 "Journal appends accepted by the API server.",
             ),
-            ("kubetoken_kube_compaction_writes_total", &self.compaction_writes, "Snapshot and journal-trim writes."),
+            (
+                "kubetoken_kube_compaction_writes_total",
+                &self.compaction_writes,
+                "Snapshot claim, chunk and pointer writes.",
+            ),
+            ("kubetoken_kube_compactions_total", &self.compactions, "Snapshots written by this replica."),
             ("kubetoken_kube_bytes_written_total", &self.bytes_written, "Request body bytes of state writes."),
+            (
+                "kubetoken_kube_object_bytes_written_total",
+                &self.object_bytes_written,
+                "Bytes of the state objects as stored after each accepted write (what the API server writes and sends to every watcher).",
+            ),
             ("kubetoken_kube_conflicts_total", &self.conflicts, "409 Conflict answers to state writes."),
             ("kubetoken_kube_write_failures_total", &self.write_failures, "State writes that failed otherwise."),
+            (
+                "kubetoken_kube_journal_full_total",
+                &self.journal_full,
+                "Batches held back because every journal segment awaited compaction.",
+            ),
             ("kubetoken_kube_remote_records_total", &self.remote_records, "Records applied from other replicas."),
             ("kubetoken_kube_reloads_total", &self.reloads, "Full state loads (start, gaps)."),
         ];
@@ -119,8 +156,8 @@ impl KubeStoreMetrics {
             );
         }
         let gauges = [
-            ("kubetoken_kube_journal_bytes", &self.journal_bytes, "Bytes of records in the journal ConfigMap."),
-            ("kubetoken_kube_largest_shard_bytes", &self.largest_shard_bytes, "Bytes of the largest snapshot shard."),
+            ("kubetoken_kube_journal_bytes", &self.journal_bytes, "Bytes of journal records not yet in the snapshot."),
+            ("kubetoken_kube_snapshot_bytes", &self.snapshot_bytes, "Bytes of the last snapshot read or written."),
         ];
         for (name, v, help) in gauges {
             let _ =
@@ -130,7 +167,6 @@ impl KubeStoreMetrics {
         self.watch_apply.render(out, "kubetoken_kube_watch_apply_seconds", &l);
     }
 }
-
 struct Pending {
     id: u64,
     change: Change,
@@ -150,21 +186,83 @@ struct OverlayEntry {
     ids: Vec<TokenId>,
 }
 
-/// The journal as last seen.
-#[derive(Default, Clone)]
-struct JournalView {
+/// A journal segment as last seen.
+#[derive(Default, Clone, Debug)]
+struct SegmentView {
     rv: String,
-    base: u64,
+    /// The sequence number of its first record; 0 for a segment never used.
+    epoch: u64,
     /// first seq → (records, bytes)
     batches: BTreeMap<u64, (usize, usize)>,
+    sealed: Option<u64>,
 }
 
-impl JournalView {
+impl SegmentView {
     fn last_seq(&self) -> u64 {
-        self.batches.iter().next_back().map_or(self.base, |(first, (n, _))| first + *n as u64 - 1)
+        self.batches.iter().next_back().map_or(self.epoch.saturating_sub(1), |(first, (n, _))| first + *n as u64 - 1)
     }
     fn bytes(&self) -> usize {
         self.batches.values().map(|(_, b)| b).sum()
+    }
+    /// Orders the versions of one segment: a later version is never smaller.
+    fn progress(&self) -> (u64, u64, bool) {
+        (self.epoch, self.last_seq(), self.sealed.is_some())
+    }
+    fn from_object(cm: &ConfigMap) -> Result<Self, String> {
+        let mut batches = BTreeMap::new();
+        for (field, bytes) in cm.binary_data.iter().flatten() {
+            if let Some((first, n)) = layout::batch_of(field) {
+                batches.insert(first, (n, bytes.0.len()));
+            }
+        }
+        let view = Self {
+            rv: cm.metadata.resource_version.clone().unwrap_or_default(),
+            epoch: parse_u64(cm, EPOCH_FIELD)?,
+            batches,
+            sealed: data(cm)
+                .get(SEALED_FIELD)
+                .map(|v| v.trim().parse::<u64>())
+                .transpose()
+                .map_err(|e| format!("{SEALED_FIELD}: {e}"))?,
+        };
+        // The batches of one segment follow each other without gaps, from its epoch on.
+        let mut next = view.epoch;
+        for (first, (n, _)) in &view.batches {
+            if *first != next {
+                return Err(format!("batch {first} does not follow record {}", next.saturating_sub(1)));
+            }
+            next = first + *n as u64;
+        }
+        Ok(view)
+    }
+}
+
+/// The snapshot pointer as last seen.
+#[derive(Default, Clone, Debug)]
+struct PointerView {
+    rv: String,
+    set: usize,
+    chunks: usize,
+    upto: u64,
+    generation: String,
+    claim: Option<String>,
+}
+
+impl PointerView {
+    fn from_object(cm: &ConfigMap) -> Result<Self, String> {
+        let set = parse_u64(cm, SET_FIELD)? as usize;
+        let chunks = parse_u64(cm, CHUNKS_FIELD)? as usize;
+        if set > 1 || chunks > CHUNKS_PER_SET {
+            return Err(format!("{SET_FIELD} {set} or {CHUNKS_FIELD} {chunks} out of range"));
+        }
+        Ok(Self {
+            rv: cm.metadata.resource_version.clone().unwrap_or_default(),
+            set,
+            chunks,
+            upto: parse_u64(cm, UPTO_FIELD)?,
+            generation: data(cm).get(GEN_FIELD).cloned().unwrap_or_default(),
+            claim: data(cm).get(CLAIM_FIELD).cloned().filter(|c| !c.is_empty()),
+        })
     }
 }
 
@@ -186,21 +284,28 @@ struct Inner {
     resolved_below: u64,
     /// Ids of recently failed changes (for `sync`).
     recent_failures: VecDeque<u64>,
+    /// The last journal record applied to `confirmed`.
     applied_seq: u64,
-    shard_upto: [u64; SHARDS],
-    shard_dirty: [bool; SHARDS],
-    journal: JournalView,
+    segments: Vec<SegmentView>,
+    /// The segment with the newest records: appends go there, or to the next one once it is sealed.
+    head: usize,
+    pointer: PointerView,
+    /// A claim on the pointer held by another replica, and when this replica first saw it.
+    claim_seen: Option<(String, Instant)>,
     loaded: bool,
 }
 
 struct Shared {
     api: Api<ConfigMap>,
     app: String,
-    journal_name: String,
     inner: Mutex<Inner>,
     wake: Notify,
-    /// The journal as the watch last delivered it, for the writer.
-    watched: watch::Sender<Option<(Arc<ConfigMap>, Instant)>>,
+    /// The segment the watch follows: the head, or the next one once the head is sealed and applied.
+    follow: watch::Sender<usize>,
+    /// The segment as the watch last delivered it, for the writer.
+    watched: watch::Sender<Option<(usize, Arc<ConfigMap>, Instant)>>,
+    /// A compaction task of this replica is running.
+    compacting: AtomicBool,
     resolved: watch::Sender<u64>,
     clock: Arc<dyn Clock>,
     options: KubeStoreOptions,
@@ -298,22 +403,74 @@ impl Inner {
                 continue;
             }
             self.applied_seq = seq;
-            let Some(key) = record_key(&record) else {
-                if let (Record::Failed { f }, true) = (record, remote)
-                    && self.failures_in.len() < 10_000
-                {
-                    self.failures_in.push(f);
+            match record {
+                Record::Failed { f } => {
+                    if remote && self.failures_in.len() < 10_000 {
+                        self.failures_in.push(f);
+                    }
                 }
-                continue;
-            };
-            let shard = shard_of(key);
-            if seq > self.shard_upto[shard] {
-                touched.push(key.clone());
-                self.confirmed.apply(record);
-                self.shard_dirty[shard] = true;
+                Record::Set { ref k, .. } | Record::Rotated { ref k, .. } => {
+                    touched.push(k.clone());
+                    self.confirmed.apply(record);
+                }
             }
         }
         touched
+    }
+
+    /// Where the next batch goes: the head, or the segment after it once the head is sealed.
+    fn append_target(&self) -> usize {
+        if self.segments[self.head].sealed.is_some() { (self.head + 1) % SEGMENTS } else { self.head }
+    }
+
+    /// Segments holding records the snapshot does not.
+    fn uncompacted_segments(&self) -> usize {
+        self.segments.iter().filter(|s| s.epoch > 0 && s.last_seq() > self.pointer.upto).count()
+    }
+
+    fn uncompacted_bytes(&self) -> usize {
+        self.segments.iter().filter(|s| s.epoch > 0 && s.last_seq() > self.pointer.upto).map(SegmentView::bytes).sum()
+    }
+
+    /// Takes in a version of segment `index`, applying its records after `applied_seq`. `Ok(false)`: records
+    /// before it were never seen here (a gap), so the state must be loaded again.
+    fn absorb_segment(
+        &mut self,
+        index: usize,
+        cm: &ConfigMap,
+        remote: &AtomicU64,
+    ) -> Result<(bool, Vec<TokenKey>), String> {
+        let view = SegmentView::from_object(cm)?;
+        if view.progress() < self.segments[index].progress() {
+            return Ok((true, Vec::new())); // an older delivery
+        }
+        let mut touched = Vec::new();
+        for (field, bytes) in cm.binary_data.iter().flatten() {
+            let Some((first, n)) = layout::batch_of(field) else { continue };
+            if first + n as u64 - 1 <= self.applied_seq {
+                continue;
+            }
+            if first > self.applied_seq + 1 {
+                return Ok((false, touched));
+            }
+            let records = codec::decode(&bytes.0).map_err(|e| format!("{field}: {e}"))?;
+            if records.len() != n {
+                return Err(format!("{field}: {} records", records.len()));
+            }
+            remote.fetch_add(n as u64, Ordering::Relaxed);
+            touched.extend(self.apply_records(first, records, true));
+        }
+        if view.epoch > 0 && view.epoch >= self.segments[self.head].epoch {
+            self.head = index;
+        }
+        self.segments[index] = view;
+        Ok((true, touched))
+    }
+
+    /// The segment the watch should follow.
+    fn follow_target(&self) -> usize {
+        let head = &self.segments[self.head];
+        if head.sealed.is_some_and(|s| s <= self.applied_seq) { (self.head + 1) % SEGMENTS } else { self.head }
     }
 
     fn publish_resolved(&mut self, resolved: &watch::Sender<u64>) {
@@ -338,22 +495,48 @@ fn data(cm: &ConfigMap) -> &BTreeMap<String, String> {
     cm.data.as_ref().unwrap_or(&EMPTY)
 }
 
-fn parse_u64(cm: &ConfigMap, field: &str) -> u64 {
-    data(cm).get(field).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+/// A number field; a missing one is 0.
+fn parse_u64(cm: &ConfigMap, field: &str) -> Result<u64, String> {
+    data(cm).get(field).map_or(Ok(0), |v| v.trim().parse().map_err(|e| format!("{field}: {e}")))
 }
 
-fn journal_view(cm: &ConfigMap) -> JournalView {
-    let mut batches = BTreeMap::new();
-    for (field, text) in data(cm) {
-        if let Some(first) = batch_first_seq(field) {
-            batches.insert(first, (text.lines().filter(|l| !l.is_empty()).count(), text.len()));
-        }
+/// The size of an object as the API server stores it (what every watcher of it receives).
+fn stored_bytes(cm: &ConfigMap) -> u64 {
+    serde_json::to_vec(cm).map_or(0, |v| v.len() as u64)
+}
+
+fn patch_params() -> PatchParams {
+    PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() }
+}
+
+/// A fresh claim on the snapshot pointer.
+fn new_claim() -> String {
+    let mut bytes = [0u8; 8];
+    // Only uniqueness matters; a failing RNG still gives a claim distinct by time.
+    if aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut bytes).is_err() {
+        bytes = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()) as u64)
+            .to_le_bytes();
     }
-    JournalView {
-        rv: cm.metadata.resource_version.clone().unwrap_or_default(),
-        base: parse_u64(cm, BASE_FIELD),
-        batches,
-    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a journal write came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Nothing,
+    Accepted,
+    Conflict,
+    /// Every segment holds records the snapshot does not: wait for compaction.
+    JournalFull,
+    Failed,
+}
+
+/// Where a batch goes.
+struct Append {
+    index: usize,
+    first_seq: u64,
+    records: Vec<Record>,
+    body: serde_json::Value,
 }
 
 impl KubeStore {
@@ -377,19 +560,21 @@ impl KubeStore {
             resolved_below: 1,
             recent_failures: VecDeque::new(),
             applied_seq: 0,
-            shard_upto: [0; SHARDS],
-            shard_dirty: [false; SHARDS],
-            journal: JournalView::default(),
+            segments: vec![SegmentView::default(); SEGMENTS],
+            head: 0,
+            pointer: PointerView::default(),
+            claim_seen: None,
             loaded: false,
         };
         Self {
             shared: Arc::new(Shared {
                 api,
                 app: app.to_string(),
-                journal_name: journal_name(app),
                 inner: Mutex::new(inner),
                 wake: Notify::new(),
+                follow: watch::channel(0).0,
                 watched: watch::channel(None).0,
+                compacting: AtomicBool::new(false),
                 resolved: watch::channel(1).0,
                 clock,
                 options,
@@ -412,9 +597,9 @@ impl KubeStore {
         self.shared.lock().confirmed.entries()
     }
 
-    /// Loads the state, then watches the journal and writes batches until the task is dropped.
+    /// Loads the state, then follows the journal and writes batches until the task is dropped.
     pub async fn run(self) {
-        let watcher_task = tokio::spawn(self.clone().watch_journal());
+        let watcher_task = tokio::spawn(self.clone().follow_journal());
         let _guard = AbortOnDrop(watcher_task);
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -430,67 +615,124 @@ impl KubeStore {
         self.writer_loop().await;
     }
 
-    async fn watch_journal(self) {
-        let config = watcher::Config::default().fields(&format!("metadata.name={}", self.shared.journal_name));
-        let stream = watcher::watcher(self.shared.api.clone(), config);
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
-                    tracing::debug!(application = %self.shared.app, rv = ?cm.metadata.resource_version, "journal event");
-                    self.shared.watched.send_replace(Some((Arc::new(cm), Instant::now())));
-                    self.shared.wake.notify_one();
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(application = %self.shared.app, error = %e, "journal watch failed; it restarts");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+    /// Watches the segment the writer asks for, one at a time.
+    async fn follow_journal(self) {
+        let s = &self.shared;
+        let mut target = s.follow.subscribe();
+        loop {
+            let index = *target.borrow_and_update();
+            let name = segment_name(&s.app, index);
+            let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+            let stream = watcher::watcher(s.api.clone(), config);
+            futures::pin_mut!(stream);
+            loop {
+                tokio::select! {
+                    changed = target.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    event = stream.next() => match event {
+                        Some(Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm))) => {
+                            tracing::debug!(application = %s.app, segment = index, rv = ?cm.metadata.resource_version, "journal event");
+                            s.watched.send_replace(Some((index, Arc::new(cm), Instant::now())));
+                            s.wake.notify_one();
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            tracing::warn!(application = %s.app, error = %e, "journal watch failed; it restarts");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        None => return,
+                    },
                 }
             }
         }
     }
 
-    /// Reads the journal and every shard, and rebuilds the confirmed state from them.
+    /// Reads the snapshot and every segment, and rebuilds the confirmed state from them.
     async fn load(&self) -> Result<(), String> {
+        let mut last_error = String::new();
+        for _ in 0..LOAD_ATTEMPTS {
+            match self.load_once().await {
+                Ok(true) => return Ok(()),
+                Ok(false) => last_error = "the state moved while it was read (a compaction); read it again".into(),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error)
+    }
+
+    /// `Ok(false)`: a compaction made what was read inconsistent; read again.
+    async fn load_once(&self) -> Result<bool, String> {
         let started = Instant::now();
         let s = &self.shared;
-        // The journal first: a shard read later can only be ahead of it, never behind (shards are written before
-        // the journal is trimmed), and a shard ahead is handled by skipping records it already holds.
-        let journal = s.api.get(&s.journal_name).await.map_err(|e| format!("ConfigMap {}: {e}", s.journal_name))?;
+        let get = |name: String| async move { s.api.get(&name).await.map_err(|e| format!("ConfigMap {name}: {e}")) };
+        // The pointer first: segments read later hold every record after its snapshot, unless a later compaction
+        // freed and reused one, which shows as a gap.
+        let pointer_cm = get(pointer_name(&s.app)).await?;
+        let pointer = PointerView::from_object(&pointer_cm).map_err(|e| format!("{}: {e}", pointer_name(&s.app)))?;
+        let mut snapshot = Vec::new();
+        for part in 0..pointer.chunks {
+            let name = chunk_name(&s.app, pointer.set, part);
+            let cm = get(name.clone()).await?;
+            if data(&cm).get(GEN_FIELD) != Some(&pointer.generation) {
+                return Ok(false);
+            }
+            let bytes = cm.binary_data.as_ref().and_then(|d| d.get(STATE_FIELD)).map(|b| b.0.as_slice());
+            snapshot.extend_from_slice(bytes.ok_or_else(|| format!("ConfigMap {name}: no {STATE_FIELD}"))?);
+        }
         let mut state = TokenState::default();
-        let mut upto = [0u64; SHARDS];
-        let mut largest = 0usize;
-        for (i, slot) in upto.iter_mut().enumerate() {
-            let name = shard_name(&s.app, i);
-            let cm = s.api.get(&name).await.map_err(|e| format!("ConfigMap {name}: {e}"))?;
-            *slot = parse_u64(&cm, UPTO_FIELD);
-            let text = data(&cm).get(ENTRIES_FIELD).map_or("", String::as_str);
-            largest = largest.max(text.len());
-            for r in decode_lines(text).map_err(|e| format!("ConfigMap {name}: {ENTRIES_FIELD}: {e}"))? {
+        if pointer.chunks > 0 {
+            for r in codec::decode(&snapshot).map_err(|e| format!("snapshot {}: {e}", pointer.generation))? {
                 state.apply(r);
             }
         }
-        let view = journal_view(&journal);
-        let mut batches = Vec::new();
-        for (field, text) in data(&journal) {
-            if let Some(first) = batch_first_seq(field) {
-                let records = decode_lines(text).map_err(|e| format!("ConfigMap {}: {field}: {e}", s.journal_name))?;
-                batches.push((first, records));
+        let snapshot_bytes = snapshot.len();
+        drop(snapshot);
+        let mut segments = Vec::with_capacity(SEGMENTS);
+        let mut batches: Vec<(u64, usize, Vec<u8>)> = Vec::new();
+        for i in 0..SEGMENTS {
+            let name = segment_name(&s.app, i);
+            let mut cm = get(name.clone()).await?;
+            let view = SegmentView::from_object(&cm).map_err(|e| format!("ConfigMap {name}: {e}"))?;
+            for (field, bytes) in std::mem::take(&mut cm.binary_data).into_iter().flatten() {
+                if let Some((first, n)) = layout::batch_of(&field)
+                    && first + n as u64 - 1 > pointer.upto
+                {
+                    batches.push((first, n, bytes.0));
+                }
             }
+            segments.push(view);
         }
+        batches.sort_by_key(|(first, _, _)| *first);
+        let mut applied = pointer.upto;
+        let mut records_by_batch = Vec::with_capacity(batches.len());
+        for (first, n, bytes) in batches {
+            if first > applied + 1 {
+                return Ok(false);
+            }
+            let records = codec::decode(&bytes).map_err(|e| format!("journal batch {first}: {e}"))?;
+            if records.len() != n {
+                return Err(format!("journal batch {first}: {} records, {n} expected", records.len()));
+            }
+            applied = applied.max(first + n as u64 - 1);
+            records_by_batch.push((first, records));
+        }
+        let head = (0..SEGMENTS).filter(|i| segments[*i].epoch > 0).max_by_key(|i| segments[*i].epoch).unwrap_or(0);
         let live = {
             let mut g = s.lock();
             g.confirmed = state;
-            g.shard_upto = upto;
-            g.shard_dirty = [false; SHARDS];
-            g.applied_seq = view.base;
-            for (first, records) in batches {
+            g.applied_seq = pointer.upto;
+            for (first, records) in records_by_batch {
                 g.apply_records(first, records, false);
             }
-            g.applied_seq = g.applied_seq.max(view.last_seq());
+            g.segments = segments;
+            g.head = head;
+            g.pointer = pointer;
             g.confirmed.prune(s.clock.now());
-            s.metrics.journal_bytes.store(view.bytes() as u64, Ordering::Relaxed);
-            g.journal = view;
+            s.metrics.journal_bytes.store(g.uncompacted_bytes() as u64, Ordering::Relaxed);
             // Pending changes were decided on the old view: re-check them all.
             let keys: HashSet<TokenKey> = g.pending.iter().map(|p| p.change.key.clone()).collect();
             let mut failed = Vec::new();
@@ -500,41 +742,20 @@ impl KubeStore {
             g.record_failures(&failed);
             g.loaded = true;
             g.publish_resolved(&s.resolved);
+            s.follow.send_if_modified(|f| std::mem::replace(f, g.follow_target()) != *f);
             g.confirmed.entries()
         };
-        s.metrics.largest_shard_bytes.store(largest as u64, Ordering::Relaxed);
+        s.metrics.snapshot_bytes.store(snapshot_bytes as u64, Ordering::Relaxed);
         s.metrics.reloads.fetch_add(1, Ordering::Relaxed);
         tracing::info!(application = %s.app, live_entries = live, elapsed_ms = started.elapsed().as_millis() as u64, "token state loaded");
-        Ok(())
+        Ok(true)
     }
 
-    /// Applies a journal newer than what was applied. Returns false when a reload is needed (a gap).
-    fn absorb_journal(&self, cm: &ConfigMap) -> Result<bool, String> {
+    /// Applies a version of segment `index`. Returns false when the state must be loaded again (a gap).
+    fn absorb(&self, index: usize, cm: &ConfigMap) -> Result<bool, String> {
         let s = &self.shared;
-        let view = journal_view(cm);
         let mut g = s.lock();
-        // Every journal write moves (last seq, base) forward; anything else is an old or repeated delivery.
-        if (view.last_seq(), view.base) <= (g.journal.last_seq(), g.journal.base) {
-            tracing::debug!(application = %s.app, seen = view.last_seq(), applied = g.applied_seq, "journal already applied");
-            return Ok(true);
-        }
-        tracing::debug!(application = %s.app, seen = view.last_seq(), base = view.base, applied = g.applied_seq, "applying the journal");
-        if view.base > g.applied_seq {
-            return Ok(false); // records we never saw were compacted away
-        }
-        let mut touched = Vec::new();
-        for (field, text) in data(cm) {
-            let Some(first) = batch_first_seq(field) else { continue };
-            let n = view.batches.get(&first).map_or(0, |(n, _)| *n) as u64;
-            if first + n <= g.applied_seq + 1 {
-                continue;
-            }
-            let records = decode_lines(text).map_err(|e| format!("ConfigMap {}: {field}: {e}", s.journal_name))?;
-            s.metrics.remote_records.fetch_add(records.len() as u64, Ordering::Relaxed);
-            touched.extend(g.apply_records(first, records, true));
-        }
-        s.metrics.journal_bytes.store(view.bytes() as u64, Ordering::Relaxed);
-        g.journal = view;
+        let (ok, touched) = g.absorb_segment(index, cm, &s.metrics.remote_records)?;
         let mut failed = Vec::new();
         let keys: HashSet<TokenKey> = touched.into_iter().collect();
         for k in keys {
@@ -542,21 +763,32 @@ impl KubeStore {
         }
         g.record_failures(&failed);
         g.publish_resolved(&s.resolved);
-        Ok(true)
+        s.metrics.journal_bytes.store(g.uncompacted_bytes() as u64, Ordering::Relaxed);
+        let target = g.follow_target();
+        s.follow.send_if_modified(|f| std::mem::replace(f, target) != *f);
+        Ok(ok)
     }
 
-    /// Takes in the journal the watch delivered, if it is news.
+    /// Applies a segment version, loading the whole state again on a gap or a corrupt segment.
+    async fn absorb_or_reload(&self, index: usize, cm: &ConfigMap) {
+        let reload = match self.absorb(index, cm) {
+            Ok(true) => false,
+            Ok(false) => true,
+            Err(e) => {
+                tracing::warn!(application = %self.shared.app, segment = index, error = %e, "a journal segment could not be applied");
+                true
+            }
+        };
+        if reload && let Err(e) = self.load().await {
+            tracing::warn!(application = %self.shared.app, error = %e, "reloading the token state failed");
+        }
+    }
+
+    /// Takes in the segment the watch delivered, if it is news.
     async fn absorb_watched(&self) {
         let latest = self.shared.watched.borrow().clone();
-        let Some((cm, arrived)) = latest else { return };
-        match self.absorb_journal(&cm) {
-            Ok(true) => {}
-            Ok(false) | Err(_) => {
-                if let Err(e) = self.load().await {
-                    tracing::warn!(application = %self.shared.app, error = %e, "reloading the token state failed");
-                }
-            }
-        }
+        let Some((index, cm, arrived)) = latest else { return };
+        self.absorb_or_reload(index, &cm).await;
         self.shared.metrics.watch_apply.observe(arrived.elapsed().as_secs_f64());
     }
 
@@ -603,72 +835,125 @@ impl KubeStore {
             last_write = Instant::now();
             let written = self.write_batch().await;
             if written == Written::Conflict && !retried_conflict {
-                // The journal was just read: retry once at once rather than a whole interval later. Further
+                // The segment was just read: retry once at once rather than a whole interval later. Further
                 // conflicts in a row wait for their write slot, so that a conflict storm stays within the budget.
                 last_write -= interval;
                 retried_conflict = true;
             } else {
                 retried_conflict = false;
             }
-            self.maybe_compact().await;
+            self.maybe_compact();
         }
+    }
+
+    /// Moves the pending changes into flight and plans their append.
+    fn plan_append(&self, g: &mut Inner) -> Option<Append> {
+        if g.pending.is_empty() && g.failures_out.is_empty() {
+            return None;
+        }
+        let take = g.pending.len().min(MAX_BATCH_RECORDS);
+        let batch: Vec<Pending> = g.pending.drain(..take).collect();
+        g.inflight = batch;
+        g.failures_inflight = std::mem::take(&mut g.failures_out);
+        let records: Vec<Record> = g
+            .failures_inflight
+            .iter()
+            .map(|f| Record::Failed { f: f.clone() })
+            .chain(g.inflight.iter().map(|p| Record::from(p.change.clone())))
+            .collect();
+        let blob = codec::encode(&records);
+        let index = g.append_target();
+        let segment = &g.segments[index];
+        let opening = index != g.head;
+        let first_seq = if opening { g.segments[g.head].last_seq() + 1 } else { segment.last_seq() + 1 };
+        let last_seq = first_seq + records.len() as u64 - 1;
+        let mut data = serde_json::Map::new();
+        let mut binary = serde_json::Map::new();
+        if opening {
+            // Reusing a segment: its old batches (all in the snapshot) go, and it starts at `first_seq`.
+            data.insert(EPOCH_FIELD.into(), json!(first_seq.to_string()));
+            if segment.sealed.is_some() {
+                data.insert(SEALED_FIELD.into(), serde_json::Value::Null);
+            }
+            for (first, (n, _)) in &segment.batches {
+                binary.insert(batch_field(*first, *n), serde_json::Value::Null);
+            }
+        }
+        let filled = if opening { 0 } else { segment.bytes() } + blob.len();
+        if filled >= self.shared.options.segment_bytes {
+            data.insert(SEALED_FIELD.into(), json!(last_seq.to_string()));
+        }
+        binary.insert(batch_field(first_seq, records.len()), json!(BASE64.encode(&blob)));
+        let body = json!({
+            "metadata": {"resourceVersion": segment.rv},
+            "data": data,
+            "binaryData": binary,
+        });
+        Some(Append { index, first_seq, records, body })
+    }
+
+    /// Puts the batch in flight back in front of the pending changes.
+    fn requeue_inflight(&self) {
+        let mut g = self.shared.lock();
+        let batch = std::mem::take(&mut g.inflight);
+        for p in batch.into_iter().rev() {
+            g.pending.push_front(p);
+        }
+        let failures = std::mem::take(&mut g.failures_inflight);
+        g.failures_out.extend(failures);
     }
 
     /// Sends the pending changes as one journal batch.
     async fn write_batch(&self) -> Written {
         let s = &self.shared;
-        let (body, first_seq, records, rv) = {
+        let plan = {
             let mut g = s.lock();
-            if g.pending.is_empty() && g.failures_out.is_empty() {
-                return Written::Nothing;
-            }
-            let batch: Vec<Pending> = g.pending.drain(..).collect();
-            g.inflight = batch;
-            g.failures_inflight = std::mem::take(&mut g.failures_out);
-            let records: Vec<Record> = g
-                .failures_inflight
-                .iter()
-                .map(|f| Record::Failed { f: f.clone() })
-                .chain(g.inflight.iter().map(|p| Record::from(p.change.clone())))
-                .collect();
-            let first_seq = g.journal.last_seq() + 1;
-            let text = match encode_lines(&records) {
-                Ok(t) => t,
-                Err(e) => {
-                    drop(g);
-                    self.fail_inflight(&format!("encoding records failed: {e}"));
-                    return Written::Failed;
-                }
-            };
-            let body = json!({
-                "metadata": {"resourceVersion": g.journal.rv},
-                "data": {batch_field(first_seq): text},
-            });
-            (body, first_seq, records, g.journal.rv.clone())
+            let Some(plan) = self.plan_append(&mut g) else { return Written::Nothing };
+            let target = &g.segments[plan.index];
+            let reusable = plan.index == g.head || target.epoch == 0 || target.last_seq() <= g.pointer.upto;
+            (plan, reusable)
         };
-        let bytes = body.to_string().len() as u64;
+        let (plan, reusable) = plan;
+        if !reusable {
+            // The segment to open still holds records the snapshot lacks, as far as this replica knows.
+            self.requeue_inflight();
+            if self.refresh_pointer().await {
+                return Written::Conflict;
+            }
+            s.metrics.journal_full.fetch_add(1, Ordering::Relaxed);
+            self.maybe_compact();
+            return Written::JournalFull;
+        }
+        let name = segment_name(&s.app, plan.index);
+        let bytes = plan.body.to_string().len() as u64;
         let result = tokio::time::timeout(
             s.options.commit_timeout,
-            s.api.patch(
-                &s.journal_name,
-                &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() },
-                &Patch::Merge(&body),
-            ),
+            s.api.patch(&name, &patch_params(), &Patch::Merge(&plan.body)),
         )
         .await;
         s.metrics.bytes_written.fetch_add(bytes, Ordering::Relaxed);
         match result {
             Ok(Ok(cm)) => {
                 s.metrics.journal_writes.fetch_add(1, Ordering::Relaxed);
-                s.metrics.batches.observe(records.len() as f64);
+                s.metrics.object_bytes_written.fetch_add(stored_bytes(&cm), Ordering::Relaxed);
+                s.metrics.batches.observe(plan.records.len() as f64);
+                let view = match SegmentView::from_object(&cm) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // Accepted, but not readable back: treat as unknown and start over from the API.
+                        self.fail_inflight(&format!("the journal segment {name} reads back wrong: {e}"));
+                        if let Err(e) = self.load().await {
+                            tracing::warn!(application = %s.app, error = %e, "reloading the token state failed");
+                        }
+                        return Written::Failed;
+                    }
+                };
                 let mut g = s.lock();
-                let n = records.len();
-                g.apply_records(first_seq, records, false);
+                g.apply_records(plan.first_seq, plan.records, false);
                 g.failures_inflight.clear();
-                let new_rv = cm.metadata.resource_version.clone().unwrap_or_default();
-                g.journal.rv = new_rv;
-                g.journal.batches.insert(first_seq, (n, bytes as usize));
-                s.metrics.journal_bytes.store(g.journal.bytes() as u64, Ordering::Relaxed);
+                g.segments[plan.index] = view;
+                g.head = plan.index;
+                s.metrics.journal_bytes.store(g.uncompacted_bytes() as u64, Ordering::Relaxed);
                 let done: Vec<Pending> = std::mem::take(&mut g.inflight);
                 let keys: HashSet<TokenKey> = done.iter().map(|p| p.change.key.clone()).collect();
                 for mut p in done {
@@ -682,35 +967,30 @@ impl KubeStore {
                 }
                 g.record_failures(&failed);
                 g.publish_resolved(&s.resolved);
+                let target = g.follow_target();
+                s.follow.send_if_modified(|f| std::mem::replace(f, target) != *f);
                 Written::Accepted
             }
             Ok(Err(kube::Error::Api(e))) if e.code == 409 => {
                 s.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(application = %s.app, %rv, "journal append conflicted; catching up");
-                // Put the batch back in front, read what the other replicas wrote, and re-check.
-                {
-                    let mut g = s.lock();
-                    let batch = std::mem::take(&mut g.inflight);
-                    for p in batch.into_iter().rev() {
-                        g.pending.push_front(p);
-                    }
-                    let failures = std::mem::take(&mut g.failures_inflight);
-                    g.failures_out.extend(failures);
-                }
-                match s.api.get(&s.journal_name).await {
+                tracing::debug!(application = %s.app, segment = %name, "journal append conflicted; catching up");
+                // Read what the other replicas wrote, and re-check the batch against it.
+                self.requeue_inflight();
+                match s.api.get(&name).await {
                     Ok(cm) => {
-                        // The journal just read is the newest there is: if it is not ahead of what was applied, it
-                        // was replaced (the application deleted and created again), so start over from it.
-                        let replaced = {
-                            let view = journal_view(&cm);
+                        // The segment just read is the newest there is: if it is not ahead of what was seen, it was
+                        // replaced (the application deleted and created again), so start over from the API.
+                        let replaced = SegmentView::from_object(&cm).is_ok_and(|view| {
                             let g = s.lock();
-                            view.rv != g.journal.rv
-                                && (view.last_seq(), view.base) <= (g.journal.last_seq(), g.journal.base)
-                        };
-                        if (replaced || !matches!(self.absorb_journal(&cm), Ok(true)))
-                            && let Err(e) = self.load().await
-                        {
-                            tracing::warn!(application = %s.app, error = %e, "reloading the token state failed");
+                            let known = &g.segments[plan.index];
+                            view.rv != known.rv && view.progress() <= known.progress()
+                        });
+                        if replaced {
+                            if let Err(e) = self.load().await {
+                                tracing::warn!(application = %s.app, error = %e, "reloading the token state failed");
+                            }
+                        } else {
+                            self.absorb_or_reload(plan.index, &cm).await;
                         }
                     }
                     Err(e) => self.fail_pending(&format!("reading the journal failed: {e}")),
@@ -731,6 +1011,20 @@ impl KubeStore {
                 Written::Failed
             }
         }
+    }
+
+    /// Reads the snapshot pointer; true when it moved forward.
+    async fn refresh_pointer(&self) -> bool {
+        let s = &self.shared;
+        let Ok(cm) = s.api.get(&pointer_name(&s.app)).await else { return false };
+        let Ok(view) = PointerView::from_object(&cm) else { return false };
+        let mut g = s.lock();
+        let moved = view.upto > g.pointer.upto;
+        if view.upto >= g.pointer.upto {
+            g.pointer = view;
+        }
+        s.metrics.journal_bytes.store(g.uncompacted_bytes() as u64, Ordering::Relaxed);
+        moved
     }
 
     fn fail_inflight(&self, reason: &str) {
@@ -764,117 +1058,142 @@ impl KubeStore {
         g.publish_resolved(&self.shared.resolved);
     }
 
-    /// Writes the changed shards and trims the journal once it is large.
-    async fn maybe_compact(&self) {
+    /// Starts a compaction in the background once most of the ring awaits one (at most one per replica).
+    fn maybe_compact(&self) {
         let s = &self.shared;
-        let (upto, shards) = {
-            let mut g = s.lock();
-            if g.journal.bytes() < s.options.compact_bytes || !g.inflight.is_empty() {
-                return;
+        if s.lock().uncompacted_segments() < COMPACT_AT_SEGMENTS || s.compacting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.compact().await {
+                tracing::warn!(application = %this.shared.app, error = %e, "compaction did not complete; it is retried");
             }
+            this.shared.compacting.store(false, Ordering::Release);
+        });
+    }
+
+    /// Writes the whole state into the inactive snapshot set and points the pointer at it.
+    async fn compact(&self) -> Result<(), String> {
+        let s = &self.shared;
+        let pointer_name = pointer_name(&s.app);
+        let cm = s.api.get(&pointer_name).await.map_err(|e| format!("reading {pointer_name}: {e}"))?;
+        let pointer = PointerView::from_object(&cm)?;
+        {
+            let mut g = s.lock();
+            if pointer.upto >= g.pointer.upto {
+                g.pointer = pointer.clone();
+            }
+            if g.uncompacted_segments() < COMPACT_AT_SEGMENTS {
+                return Ok(()); // another replica compacted
+            }
+            if let Some(claim) = &pointer.claim {
+                let seen_since = match &g.claim_seen {
+                    Some((c, since)) if c == claim => *since,
+                    _ => {
+                        g.claim_seen = Some((claim.clone(), Instant::now()));
+                        return Ok(()); // another replica is at it
+                    }
+                };
+                if seen_since.elapsed() < CLAIM_TIMEOUT {
+                    return Ok(());
+                }
+                tracing::warn!(application = %s.app, "a snapshot claim was left unfinished; taking it over");
+            }
+        }
+        // Claim the pointer: from here on, a replica still writing an older claim's snapshot fails its writes.
+        let claim = new_claim();
+        let params = patch_params();
+        let body = json!({"metadata": {"resourceVersion": pointer.rv}, "data": {CLAIM_FIELD: claim}});
+        let claimed = match s.api.patch(&pointer_name, &params, &Patch::Merge(&body)).await {
+            Ok(cm) => cm,
+            Err(kube::Error::Api(e)) if e.code == 409 => return Ok(()), // another replica claimed it first
+            Err(e) => return Err(format!("claiming {pointer_name}: {e}")),
+        };
+        self.count_compaction_write(&body, &claimed);
+        let claimed_rv = claimed.metadata.resource_version.clone().unwrap_or_default();
+        let result = self.write_snapshot(&pointer, &claim, &claimed_rv).await;
+        if result.is_err() {
+            // Release the claim if it is still ours, so that the next compaction need not wait for it to expire.
+            let body = json!({"metadata": {"resourceVersion": claimed_rv}, "data": {CLAIM_FIELD: null}});
+            let _ = s.api.patch(&pointer_name, &params, &Patch::Merge(&body)).await;
+        }
+        result
+    }
+
+    async fn write_snapshot(&self, pointer: &PointerView, claim: &str, claimed_rv: &str) -> Result<(), String> {
+        let s = &self.shared;
+        let (upto, blob) = {
+            let mut g = s.lock();
             let now = s.clock.now();
             g.confirmed.prune(now);
-            let mut buckets: Vec<Vec<Record>> = (0..SHARDS).map(|_| Vec::new()).collect();
-            for r in g.confirmed.snapshot() {
-                if let Some(key) = record_key(&r) {
-                    buckets[shard_of(key)].push(r);
-                }
-            }
-            let dirty = g.shard_dirty;
-            let shards: Vec<(usize, String)> = buckets
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| dirty[*i])
-                .filter_map(|(i, records)| encode_lines(&records).ok().map(|t| (i, t)))
-                .collect();
-            (g.applied_seq, shards)
+            let records: Vec<Record> = g.confirmed.snapshot().collect();
+            (g.applied_seq, codec::encode(&records))
         };
-        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
-        for (i, text) in shards {
-            let name = shard_name(&s.app, i);
-            if text.len() > MAX_OBJECT_BYTES {
-                tracing::error!(application = %s.app, shard = %name, bytes = text.len(), "a token-state shard would exceed the object size limit; not compacting");
-                return;
-            }
-            s.metrics.largest_shard_bytes.fetch_max(text.len() as u64, Ordering::Relaxed);
-            // Shards are written without a precondition: a concurrent compaction writes the same content for an
-            // equal `upto`, and a shard is never written with a smaller `upto` than the one it holds.
-            let current = match s.api.get(&name).await {
-                Ok(cm) => cm,
-                Err(e) => {
-                    tracing::warn!(application = %s.app, error = %e, "compaction: reading a shard failed");
-                    return;
-                }
-            };
-            if parse_u64(&current, UPTO_FIELD) >= upto {
-                continue;
-            }
+        if upto <= pointer.upto {
+            return Err("this replica is behind the snapshot".into());
+        }
+        let pieces = layout::chunks(&blob).ok_or_else(|| {
+            format!(
+                "the token state ({} KiB) exceeds the {} snapshot chunks of {} KiB; not compacting",
+                blob.len() / 1024,
+                CHUNKS_PER_SET,
+                layout::CHUNK_BYTES / 1024
+            )
+        })?;
+        let set = 1 - pointer.set;
+        let params = patch_params();
+        // Versions read after the claim: a chunk another replica writes from now on makes one of the two fail.
+        let mut versions = Vec::with_capacity(pieces.len());
+        for part in 0..pieces.len() {
+            let name = chunk_name(&s.app, set, part);
+            let cm = s.api.get(&name).await.map_err(|e| format!("reading {name}: {e}"))?;
+            versions.push(cm.metadata.resource_version.unwrap_or_default());
+        }
+        for (part, (piece, rv)) in pieces.iter().zip(versions).enumerate() {
+            let name = chunk_name(&s.app, set, part);
             let body = json!({
-                "metadata": {"resourceVersion": current.metadata.resource_version},
-                "data": {UPTO_FIELD: upto.to_string(), ENTRIES_FIELD: text},
+                "metadata": {"resourceVersion": rv},
+                "data": {GEN_FIELD: claim},
+                "binaryData": {STATE_FIELD: BASE64.encode(piece)},
             });
-            s.metrics.bytes_written.fetch_add(body.to_string().len() as u64, Ordering::Relaxed);
-            if let Err(e) = s.api.patch(&name, &params, &Patch::Merge(&body)).await {
-                tracing::warn!(application = %s.app, error = %e, "compaction: writing a shard failed");
-                return;
-            }
-            s.metrics.compaction_writes.fetch_add(1, Ordering::Relaxed);
-            let mut g = s.lock();
-            g.shard_upto[i] = upto;
-            g.shard_dirty[i] = false;
+            let cm =
+                s.api.patch(&name, &params, &Patch::Merge(&body)).await.map_err(|e| format!("writing {name}: {e}"))?;
+            self.count_compaction_write(&body, &cm);
         }
-        // Every shard now holds its keys' state up to `upto`: the batches up to there can go.
-        for _ in 0..5 {
-            let body = {
-                let g = s.lock();
-                let mut fields = serde_json::Map::new();
-                fields.insert(BASE_FIELD.into(), json!(upto.max(g.journal.base).to_string()));
-                for (first, (n, _)) in &g.journal.batches {
-                    if first + *n as u64 - 1 <= upto {
-                        fields.insert(batch_field(*first), serde_json::Value::Null);
-                    }
-                }
-                json!({"metadata": {"resourceVersion": g.journal.rv}, "data": fields})
-            };
-            s.metrics.bytes_written.fetch_add(body.to_string().len() as u64, Ordering::Relaxed);
-            match s.api.patch(&s.journal_name, &params, &Patch::Merge(&body)).await {
-                Ok(cm) => {
-                    s.metrics.compaction_writes.fetch_add(1, Ordering::Relaxed);
-                    let view = journal_view(&cm);
-                    s.metrics.journal_bytes.store(view.bytes() as u64, Ordering::Relaxed);
-                    let mut g = s.lock();
-                    if view.last_seq() <= g.applied_seq {
-                        g.journal = view;
-                    }
-                    return;
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    s.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
-                    match s.api.get(&s.journal_name).await {
-                        Ok(cm) => {
-                            if !matches!(self.absorb_journal(&cm), Ok(true)) {
-                                return; // a gap: someone else compacted further; the next load sorts it out
-                            }
-                        }
-                        Err(_) => return,
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(application = %s.app, error = %e, "compaction: trimming the journal failed");
-                    return;
-                }
-            }
+        let pointer_name = pointer_name(&s.app);
+        let body = json!({
+            "metadata": {"resourceVersion": claimed_rv},
+            "data": {
+                SET_FIELD: set.to_string(), CHUNKS_FIELD: pieces.len().to_string(), UPTO_FIELD: upto.to_string(),
+                GEN_FIELD: claim, CLAIM_FIELD: null,
+            },
+        });
+        let cm = s
+            .api
+            .patch(&pointer_name, &params, &Patch::Merge(&body))
+            .await
+            .map_err(|e| format!("switching {pointer_name}: {e}"))?;
+        self.count_compaction_write(&body, &cm);
+        s.metrics.compactions.fetch_add(1, Ordering::Relaxed);
+        s.metrics.snapshot_bytes.store(blob.len() as u64, Ordering::Relaxed);
+        let view = PointerView::from_object(&cm)?;
+        let mut g = s.lock();
+        if view.upto >= g.pointer.upto {
+            g.pointer = view;
         }
+        g.claim_seen = None;
+        s.metrics.journal_bytes.store(g.uncompacted_bytes() as u64, Ordering::Relaxed);
+        tracing::debug!(application = %s.app, upto, chunks = pieces.len(), bytes = blob.len(), "snapshot written");
+        Ok(())
     }
-}
 
-/// What a journal write came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Written {
-    Nothing,
-    Accepted,
-    Conflict,
-    Failed,
+    fn count_compaction_write(&self, body: &serde_json::Value, stored: &ConfigMap) {
+        let m = &self.shared.metrics;
+        m.compaction_writes.fetch_add(1, Ordering::Relaxed);
+        m.bytes_written.fetch_add(body.to_string().len() as u64, Ordering::Relaxed);
+        m.object_bytes_written.fetch_add(stored_bytes(stored), Ordering::Relaxed);
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
