@@ -232,6 +232,27 @@ fn validate_name(rt: &ResourceType, name: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Like the API server, refuses a Secret or ConfigMap whose data is over 1 MiB (keys and values; base64 values
+/// counted decoded).
+fn check_data_size(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
+    const MAX: usize = 1024 * 1024;
+    let mut total = 0;
+    for (field, base64_values) in [("data", rt.is_secret()), ("binaryData", true)] {
+        for (k, v) in obj.get(field).and_then(Value::as_object).into_iter().flatten() {
+            let len = v.as_str().map_or(0, str::len);
+            total += k.len() + if base64_values { len / 4 * 3 } else { len };
+        }
+    }
+    if total > MAX {
+        let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+        return Err(ApiError::invalid(format!(
+            "{} {name:?} is invalid: []: Too long: must have at most {MAX} bytes",
+            rt.kind
+        )));
+    }
+    Ok(())
+}
+
 /// Checks the body's kind/apiVersion against the URL's type and normalizes them.
 fn check_type(rt: &ResourceType, obj: &mut Value) -> Result<(), ApiError> {
     if !obj.is_object() {
@@ -390,6 +411,9 @@ impl State {
             if obj.get("type").and_then(Value::as_str).is_none_or(str::is_empty) {
                 obj["type"] = json!("Opaque");
             }
+        }
+        if rt.is_secret() || (rt.group.is_empty() && rt.plural == "configmaps") {
+            check_data_size(rt, obj)?;
         }
         if rt.is_namespace() && obj.pointer("/status/phase").is_none() {
             obj["status"] = json!({"phase": "Active"});

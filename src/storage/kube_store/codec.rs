@@ -28,20 +28,20 @@ const VERSION: u8 = 1;
 const MAX_STRING: usize = 64 * 1024;
 const MAX_SCOPES: u64 = 4096;
 
-/// Writes records into one blob.
-pub struct Encoder<'a> {
+/// Writes records into one blob, one at a time (a snapshot is encoded without collecting its records first).
+pub struct Encoder {
     out: Vec<u8>,
-    strings: HashMap<&'a str, u64>,
+    strings: HashMap<Box<str>, u64>,
 }
 
-impl<'a> Default for Encoder<'a> {
+impl Default for Encoder {
     fn default() -> Self {
         Self { out: vec![VERSION], strings: HashMap::new() }
     }
 }
 
-impl<'a> Encoder<'a> {
-    pub fn push(&mut self, record: &'a Record) {
+impl Encoder {
+    pub fn push(&mut self, record: &Record) {
         match record {
             Record::Set { k, p, rot } => {
                 self.out.push(1);
@@ -88,27 +88,27 @@ impl<'a> Encoder<'a> {
         self.out.push(v as u8);
     }
 
-    fn string(&mut self, s: &'a str) {
+    fn string(&mut self, s: &str) {
         if let Some(n) = self.strings.get(s) {
             let n = *n;
             self.varint(n);
             return;
         }
         let n = self.strings.len() as u64 + 1;
-        self.strings.insert(s, n);
+        self.strings.insert(s.into(), n);
         self.varint(0);
         self.varint(s.len() as u64);
         self.out.extend_from_slice(s.as_bytes());
     }
 
-    fn scopes(&mut self, scopes: &'a ScopeSet) {
+    fn scopes(&mut self, scopes: &ScopeSet) {
         self.varint(scopes.iter().count() as u64);
         for s in scopes.iter() {
             self.string(s);
         }
     }
 
-    fn key(&mut self, k: &'a TokenKey) {
+    fn key(&mut self, k: &TokenKey) {
         self.string(&k.client_id);
         match &k.subject {
             Subject::Client => self.out.push(0),
@@ -120,7 +120,7 @@ impl<'a> Encoder<'a> {
         self.scopes(&k.scopes);
     }
 
-    fn pair(&mut self, k: &'a TokenKey, p: &'a LivePair) {
+    fn pair(&mut self, k: &TokenKey, p: &LivePair) {
         self.out.extend_from_slice(&p.access_id.0);
         if p.access_scopes == k.scopes {
             self.out.push(0);
@@ -294,16 +294,25 @@ impl Decoder<'_> {
 
 /// Decodes a blob made by [`encode`].
 pub fn decode(input: &[u8]) -> Result<Vec<Record>, String> {
+    let mut out = Vec::new();
+    decode_each(input, |r| out.push(r))?;
+    Ok(out)
+}
+
+/// Decodes a blob record by record (a snapshot is applied without collecting its records first). On an error,
+/// the records before it have been handed out.
+pub fn decode_each(input: &[u8], mut each: impl FnMut(Record)) -> Result<usize, String> {
     let mut d = Decoder { input, at: 0, strings: Vec::new() };
     match d.byte()? {
         VERSION => {}
         v => return Err(format!("byte 0: unknown format version {v}")),
     }
-    let mut out = Vec::new();
+    let mut n = 0;
     while d.at < input.len() {
-        out.push(d.record()?);
+        each(d.record()?);
+        n += 1;
     }
-    Ok(out)
+    Ok(n)
 }
 
 #[cfg(test)]

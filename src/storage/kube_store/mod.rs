@@ -24,6 +24,8 @@
 
 pub mod codec;
 pub mod layout;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,8 +56,6 @@ const FIELD_MANAGER: &str = "kubetoken-sidecar";
 /// Compact once this many segments hold records the snapshot does not (leaving a quarter of the ring as slack
 /// for the appends made while the snapshot is written).
 const COMPACT_AT_SEGMENTS: usize = SEGMENTS * 3 / 4;
-/// A claim on the snapshot pointer left unchanged this long is taken to be abandoned (its holder crashed).
-const CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Records in one journal batch at most, so that one append stays far below the object size limit.
 const MAX_BATCH_RECORDS: usize = 2048;
 /// Loads retried at once when a compaction moved the state underneath the reads.
@@ -69,11 +69,18 @@ pub struct KubeStoreOptions {
     pub segment_bytes: usize,
     /// How long a commit may wait for the API server before the request fails with 503.
     pub commit_timeout: Duration,
+    /// A claim on the snapshot pointer left unchanged this long is taken to be abandoned (its holder crashed).
+    pub claim_timeout: Duration,
 }
 
 impl Default for KubeStoreOptions {
     fn default() -> Self {
-        Self { writes_per_second: 4.8, segment_bytes: 64 * 1024, commit_timeout: Duration::from_secs(5) }
+        Self {
+            writes_per_second: 4.8,
+            segment_bytes: 64 * 1024,
+            commit_timeout: Duration::from_secs(5),
+            claim_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -685,9 +692,8 @@ impl KubeStore {
         }
         let mut state = TokenState::default();
         if pointer.chunks > 0 {
-            for r in codec::decode(&snapshot).map_err(|e| format!("snapshot {}: {e}", pointer.generation))? {
-                state.apply(r);
-            }
+            codec::decode_each(&snapshot, |r| state.apply(r))
+                .map_err(|e| format!("snapshot {}: {e}", pointer.generation))?;
         }
         let snapshot_bytes = snapshot.len();
         drop(snapshot);
@@ -1095,7 +1101,7 @@ impl KubeStore {
                         return Ok(()); // another replica is at it
                     }
                 };
-                if seen_since.elapsed() < CLAIM_TIMEOUT {
+                if seen_since.elapsed() < s.options.claim_timeout {
                     return Ok(());
                 }
                 tracing::warn!(application = %s.app, "a snapshot claim was left unfinished; taking it over");
@@ -1127,8 +1133,11 @@ impl KubeStore {
             let mut g = s.lock();
             let now = s.clock.now();
             g.confirmed.prune(now);
-            let records: Vec<Record> = g.confirmed.snapshot().collect();
-            (g.applied_seq, codec::encode(&records))
+            let mut encoder = codec::Encoder::default();
+            for r in g.confirmed.snapshot() {
+                encoder.push(&r);
+            }
+            (g.applied_seq, encoder.finish())
         };
         if upto <= pointer.upto {
             return Err("this replica is behind the snapshot".into());

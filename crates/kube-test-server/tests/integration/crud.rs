@@ -252,3 +252,30 @@ async fn namespaces_leases_and_malformed_requests() {
         raw(&client, "GET", "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion=abc", None, "").await;
     assert_eq!(status, 400);
 }
+
+#[tokio::test]
+async fn config_maps_and_secrets_over_one_mebibyte_are_refused_as_by_the_api_server() {
+    let server = KubeTestServer::start();
+    let client = client(&server).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "apps");
+    let pp = PostParams::default();
+    let mut cm = configmap("big", &[]);
+    // Binary data counts decoded: 1 MiB of bytes, 1.33 MiB of base64, is just over with its key.
+    cm.binary_data = Some(BTreeMap::from([("b".to_string(), ByteString(vec![7; 1024 * 1024]))]));
+    let err = cms.create(&pp, &cm).await;
+    let Err(kube::Error::Api(status)) = &err else { panic!("expected an API error, got {err:?}") };
+    assert_eq!(status.code, 422);
+    assert!(status.message.contains("must have at most 1048576 bytes"), "{}", status.message);
+    cm.binary_data = Some(BTreeMap::from([("b".to_string(), ByteString(vec![7; 1024 * 1024 - 1]))]));
+    let created = cms.create(&pp, &cm).await.expect("exactly 1 MiB with its key");
+    // A patch that grows it past the limit is refused and changes nothing.
+    let patch = json!({"data": {"more": "x"}});
+    let err = cms.patch("big", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await;
+    assert_eq!(code(err).0, 422);
+    let now = cms.get("big").await.expect("get");
+    assert_eq!(now.metadata.resource_version, created.metadata.resource_version);
+    let secrets: Api<Secret> = Api::namespaced(client, "apps");
+    let mut s = secret("big");
+    s.string_data = Some(BTreeMap::from([("v".to_string(), "x".repeat(1024 * 1024 + 1))]));
+    assert_eq!(code(secrets.create(&pp, &s).await).0, 422);
+}

@@ -1,0 +1,167 @@
+//! The adapter against the Kubernetes test server, in process: several stores of one application, the ring of
+//! segments going round, snapshots, and compactions that race or are abandoned.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube_test_server::KubeTestServer;
+use serde_json::json;
+
+use super::{KubeStore, KubeStoreMetrics, KubeStoreOptions, layout};
+use crate::core::clock::SystemClock;
+use crate::core::model::{Change, LivePair, RefreshGrant, Subject, TokenId, TokenKey};
+use crate::core::scope::ScopeSet;
+use crate::core::store::{StoreError, TokenStore};
+use crate::metrics::Histogram;
+
+const NS: &str = "apps";
+
+async fn state_objects(server: &KubeTestServer) -> Api<ConfigMap> {
+    let kc = kube::config::Kubeconfig::read_from(server.kubeconfig_path()).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
+    let api: Api<ConfigMap> = Api::namespaced(kube::Client::try_from(config).expect("client"), NS);
+    for name in layout::object_names("shop") {
+        let cm = ConfigMap {
+            metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() },
+            data: Some(layout::empty_object("shop", &name)),
+            ..ConfigMap::default()
+        };
+        api.create(&PostParams::default(), &cm).await.expect("create");
+    }
+    api
+}
+
+fn tiny() -> KubeStoreOptions {
+    KubeStoreOptions {
+        writes_per_second: 500.0,
+        segment_bytes: 600,
+        commit_timeout: Duration::from_secs(5),
+        claim_timeout: Duration::from_secs(1),
+    }
+}
+
+async fn started(api: &Api<ConfigMap>, options: KubeStoreOptions) -> (KubeStore, tokio::task::JoinHandle<()>) {
+    let metrics = Arc::new(KubeStoreMetrics::new(Arc::new(Histogram::new(&[1.0]))));
+    let store = KubeStore::new(api.clone(), "shop", Arc::new(SystemClock), options, metrics);
+    let task = tokio::spawn(store.clone().run());
+    let start = Instant::now();
+    while !store.loaded() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the store did not load");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (store, task)
+}
+
+fn key(n: usize) -> TokenKey {
+    TokenKey {
+        client_id: "shop-client".into(),
+        subject: Subject::User(format!("user{}", n % 40)),
+        scopes: ScopeSet::parse(&format!("device_d{} orders:read", n % 3)).expect("scopes"),
+    }
+}
+
+fn pair(n: usize) -> LivePair {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&(n as u64 + 1).to_le_bytes());
+    let mut refresh = id;
+    refresh[15] = 0xff;
+    LivePair {
+        access_id: TokenId(id),
+        access_scopes: key(n).scopes,
+        issued_at: 1,
+        access_expires_at: u64::MAX / 4,
+        refresh: Some(RefreshGrant { id: TokenId(refresh), expires_at: u64::MAX / 4 }),
+    }
+}
+
+/// Sets key(n)'s pair to pair(n) through `store`, deciding again on conflicts as the core does.
+async fn issue(store: &KubeStore, n: usize) {
+    for _ in 0..200 {
+        let change = Change {
+            key: key(n),
+            expect: store.pair(&key(n)).map(|p| p.access_id),
+            next: Some(pair(n)),
+            rotated_out: None,
+        };
+        match store.commit(change).await {
+            Ok(()) => return,
+            Err(StoreError::Conflict) => tokio::time::sleep(Duration::from_millis(2)).await,
+            Err(e) => panic!("commit {n}: {e}"),
+        }
+    }
+    panic!("commit {n} kept conflicting");
+}
+
+async fn pointer(api: &Api<ConfigMap>) -> std::collections::BTreeMap<String, String> {
+    api.get(&layout::pointer_name("shop")).await.expect("pointer").data.unwrap_or_default()
+}
+
+/// Every key's pair at `store` is the last one issued, once the watch has delivered the other replicas' writes.
+async fn assert_holds(store: &KubeStore, last: &HashMap<TokenKey, usize>, who: &str) {
+    let start = Instant::now();
+    while last.iter().any(|(k, n)| store.pair(k) != Some(pair(*n))) && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (k, n) in last {
+        assert_eq!(store.pair(k), Some(pair(*n)), "{who}: {k:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_go_round_the_ring_through_snapshots_and_a_fresh_one_loads_the_same_state() {
+    let server = KubeTestServer::start();
+    let api = state_objects(&server).await;
+    let (a, _ta) = started(&api, tiny()).await;
+    let (b, _tb) = started(&api, tiny()).await;
+    let mut last = HashMap::new();
+    // 120 keys, 600 issues alternating between the replicas: each key is superseded several times, at both.
+    for n in 0..600 {
+        issue(if n % 2 == 0 { &a } else { &b }, n % 120).await;
+        last.insert(key(n % 120), n % 120);
+    }
+    for s in [&a, &b] {
+        s.sync().await.expect("sync");
+    }
+    let snapshots = a.metrics().compactions.load(std::sync::atomic::Ordering::Relaxed)
+        + b.metrics().compactions.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(snapshots >= 2, "the ring was compacted repeatedly: {snapshots} snapshots");
+    let first = api.get(&layout::segment_name("shop", 0)).await.expect("segment").data.unwrap_or_default();
+    assert!(first["epoch"].parse::<u64>().expect("epoch") > 1, "the first segment was reused");
+    let p = pointer(&api).await;
+    assert!(!p.contains_key("claim"), "no claim left behind: {p:?}");
+    let (fresh, _tf) = started(&api, tiny()).await;
+    assert_holds(&fresh, &last, "a fresh replica").await;
+    assert_holds(&a, &last, "replica a").await;
+    assert_holds(&b, &last, "replica b").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_claim_is_taken_over_and_a_compaction_that_meets_a_rival_write_gives_up_cleanly() {
+    let server = KubeTestServer::start();
+    let api = state_objects(&server).await;
+    // A replica claimed the pointer and died.
+    let claim = json!({"data": {"claim": "dead-replica"}});
+    api.patch(&layout::pointer_name("shop"), &PatchParams::default(), &Patch::Merge(&claim)).await.expect("claim");
+    // And the first chunk write of the next compaction meets a rival write (a 409), so that one gives up.
+    let chunk = format!("/api/v1/namespaces/{NS}/configmaps/{}", layout::chunk_name("shop", 1, 0));
+    server.conflict_next_writes(&chunk, 1);
+    let (a, _ta) = started(&api, tiny()).await;
+    let mut last = HashMap::new();
+    let start = Instant::now();
+    for n in 0..400 {
+        issue(&a, n % 60).await;
+        last.insert(key(n % 60), n % 60);
+    }
+    a.sync().await.expect("sync");
+    assert!(start.elapsed() > Duration::from_secs(1), "the abandoned claim held compaction for its timeout");
+    assert_eq!(server.pending_conflicts(), 0, "the compaction met the rival chunk write");
+    assert!(a.metrics().compactions.load(std::sync::atomic::Ordering::Relaxed) >= 1, "a later compaction completed");
+    let p = pointer(&api).await;
+    assert!(!p.contains_key("claim"), "the abandoned claim was taken over and released: {p:?}");
+    assert_ne!(p["gen"], "", "a snapshot was switched in");
+    let (fresh, _tf) = started(&api, tiny()).await;
+    assert_holds(&fresh, &last, "a fresh replica").await;
+}
