@@ -116,6 +116,9 @@ struct Inner {
     state: TokenState,
     /// Encoded records applied in memory but not yet written.
     pending: Vec<u8>,
+    /// For every change applied in memory and not yet durable, in order: its sequence number, key and the pair it
+    /// replaced. A failed write undoes them, so that memory is never ahead of disk.
+    undo: std::collections::VecDeque<(u64, TokenKey, Option<LivePair>)>,
     pending_records: usize,
     /// Sequence number of the last record applied in memory.
     applied: u64,
@@ -135,12 +138,49 @@ struct Shared {
     batches: Arc<Histogram>,
     dir: PathBuf,
     options: FileStoreOptions,
+    #[cfg(test)]
+    fault: Mutex<Option<Fault>>,
+}
+
+/// A writer failure a test asks for.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Fault {
+    FailWrite,
+    Panic,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every update to Inner completes before the guard drops; a panic cannot leave it half-done.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The writer cannot go on: undo every change not yet durable (newest first), fail the waiting commits and
+    /// every later one.
+    fn fail(&self, reason: String) {
+        let mut g = self.lock();
+        while let Some((_, key, previous)) = g.undo.pop_back() {
+            // Setting the previous pair back also restores its refresh token, which a rotation had retired.
+            g.state.apply(Record::Set { k: key, p: previous, rot: None });
+        }
+        g.pending.clear();
+        g.pending_records = 0;
+        g.failed = Some(reason);
+        drop(g);
+        self.durable.send_modify(|d| d.failed = true);
+    }
+}
+
+/// Fails the store if the writer thread unwinds, so that no commit waits for it forever.
+struct FailOnPanic<'a>(&'a Shared);
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(dir = %self.0.dir.display(), "the token log writer panicked; the store is now unavailable");
+            self.0.fail("the token log writer stopped unexpectedly".into());
+        }
     }
 }
 
@@ -316,6 +356,7 @@ impl FileStore {
             inner: Mutex::new(Inner {
                 state,
                 pending: Vec::new(),
+                undo: std::collections::VecDeque::new(),
                 pending_records: 0,
                 applied: 0,
                 log_records: report.records,
@@ -329,6 +370,8 @@ impl FileStore {
             batches,
             dir: dir.to_path_buf(),
             options,
+            #[cfg(test)]
+            fault: Mutex::new(None),
         });
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -366,6 +409,7 @@ impl Drop for FileStore {
 }
 
 fn writer_loop(shared: &Shared, mut file: File) {
+    let _fail_on_panic = FailOnPanic(shared);
     loop {
         let mut woken = false;
         {
@@ -398,8 +442,8 @@ fn writer_loop(shared: &Shared, mut file: File) {
                 let mut snap = Vec::new();
                 let encoded: io::Result<()> = g.state.snapshot().try_for_each(|r| encode_line(&r, &mut snap));
                 if encoded.is_err() {
-                    g.failed = Some("could not encode a snapshot".into());
-                    shared.durable.send_modify(|d| d.failed = true);
+                    drop(g);
+                    shared.fail("could not encode a snapshot".into());
                     return;
                 }
                 g.pending.clear();
@@ -410,20 +454,34 @@ fn writer_loop(shared: &Shared, mut file: File) {
                 (std::mem::take(&mut g.pending), g.applied, records, false)
             }
         };
+        #[cfg(test)]
+        let fault = shared.fault.lock().unwrap_or_else(|p| p.into_inner()).take();
+        #[cfg(test)]
+        if let Some(Fault::Panic) = fault {
+            panic!("injected writer panic");
+        }
         let written = if compacted {
             write_snapshot(&shared.dir, &buf).map(|f| file = f)
         } else {
             file.write_all(&buf).and_then(|()| file.sync_data())
         };
+        #[cfg(test)]
+        let written =
+            if let Some(Fault::FailWrite) = fault { Err(io::Error::other("injected write failure")) } else { written };
         match written {
             Ok(()) => {
                 shared.batches.observe(records as f64);
+                {
+                    let mut g = shared.lock();
+                    while g.undo.front().is_some_and(|(s, _, _)| *s <= seq) {
+                        g.undo.pop_front();
+                    }
+                }
                 shared.durable.send_modify(|d| d.seq = seq);
             }
             Err(e) => {
                 tracing::error!(error = %e, dir = %shared.dir.display(), "writing the token log failed; the store is now unavailable");
-                shared.lock().failed = Some(format!("writing the token log failed: {e}"));
-                shared.durable.send_modify(|d| d.failed = true);
+                shared.fail(format!("writing the token log failed: {e}"));
                 return;
             }
         }
@@ -466,6 +524,8 @@ impl TokenStore for FileStore {
                 return Err(StoreError::Unavailable("the store is shutting down".into()));
             }
             g.state.check(&change)?;
+            let key = change.key.clone();
+            let previous = g.state.pair(&key).cloned();
             let record = Record::from(change);
             let mut pending = std::mem::take(&mut g.pending);
             let encoded = encode_line(&record, &mut pending);
@@ -473,6 +533,8 @@ impl TokenStore for FileStore {
             encoded.map_err(|e| StoreError::Unavailable(format!("encoding a record failed: {e}")))?;
             g.state.apply(record);
             g.applied += 1;
+            let seq = g.applied;
+            g.undo.push_back((seq, key, previous));
             g.pending_records += 1;
             Ok((g.applied, g.writer_idle))
         })();
@@ -522,6 +584,60 @@ mod tests {
         FileStore::open(dir, clock, Arc::new(Histogram::new(&[1.0])), FileStoreOptions { compact_min_records: compact })
             .expect("open")
             .0
+    }
+
+    fn inject(store: &FileStore, fault: Fault) {
+        *store.shared.fault.lock().expect("fault") = Some(fault);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_leaves_memory_as_durable_as_disk_and_later_commits_fail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), Arc::new(ManualClock::new(10)), 1000);
+        store
+            .commit(Change { key: key(1), expect: None, next: Some(pair(1, 100)), rotated_out: None })
+            .await
+            .expect("c1");
+        inject(&store, Fault::FailWrite);
+        // A refresh: the new pair replaces pair 1 and retires its refresh token. The write fails.
+        let rotated = pair(1, 100).refresh;
+        let failed = store
+            .commit(Change {
+                key: key(1),
+                expect: Some(TokenId([1; 16])),
+                next: Some(pair(2, 100)),
+                rotated_out: rotated,
+            })
+            .await;
+        assert!(
+            matches!(failed, Err(StoreError::Unavailable(ref m)) if m.contains("injected write failure")),
+            "{failed:?}"
+        );
+        // Nothing of the failed change is visible: the durable pair is the live one, its refresh token still live.
+        assert_eq!(store.pair(&key(1)), Some(pair(1, 100)));
+        assert!(store.find_access(&TokenId([2; 16])).is_none());
+        assert!(store.find_access(&TokenId([1; 16])).is_some());
+        assert!(matches!(store.find_refresh(&TokenId([101; 16])), RefreshLookup::Live { .. }));
+        assert!(!store.healthy());
+        let later =
+            store.commit(Change { key: key(2), expect: None, next: Some(pair(3, 100)), rotated_out: None }).await;
+        assert!(matches!(later, Err(StoreError::Unavailable(_))), "{later:?}");
+        assert!(store.find_access(&TokenId([3; 16])).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_writer_fails_the_waiting_commits_instead_of_hanging_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), Arc::new(ManualClock::new(10)), 1000);
+        inject(&store, Fault::Panic);
+        let commit = store.commit(Change { key: key(1), expect: None, next: Some(pair(1, 100)), rotated_out: None });
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), commit).await.expect("no hang");
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(ref m)) if m.contains("stopped unexpectedly")),
+            "{result:?}"
+        );
+        assert_eq!(store.pair(&key(1)), None);
+        assert!(!store.healthy());
     }
 
     #[test]
