@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use kubetoken::core::app::{Application, ApplicationConfig, Registry};
 use kubetoken::core::app::{GrantType, TokenFormat};
 use kubetoken::core::clock::SystemClock;
-use kubetoken::core::lockout::LockoutPolicy;
 use kubetoken::core::scope::ScopePolicy;
-use kubetoken::core::service::{ClientCredentials, Grant, ServiceConfig, TokenService};
+use kubetoken::core::service::{ClientCredentials, Grant, TokenService};
 use kubetoken::core::signing::Algorithm;
 use kubetoken::core::signing::SigningKey;
 use kubetoken::core::store::MemoryStore;
@@ -69,13 +68,7 @@ fn main() {
             Registry::new(vec![app]).expect("registry"),
             Arc::new(MemoryStore::default()),
             Arc::new(SystemClock),
-            ServiceConfig {
-                issuer: "http://127.0.0.1:8080".into(),
-                user_lockout: LockoutPolicy::default(),
-                client_lockout: LockoutPolicy::default(),
-                request_bounds: Default::default(),
-                passwords: Arc::new(kubetoken::passwords::BlockingPoolVerifier::default()),
-            },
+            kubetoken::passwords::service_config("http://127.0.0.1:8080", Default::default()),
         );
         let creds = ClientCredentials { client_id: "bench".into(), client_secret: "bench-secret".into() };
         let grant = median_per_op(7, ops, || {

@@ -114,11 +114,13 @@ struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn request_bounds(&self) -> kubetoken::core::service::RequestBounds {
-        kubetoken::core::service::RequestBounds {
+    fn policies(&self) -> Result<kubetoken::core::service::ServicePolicies, String> {
+        let (user_lockout, client_lockout) = self.lockout.policies()?;
+        let request_bounds = kubetoken::core::service::RequestBounds {
             max_scopes: self.max_request_scopes,
             max_scope_bytes: self.max_scope_length,
-        }
+        };
+        Ok(kubetoken::core::service::ServicePolicies { user_lockout, client_lockout, request_bounds })
     }
 }
 
@@ -263,7 +265,7 @@ fn init_logging() {
 }
 
 fn standalone(args: StandaloneArgs) -> Result<(), String> {
-    let (user_lockout, client_lockout) = args.serve.lockout.policies()?;
+    let policies = args.serve.policies()?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(n) = args.worker_threads {
@@ -274,14 +276,12 @@ fn standalone(args: StandaloneArgs) -> Result<(), String> {
         manifests: args.manifests,
         state_dir: args.state_dir,
         endpoint: args.serve.endpoint()?,
-        user_lockout,
-        client_lockout,
-        request_bounds: args.serve.request_bounds(),
+        policies,
     }))
 }
 
 fn sidecar(args: SidecarArgs) -> Result<(), String> {
-    let (user_lockout, client_lockout) = args.serve.lockout.policies()?;
+    let policies = args.serve.policies()?;
     if args.api_writes_per_second.is_nan() || args.api_writes_per_second <= 0.0 {
         return Err("--api-writes-per-second must be positive".into());
     }
@@ -294,9 +294,7 @@ fn sidecar(args: SidecarArgs) -> Result<(), String> {
         namespace: args.namespace,
         endpoint: args.serve.endpoint()?,
         health_listen: args.health_listen,
-        user_lockout,
-        client_lockout,
-        request_bounds: args.serve.request_bounds(),
+        policies,
         store: kubetoken::storage::kube_store::KubeStoreOptions {
             writes_per_second: args.api_writes_per_second,
             segment_bytes: args.journal_segment_kib.max(1) * 1024,

@@ -5,6 +5,12 @@
 use std::sync::{Arc, Mutex};
 
 use crate::core::app::{PasswordCheck, PasswordDigest, PasswordVerifier};
+use crate::core::service::{ServiceConfig, ServicePolicies};
+
+/// The service configuration every server uses: its issuer and limits, passwords checked on the blocking pool.
+pub fn service_config(issuer: impl Into<String>, policies: ServicePolicies) -> ServiceConfig {
+    ServiceConfig { issuer: issuer.into(), policies, passwords: Arc::new(BlockingPoolVerifier::default()) }
+}
 
 pub struct BlockingPoolVerifier {
     inner: Arc<Inner>,

@@ -42,7 +42,7 @@ struct Entry {
 
 /// Why a check was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
+enum Refused {
     /// Locked for this many more seconds.
     Locked(u64),
     /// As many checks are under way as failures would lock the subject: wait for their outcome.
@@ -161,7 +161,7 @@ impl Lockout {
     }
 
     /// [`Lockout::admit`] without waiting.
-    pub fn try_admit<'a>(&'a self, who: &str, now: UnixTime) -> Result<Admission<'a>, Refused> {
+    fn try_admit<'a>(&'a self, who: &str, now: UnixTime) -> Result<Admission<'a>, Refused> {
         let policy = self.policy;
         let mut entries = self.entries();
         if let Some(e) = entries.get(who) {

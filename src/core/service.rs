@@ -122,11 +122,17 @@ pub fn refreshed_scopes(key_scopes: &ScopeSet, requested: Option<ScopeSet>) -> R
 
 pub struct ServiceConfig {
     pub issuer: String,
+    pub policies: ServicePolicies,
+    /// Where password hashes are verified (off the async executor, in practice).
+    pub passwords: Arc<dyn PasswordVerifier>,
+}
+
+/// The operator's limits, the same for every way of running the service (standalone, sidecar).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServicePolicies {
     pub user_lockout: LockoutPolicy,
     pub client_lockout: LockoutPolicy,
     pub request_bounds: RequestBounds,
-    /// Where password hashes are verified (off the async executor, in practice).
-    pub passwords: Arc<dyn PasswordVerifier>,
 }
 
 /// How much a single request may ask for: memory and work per request stay bounded whatever a client sends.
@@ -192,9 +198,9 @@ impl TokenService {
             store,
             clock,
             issuer: config.issuer,
-            user_lockout: Lockout::new(config.user_lockout),
-            client_lockout: Lockout::new(config.client_lockout),
-            request_bounds: config.request_bounds,
+            user_lockout: Lockout::new(config.policies.user_lockout),
+            client_lockout: Lockout::new(config.policies.client_lockout),
+            request_bounds: config.policies.request_bounds,
             rng: SystemRandom::new(),
             passwords: config.passwords,
             key_locks: (0..64).map(|_| std::sync::Mutex::new(())).collect(),

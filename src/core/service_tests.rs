@@ -85,13 +85,14 @@ fn fixture(format: TokenFormat) -> Fixture {
         registry,
         Arc::new(MemoryStore::default()),
         clock.clone(),
-        ServiceConfig {
-            issuer: "https://issuer.test".into(),
-            user_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
-            client_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
-            request_bounds: Default::default(),
-            passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
-        },
+        crate::passwords::service_config(
+            "https://issuer.test",
+            ServicePolicies {
+                user_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
+                client_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
+                request_bounds: Default::default(),
+            },
+        ),
     );
     Fixture { service, clock }
 }
@@ -438,13 +439,7 @@ async fn a_revocation_is_answered_only_once_the_change_that_removed_the_token_is
     let store = Arc::new(GatedStore::new());
     store.open.send_replace(true);
     let registry = Registry::new(vec![app("shop", TokenFormat::Jwt, ALL)]).expect("registry");
-    let config = ServiceConfig {
-        issuer: "https://issuer.test".into(),
-        user_lockout: LockoutPolicy::default(),
-        client_lockout: LockoutPolicy::default(),
-        request_bounds: Default::default(),
-        passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
-    };
+    let config = crate::passwords::service_config("https://issuer.test", ServicePolicies::default());
     let service = Arc::new(TokenService::new(registry, store.clone(), Arc::new(ManualClock::new(T0)), config));
     let grant = || Grant::ClientCredentials { scope: Some("device_x".into()) };
     let first = service.token(&client("shop"), grant()).await.expect("first");
@@ -617,13 +612,7 @@ async fn requests_for_one_key_never_conflict_in_the_file_store() {
     .expect("open");
     let store = Arc::new(SlowReadCountingStore { inner, conflicts: Default::default() });
     let registry = Registry::new(vec![app("shop", TokenFormat::Jwt, ALL)]).expect("registry");
-    let config = ServiceConfig {
-        issuer: "https://issuer.test".into(),
-        user_lockout: LockoutPolicy::default(),
-        client_lockout: LockoutPolicy::default(),
-        request_bounds: Default::default(),
-        passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
-    };
+    let config = crate::passwords::service_config("https://issuer.test", ServicePolicies::default());
     let service = Arc::new(TokenService::new(registry, store.clone(), clock, config));
     let tasks: Vec<_> = (0..128)
         .map(|_| {
@@ -729,9 +718,10 @@ async fn concurrent_wrong_guesses_get_no_more_checks_than_the_lockout_allows() {
         clock,
         ServiceConfig {
             issuer: "https://issuer.test".into(),
-            user_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
-            client_lockout: LockoutPolicy::default(),
-            request_bounds: Default::default(),
+            policies: ServicePolicies {
+                user_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },
+                ..ServicePolicies::default()
+            },
             passwords: Arc::new(CountingVerifier { inner: Default::default(), verified: verified.clone() }),
         },
     ));
@@ -799,13 +789,13 @@ async fn unknown_and_known_usernames_take_the_same_time_to_refuse() {
         registry,
         Arc::new(MemoryStore::default()),
         Arc::new(ManualClock::new(T0)),
-        ServiceConfig {
-            issuer: "https://issuer.test".into(),
-            user_lockout: LockoutPolicy { max_failures: 1000, lock_secs: 60 },
-            client_lockout: LockoutPolicy::default(),
-            request_bounds: Default::default(),
-            passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
-        },
+        crate::passwords::service_config(
+            "https://issuer.test",
+            ServicePolicies {
+                user_lockout: LockoutPolicy { max_failures: 1000, lock_secs: 60 },
+                ..ServicePolicies::default()
+            },
+        ),
     );
     let time = |user: String| {
         let service = &service;

@@ -13,10 +13,8 @@ use super::*;
 use crate::core::app::{Application, ApplicationConfig, Registry};
 use crate::core::app::{GrantType, TokenFormat};
 use crate::core::clock::ManualClock;
-use crate::core::lockout::LockoutPolicy;
 use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
 use crate::core::scope::ScopePolicy;
-use crate::core::service::ServiceConfig;
 use crate::core::signing::Algorithm;
 use crate::core::signing::SigningKey;
 use crate::core::store::{MemoryStore, StoreError, StoreFuture, TokenStore};
@@ -51,13 +49,7 @@ fn router_with_store(store: Arc<dyn TokenStore>) -> Router {
         Registry::new(vec![app]).expect("registry"),
         store,
         Arc::new(ManualClock::new(1_000)),
-        ServiceConfig {
-            issuer: "https://tokens.example/".into(),
-            user_lockout: LockoutPolicy::default(),
-            client_lockout: LockoutPolicy::default(),
-            request_bounds: Default::default(),
-            passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
-        },
+        crate::passwords::service_config("https://tokens.example/", Default::default()),
     );
     router(Arc::new(AppState::new(Arc::new(service), Arc::new(Metrics::default()))))
 }

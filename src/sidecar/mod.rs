@@ -16,9 +16,9 @@ use kube::api::Api;
 
 use self::sources::{AppSnapshot, AppSources};
 use crate::core::clock::{Clock, SystemClock};
-use crate::core::lockout::{LockoutPolicy, SharedFailure};
+use crate::core::lockout::SharedFailure;
 use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
-use crate::core::service::{ServiceConfig, TokenService};
+use crate::core::service::TokenService;
 use crate::core::store::{StoreError, StoreFuture, TokenStore};
 use crate::http::serve::{Endpoint, serve};
 use crate::http::{AppState, ServerExtras, router};
@@ -33,9 +33,8 @@ pub struct SidecarOptions {
     /// A second port with only /healthz, /readyz and /metrics (plain HTTP: nothing secret crosses it), for kubelet
     /// probes and Prometheus, which reach the pod IP but not the pod's loopback.
     pub health_listen: Option<std::net::SocketAddr>,
-    pub user_lockout: LockoutPolicy,
-    pub client_lockout: LockoutPolicy,
-    pub request_bounds: crate::core::service::RequestBounds,
+    /// Lockout and request limits.
+    pub policies: crate::core::service::ServicePolicies,
     pub store: KubeStoreOptions,
 }
 
@@ -175,13 +174,7 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
         crate::core::app::Registry::default(),
         routing.clone(),
         clock.clone(),
-        ServiceConfig {
-            issuer,
-            user_lockout: opts.user_lockout,
-            client_lockout: opts.client_lockout,
-            request_bounds: opts.request_bounds,
-            passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
-        },
+        crate::passwords::service_config(issuer, opts.policies),
     ));
 
     let mut tasks = Vec::new();

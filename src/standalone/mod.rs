@@ -13,8 +13,7 @@ use self::state_dir::StateDir;
 use crate::api::v1alpha1::{ApplicationParts, DEFAULT_USERS_KEY};
 use crate::core::app::{Application, Registry};
 use crate::core::clock::{Clock, SystemClock};
-use crate::core::lockout::LockoutPolicy;
-use crate::core::service::{ServiceConfig, TokenService};
+use crate::core::service::TokenService;
 use crate::core::signing::SigningKey;
 use crate::http::serve::{Endpoint, serve};
 use crate::http::{AppState, router};
@@ -26,9 +25,8 @@ pub struct StandaloneOptions {
     pub manifests: PathBuf,
     pub state_dir: PathBuf,
     pub endpoint: Endpoint,
-    pub user_lockout: LockoutPolicy,
-    pub client_lockout: LockoutPolicy,
-    pub request_bounds: crate::core::service::RequestBounds,
+    /// Lockout and request limits.
+    pub policies: crate::core::service::ServicePolicies,
 }
 
 /// Credentials generated at start, to be shown to the operator once per start.
@@ -146,18 +144,8 @@ pub fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepared, Str
         "token state loaded"
     );
     let store = Arc::new(store);
-    let service = TokenService::new(
-        registry,
-        store.clone(),
-        clock,
-        ServiceConfig {
-            issuer,
-            user_lockout: opts.user_lockout,
-            client_lockout: opts.client_lockout,
-            request_bounds: opts.request_bounds,
-            passwords: Arc::new(crate::passwords::BlockingPoolVerifier::default()),
-        },
-    );
+    let service =
+        TokenService::new(registry, store.clone(), clock, crate::passwords::service_config(issuer, opts.policies));
     Ok(Prepared { service: Arc::new(service), store, metrics, generated })
 }
 
