@@ -1,22 +1,22 @@
 //! The token state in memory, with the compare-and-set rule every storage adapter enforces.
 //!
 //! Adapters differ in how they make changes durable and shared; they all keep one of these as their view.
+//!
+//! A sidecar may hold 100,000s of live keys, so the state is compact: about 150 bytes per key with an access and a
+//! refresh token, where owned `TokenKey`s and `LivePair`s would take over 500.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::Arc;
 
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 use serde::{Deserialize, Serialize};
 
 use super::clock::UnixTime;
 use super::lockout::SharedFailure;
-use super::model::{Change, LivePair, RefreshGrant, RefreshLookup, SharedKey, TokenId, TokenKey};
-
-#[derive(Debug, Clone)]
-struct RefreshEntry {
-    key: SharedKey,
-    expires_at: UnixTime,
-    rotated: bool,
-}
+use super::model::{Change, LivePair, RefreshGrant, RefreshLookup, SharedKey, Subject, TokenId, TokenKey};
+use super::scope::ScopeSet;
 
 /// A change was decided on a pair that is no longer current: decide again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -51,41 +51,304 @@ impl From<Change> for Record {
     }
 }
 
+/// An interned value: a client ID, a username or a scope set.
+type Id = u32;
+
+/// The subject id of [`Subject::Client`] keys (usernames are interned from 0 up).
+const CLIENT_SUBJECT: Id = Id::MAX;
+
+/// Values shared by many keys, stored once under a small id. Ids are reference counted: once nothing holds one,
+/// the value is forgotten and the id reused, so churn does not grow the interner.
+#[derive(Debug)]
+struct Interner<T: ?Sized> {
+    ids: HashMap<Arc<T>, Id>,
+    /// By id: the value and how many holders it has; `None` for free ids.
+    values: Vec<Option<(Arc<T>, u32)>>,
+    free: Vec<Id>,
+}
+
+impl<T: ?Sized> Default for Interner<T> {
+    fn default() -> Self {
+        Self { ids: HashMap::new(), values: Vec::new(), free: Vec::new() }
+    }
+}
+
+impl<T: ?Sized + Hash + Eq> Interner<T> {
+    fn get(&self, value: &T) -> Option<Id> {
+        self.ids.get(value).copied()
+    }
+
+    fn resolve(&self, id: Id) -> Option<&T> {
+        self.values.get(id as usize)?.as_ref().map(|(v, _)| &**v)
+    }
+
+    /// The id of `value`, with one more holder. `make` copies the value when it is new.
+    fn acquire(&mut self, value: &T, make: impl FnOnce(&T) -> Arc<T>) -> Id {
+        if let Some(id) = self.get(value) {
+            self.retain(id);
+            return id;
+        }
+        let shared = make(value);
+        let id = match self.free.pop() {
+            Some(id) => {
+                if let Some(slot) = self.values.get_mut(id as usize) {
+                    *slot = Some((shared.clone(), 1));
+                }
+                id
+            }
+            None => {
+                self.values.push(Some((shared.clone(), 1)));
+                (self.values.len() - 1) as Id
+            }
+        };
+        self.ids.insert(shared, id);
+        id
+    }
+
+    /// One more holder of `id`.
+    fn retain(&mut self, id: Id) {
+        if let Some(Some((_, holders))) = self.values.get_mut(id as usize) {
+            *holders += 1;
+        }
+    }
+
+    /// One holder fewer of `id`; the last one frees it.
+    fn release(&mut self, id: Id) {
+        let Some(slot) = self.values.get_mut(id as usize) else { return };
+        match slot {
+            Some((_, holders)) if *holders > 1 => *holders -= 1,
+            Some(_) => {
+                if let Some((value, _)) = slot.take() {
+                    self.ids.remove(&*value);
+                    self.free.push(id);
+                }
+            }
+            None => {}
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// A [`TokenKey`] as interned ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    client: Id,
+    /// A username's id, or [`CLIENT_SUBJECT`].
+    subject: Id,
+    scopes: Id,
+}
+
+/// A key's live pair (80 bytes).
+#[derive(Debug, Clone)]
+struct Live {
+    key: Key,
+    /// Usually the key's own scope set; a narrower one after a refresh that asked for less.
+    access_scopes: Id,
+    access_id: TokenId,
+    issued_at: UnixTime,
+    access_expires_at: UnixTime,
+    refresh: Option<RefreshGrant>,
+}
+
+impl Live {
+    /// As [`LivePair::dead_after`].
+    fn dead_after(&self) -> UnixTime {
+        self.refresh.map_or(self.access_expires_at, |r| r.expires_at.max(self.access_expires_at))
+    }
+}
+
+/// A refresh token retired by rotation, remembered until it expires.
+#[derive(Debug, Clone)]
+struct Rotated {
+    key: Key,
+    id: TokenId,
+    expires_at: UnixTime,
+}
+
+/// Values in a `Vec`, addressed by index; freed indexes are reused.
+#[derive(Debug)]
+struct Slab<T> {
+    slots: Vec<Option<T>>,
+    free: Vec<u32>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Self { slots: Vec::new(), free: Vec::new() }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, value: T) -> u32 {
+        if let Some(i) = self.free.pop()
+            && let Some(slot) = self.slots.get_mut(i as usize)
+        {
+            *slot = Some(value);
+            return i;
+        }
+        self.slots.push(Some(value));
+        (self.slots.len() - 1) as u32
+    }
+
+    fn remove(&mut self, i: u32) -> Option<T> {
+        let value = self.slots.get_mut(i as usize)?.take()?;
+        self.free.push(i);
+        Some(value)
+    }
+
+    fn get(&self, i: u32) -> Option<&T> {
+        self.slots.get(i as usize)?.as_ref()
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
+        self.slots.iter().enumerate().filter_map(|(i, v)| Some((i as u32, v.as_ref()?)))
+    }
+}
+
+/// What a refresh id names: a live pair's slot or a rotated token's, the latter with the high bit set (slots stay
+/// far below 2^31: each is tens of bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RefreshSlot(u32);
+
+const ROTATED_BIT: u32 = 1 << 31;
+
+impl RefreshSlot {
+    fn live(slot: u32) -> Self {
+        Self(slot)
+    }
+
+    fn rotated(slot: u32) -> Self {
+        Self(slot | ROTATED_BIT)
+    }
+
+    /// The rotated token's slot, if this names one.
+    fn as_rotated(self) -> Option<u32> {
+        (self.0 & ROTATED_BIT != 0).then_some(self.0 & !ROTATED_BIT)
+    }
+}
+
+/// A hash index of slab slots (4 bytes each, where a map would also hold a copy of the key). An entry's key is
+/// read from the slabs by `name`; each key has at most one entry.
+#[derive(Debug)]
+struct Index<V>(HashTable<V>);
+
+impl<V> Default for Index<V> {
+    fn default() -> Self {
+        Self(HashTable::new())
+    }
+}
+
+impl<V: Copy> Index<V> {
+    fn get<K: Hash + Eq>(&self, hasher: &RandomState, key: &K, name: impl Fn(V) -> Option<K>) -> Option<V> {
+        self.0.find(hasher.hash_one(key), |&v| name(v).as_ref() == Some(key)).copied()
+    }
+
+    /// Points `key` at `value`; returns what it pointed at before.
+    fn insert<K: Hash + Eq>(
+        &mut self,
+        hasher: &RandomState,
+        key: &K,
+        value: V,
+        name: impl Fn(V) -> Option<K>,
+    ) -> Option<V> {
+        let eq = |&v: &V| name(v).as_ref() == Some(key);
+        // Every entry names a used slot (entries go before their slot does), so the fallback hash is never used.
+        let rehash = |&v: &V| name(v).map_or(0, |k| hasher.hash_one(&k));
+        match self.0.entry(hasher.hash_one(key), eq, rehash) {
+            Entry::Occupied(mut e) => Some(std::mem::replace(e.get_mut(), value)),
+            Entry::Vacant(e) => {
+                e.insert(value);
+                None
+            }
+        }
+    }
+
+    fn remove<K: Hash + Eq>(&mut self, hasher: &RandomState, key: &K, name: impl Fn(V) -> Option<K>) -> Option<V> {
+        let found = self.0.find_entry(hasher.hash_one(key), |&v| name(v).as_ref() == Some(key)).ok()?;
+        Some(found.remove().0)
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The token state. Compact: a sidecar may hold 100,000s of keys. Client IDs, usernames and scope sets are interned;
+/// live pairs sit in a slab, indexed by key, access token id and refresh token id; the keys and pairs handed out are
+/// rebuilt from these.
 #[derive(Debug, Default)]
 pub struct TokenState {
-    pairs: HashMap<SharedKey, LivePair>,
-    access: HashMap<TokenId, SharedKey>,
-    refresh: HashMap<TokenId, RefreshEntry>,
+    clients: Interner<str>,
+    users: Interner<str>,
+    scope_sets: Interner<ScopeSet>,
+    live: Slab<Live>,
+    rotated: Slab<Rotated>,
+    hasher: RandomState,
+    /// Live slots by key.
+    by_key: Index<u32>,
+    /// Live slots by access token id.
+    access: Index<u32>,
+    /// By refresh token id: live pairs' refresh tokens and remembered rotated ones.
+    refresh: Index<RefreshSlot>,
+}
+
+/// The names of the indexes' entries.
+fn key_of(live: &Slab<Live>) -> impl Fn(u32) -> Option<Key> + '_ {
+    |slot| live.get(slot).map(|l| l.key)
+}
+
+fn access_of(live: &Slab<Live>) -> impl Fn(u32) -> Option<TokenId> + '_ {
+    |slot| live.get(slot).map(|l| l.access_id)
+}
+
+fn refresh_of<'a>(live: &'a Slab<Live>, rotated: &'a Slab<Rotated>) -> impl Fn(RefreshSlot) -> Option<TokenId> + 'a {
+    |slot| match slot.as_rotated() {
+        Some(r) => rotated.get(r).map(|r| r.id),
+        None => live.get(slot.0)?.refresh.map(|r| r.id),
+    }
 }
 
 impl TokenState {
-    pub fn pair(&self, key: &TokenKey) -> Option<&LivePair> {
-        self.pairs.get(key)
+    pub fn pair(&self, key: &TokenKey) -> Option<LivePair> {
+        self.live_pair(self.live.get(self.slot_of(key)?)?)
     }
 
     /// The key and pair whose current access token is `id`.
     pub fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
-        let key = self.access.get(id)?;
-        let pair = self.pairs.get(key)?;
-        (pair.access_id == *id).then(|| (key.clone(), pair.clone()))
+        let live = self.live.get(self.access.get(&self.hasher, id, access_of(&self.live))?)?;
+        if live.access_id != *id {
+            return None;
+        }
+        Some((Arc::new(self.token_key(live.key)?), self.live_pair(live)?))
     }
 
     pub fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
-        match self.refresh.get(id) {
-            None => RefreshLookup::Unknown,
-            Some(e) if e.rotated => RefreshLookup::Rotated { key: e.key.clone() },
-            Some(e) => match self.pairs.get(&e.key) {
-                Some(pair) if pair.refresh.is_some_and(|r| r.id == *id) => {
-                    RefreshLookup::Live { key: e.key.clone(), pair: pair.clone() }
-                }
-                _ => RefreshLookup::Unknown,
-            },
-        }
+        let found = self.refresh.get(&self.hasher, id, refresh_of(&self.live, &self.rotated));
+        let found = found.and_then(|slot| match slot.as_rotated() {
+            Some(r) => {
+                let key = self.token_key(self.rotated.get(r)?.key)?;
+                Some(RefreshLookup::Rotated { key: Arc::new(key) })
+            }
+            None => {
+                let live = self.live.get(slot.0).filter(|l| l.refresh.is_some_and(|r| r.id == *id))?;
+                Some(RefreshLookup::Live { key: Arc::new(self.token_key(live.key)?), pair: self.live_pair(live)? })
+            }
+        });
+        found.unwrap_or(RefreshLookup::Unknown)
     }
 
     /// Whether `change` was decided on the current pair of its key.
     pub fn check(&self, change: &Change) -> Result<(), Conflict> {
-        let current = self.pairs.get(&change.key).map(|p| p.access_id);
+        let current = self.slot_of(&change.key).and_then(|s| self.live.get(s)).map(|l| l.access_id);
         if current == change.expect { Ok(()) } else { Err(Conflict) }
     }
 
@@ -93,31 +356,39 @@ impl TokenState {
     pub fn apply(&mut self, record: Record) {
         match record {
             Record::Set { k, p, rot } => {
-                let key: SharedKey = match self.pairs.get_key_value(&k) {
-                    Some((existing, _)) => existing.clone(),
-                    None => Arc::new(k),
-                };
-                if let Some(old) = self.pairs.remove(&key) {
-                    self.access.remove(&old.access_id);
-                    if let Some(r) = old.refresh {
-                        self.refresh.remove(&r.id);
+                // The new holders first, so that ids shared with the old pair are kept rather than freed and
+                // interned again.
+                let next = p.map(|p| {
+                    let key = self.acquire_key(&k);
+                    let access_scopes = if p.access_scopes == k.scopes {
+                        self.scope_sets.retain(key.scopes);
+                        key.scopes
+                    } else {
+                        self.scope_sets.acquire(&p.access_scopes, |s| Arc::new(s.clone()))
+                    };
+                    Live {
+                        key,
+                        access_scopes,
+                        access_id: p.access_id,
+                        issued_at: p.issued_at,
+                        access_expires_at: p.access_expires_at,
+                        refresh: p.refresh,
                     }
+                });
+                let rotated = rot.map(|r| Rotated { key: self.acquire_key(&k), id: r.id, expires_at: r.expires_at });
+                if let Some(old) = self.slot_of(&k) {
+                    self.remove_live(old);
                 }
-                if let Some(pair) = p {
-                    self.access.insert(pair.access_id, key.clone());
-                    if let Some(r) = pair.refresh {
-                        self.refresh
-                            .insert(r.id, RefreshEntry { key: key.clone(), expires_at: r.expires_at, rotated: false });
-                    }
-                    self.pairs.insert(key.clone(), pair);
+                if let Some(live) = next {
+                    self.insert_live(live);
                 }
-                if let Some(r) = rot {
-                    self.refresh.insert(r.id, RefreshEntry { key, expires_at: r.expires_at, rotated: true });
+                if let Some(r) = rotated {
+                    self.insert_rotated(r);
                 }
             }
             Record::Rotated { k, rot } => {
-                let key = self.pairs.get_key_value(&k).map_or_else(|| Arc::new(k), |(existing, _)| existing.clone());
-                self.refresh.insert(rot.id, RefreshEntry { key, expires_at: rot.expires_at, rotated: true });
+                let r = Rotated { key: self.acquire_key(&k), id: rot.id, expires_at: rot.expires_at };
+                self.insert_rotated(r);
             }
             Record::Failed { .. } => {}
         }
@@ -133,36 +404,155 @@ impl TokenState {
     /// Forgets everything that can no longer be used at `now`. Returns how many entries went.
     pub fn prune(&mut self, now: UnixTime) -> usize {
         let before = self.entries();
-        let dead: Vec<SharedKey> =
-            self.pairs.iter().filter(|(_, p)| p.dead_after() <= now).map(|(k, _)| k.clone()).collect();
-        for key in dead {
-            self.apply(Record::Set { k: (*key).clone(), p: None, rot: None });
+        let dead: Vec<u32> = self.live.iter().filter(|(_, l)| l.dead_after() <= now).map(|(i, _)| i).collect();
+        for slot in dead {
+            self.remove_live(slot);
         }
-        self.refresh.retain(|_, e| !(e.rotated && e.expires_at <= now));
+        let expired: Vec<(u32, TokenId)> =
+            self.rotated.iter().filter(|(_, r)| r.expires_at <= now).map(|(i, r)| (i, r.id)).collect();
+        for (slot, id) in expired {
+            // Every remembered token is indexed under its id (`drop_rotated` is only ever called once it is not).
+            self.refresh.remove(&self.hasher, &id, refresh_of(&self.live, &self.rotated));
+            self.drop_rotated(slot);
+        }
         before - self.entries()
     }
 
     /// Records that rebuild this state: every live pair and every remembered rotated refresh token.
     pub fn snapshot(&self) -> impl Iterator<Item = Record> + '_ {
-        let pairs = self.pairs.iter().map(|(k, p)| Record::Set { k: (**k).clone(), p: Some(p.clone()), rot: None });
-        let rotated = self.refresh.iter().filter(|(_, e)| e.rotated).map(|(id, e)| Record::Rotated {
-            k: (*e.key).clone(),
-            rot: RefreshGrant { id: *id, expires_at: e.expires_at },
+        let pairs = self.live.iter().filter_map(|(_, live)| {
+            Some(Record::Set { k: self.token_key(live.key)?, p: Some(self.live_pair(live)?), rot: None })
+        });
+        let rotated = self.rotated.iter().filter_map(|(_, r)| {
+            Some(Record::Rotated {
+                k: self.token_key(r.key)?,
+                rot: RefreshGrant { id: r.id, expires_at: r.expires_at },
+            })
         });
         pairs.chain(rotated)
     }
 
     /// Live pairs plus remembered rotated refresh tokens.
     pub fn entries(&self) -> usize {
-        self.pairs.len() + self.refresh.values().filter(|e| e.rotated).count()
+        self.live.len() + self.rotated.len()
+    }
+
+    /// The live slot of `key`, if it has a pair.
+    fn slot_of(&self, key: &TokenKey) -> Option<u32> {
+        let subject = match &key.subject {
+            Subject::User(u) => self.users.get(u)?,
+            Subject::Client => CLIENT_SUBJECT,
+        };
+        let key = Key { client: self.clients.get(&key.client_id)?, subject, scopes: self.scope_sets.get(&key.scopes)? };
+        self.by_key.get(&self.hasher, &key, key_of(&self.live))
+    }
+
+    fn token_key(&self, key: Key) -> Option<TokenKey> {
+        let subject = match key.subject {
+            CLIENT_SUBJECT => Subject::Client,
+            user => Subject::User(self.users.resolve(user)?.to_owned()),
+        };
+        Some(TokenKey {
+            client_id: self.clients.resolve(key.client)?.to_owned(),
+            subject,
+            scopes: self.scope_sets.resolve(key.scopes)?.clone(),
+        })
+    }
+
+    fn live_pair(&self, live: &Live) -> Option<LivePair> {
+        Some(LivePair {
+            access_id: live.access_id,
+            access_scopes: self.scope_sets.resolve(live.access_scopes)?.clone(),
+            issued_at: live.issued_at,
+            access_expires_at: live.access_expires_at,
+            refresh: live.refresh,
+        })
+    }
+
+    /// Interns `key`, with one more holder of each of its ids.
+    fn acquire_key(&mut self, key: &TokenKey) -> Key {
+        let subject = match &key.subject {
+            Subject::User(u) => self.users.acquire(u, |s| Arc::from(s)),
+            Subject::Client => CLIENT_SUBJECT,
+        };
+        Key {
+            client: self.clients.acquire(&key.client_id, |s| Arc::from(s)),
+            subject,
+            scopes: self.scope_sets.acquire(&key.scopes, |s| Arc::new(s.clone())),
+        }
+    }
+
+    fn release_key(&mut self, key: Key) {
+        self.clients.release(key.client);
+        if key.subject != CLIENT_SUBJECT {
+            self.users.release(key.subject);
+        }
+        self.scope_sets.release(key.scopes);
+    }
+
+    fn insert_live(&mut self, live: Live) {
+        let (key, access_id, refresh) = (live.key, live.access_id, live.refresh);
+        let slot = self.live.insert(live);
+        self.by_key.insert(&self.hasher, &key, slot, key_of(&self.live));
+        self.access.insert(&self.hasher, &access_id, slot, access_of(&self.live));
+        if let Some(r) = refresh {
+            self.index_refresh(r.id, RefreshSlot::live(slot));
+        }
+    }
+
+    /// Removes a live pair: its key no longer has one and its tokens are unknown.
+    fn remove_live(&mut self, slot: u32) {
+        // Out of the indexes first: they read their keys from the slot.
+        let Some(live) = self.live.get(slot).cloned() else { return };
+        self.by_key.remove(&self.hasher, &live.key, key_of(&self.live));
+        self.access.remove(&self.hasher, &live.access_id, access_of(&self.live));
+        let retired =
+            live.refresh.and_then(|r| self.refresh.remove(&self.hasher, &r.id, refresh_of(&self.live, &self.rotated)));
+        self.live.remove(slot);
+        if let Some(rotated) = retired.and_then(RefreshSlot::as_rotated) {
+            self.drop_rotated(rotated);
+        }
+        self.release_key(live.key);
+        self.scope_sets.release(live.access_scopes);
+    }
+
+    fn insert_rotated(&mut self, rotated: Rotated) {
+        let id = rotated.id;
+        let slot = self.rotated.insert(rotated);
+        self.index_refresh(id, RefreshSlot::rotated(slot));
+    }
+
+    /// Points refresh id `id` at `slot`. A rotated token it named before is forgotten.
+    fn index_refresh(&mut self, id: TokenId, slot: RefreshSlot) {
+        let before = self.refresh.insert(&self.hasher, &id, slot, refresh_of(&self.live, &self.rotated));
+        if let Some(before) = before.and_then(RefreshSlot::as_rotated) {
+            self.drop_rotated(before);
+        }
+    }
+
+    /// Frees a rotated token's slot (its refresh id no longer names it).
+    fn drop_rotated(&mut self, slot: u32) {
+        if let Some(r) = self.rotated.remove(slot) {
+            self.release_key(r.key);
+        }
+    }
+
+    /// How many client IDs, usernames and scope sets are interned.
+    #[cfg(test)]
+    fn interned(&self) -> [usize; 3] {
+        [self.clients.len(), self.users.len(), self.scope_sets.len()]
+    }
+
+    /// Slots of the slabs, used or free: they grow only to the most ever held at once.
+    #[cfg(test)]
+    fn slots(&self) -> [usize; 2] {
+        [self.live.slots.len(), self.rotated.slots.len()]
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::model::Subject;
-    use crate::core::scope::ScopeSet;
 
     fn key(device: &str) -> TokenKey {
         TokenKey {
@@ -239,5 +629,239 @@ mod tests {
         }
         assert!(matches!(copy.find_refresh(&old.id), RefreshLookup::Rotated { .. }));
         assert_eq!(copy.entries(), s.entries());
+    }
+
+    fn user_key(client: &str, user: &str, scopes: &str) -> TokenKey {
+        TokenKey {
+            client_id: client.into(),
+            subject: Subject::User(user.into()),
+            scopes: ScopeSet::parse(scopes).expect("scope"),
+        }
+    }
+
+    fn id(n: u32, tag: u8) -> TokenId {
+        let mut raw = [tag; 16];
+        raw[..4].copy_from_slice(&n.to_le_bytes());
+        TokenId(raw)
+    }
+
+    fn numbered_pair(n: u32, scopes: &ScopeSet) -> LivePair {
+        LivePair {
+            access_id: id(n, 0),
+            access_scopes: scopes.clone(),
+            issued_at: 1,
+            access_expires_at: 10,
+            refresh: Some(RefreshGrant { id: id(n, 1), expires_at: 100 }),
+        }
+    }
+
+    /// Every record of a snapshot, in a fixed order.
+    fn sorted_snapshot(s: &TokenState) -> Vec<String> {
+        let mut lines: Vec<String> = s.snapshot().map(|r| serde_json::to_string(&r).expect("encode")).collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn a_live_pair_takes_80_bytes() {
+        assert!(std::mem::size_of::<Option<Live>>() <= 80, "{}", std::mem::size_of::<Option<Live>>());
+        assert_eq!(std::mem::size_of::<Key>(), 12);
+    }
+
+    #[test]
+    fn interned_ids_are_freed_when_keys_are_revoked_or_pruned() {
+        const USERS: u32 = 10_000;
+        let mut s = TokenState::default();
+        for round in 0..3 {
+            for n in 0..USERS {
+                let k = user_key("shop", &format!("user{n}"), "device_a orders:read");
+                let first = numbered_pair(n, &k.scopes);
+                s.commit(set(k.clone(), None, Some(first.clone()))).expect("issue");
+                // Rotate once: the retired refresh token is remembered under the same key.
+                let next = LivePair {
+                    access_id: id(n, 2),
+                    refresh: Some(RefreshGrant { id: id(n, 3), expires_at: 100 }),
+                    ..first.clone()
+                };
+                s.commit(Change {
+                    key: k,
+                    expect: Some(first.access_id),
+                    next: Some(next),
+                    rotated_out: first.refresh,
+                })
+                .expect("rotate");
+            }
+            assert_eq!(s.entries(), 2 * USERS as usize);
+            assert_eq!(s.interned(), [1, USERS as usize, 1]);
+            if round == 1 {
+                // Expired: pairs and rotated tokens all go at once.
+                assert_eq!(s.prune(100), 2 * USERS as usize);
+            } else {
+                for n in 0..USERS {
+                    let k = user_key("shop", &format!("user{n}"), "device_a orders:read");
+                    s.commit(Change { key: k, expect: Some(id(n, 2)), next: None, rotated_out: None }).expect("revoke");
+                }
+                // Revoking leaves the rotated tokens for reuse detection until they expire.
+                assert_eq!(s.entries(), USERS as usize);
+                assert_eq!(s.interned(), [1, USERS as usize, 1]);
+                assert!(matches!(s.find_refresh(&id(7, 1)), RefreshLookup::Rotated { .. }));
+                assert_eq!(s.prune(100), USERS as usize);
+            }
+            assert_eq!(s.entries(), 0);
+            assert_eq!(s.interned(), [0, 0, 0], "round {round}");
+            assert!(s.by_key.is_empty() && s.access.is_empty() && s.refresh.is_empty());
+            // Slots are reused: the slabs never hold more than the most live at once.
+            assert_eq!(s.slots(), [USERS as usize, USERS as usize]);
+        }
+    }
+
+    #[test]
+    fn a_narrowed_access_scope_set_round_trips() {
+        let mut s = TokenState::default();
+        let k = user_key("shop", "alice", "device_a orders:read orders:write");
+        let narrow = ScopeSet::parse("orders:read").expect("scope");
+        let p = LivePair { access_scopes: narrow.clone(), ..numbered_pair(1, &k.scopes) };
+        s.commit(set(k.clone(), None, Some(p.clone()))).expect("issue");
+        assert_eq!(s.pair(&k), Some(p.clone()));
+        assert_eq!(s.find_access(&id(1, 0)), Some((Arc::new(k.clone()), p.clone())));
+        assert_eq!(s.find_refresh(&id(1, 1)), RefreshLookup::Live { key: Arc::new(k.clone()), pair: p.clone() });
+        assert_eq!(s.interned(), [1, 1, 2]);
+        // The narrowed set is also another key's own set: shared, and kept while either holds it.
+        let other = user_key("shop", "alice", "orders:read");
+        s.commit(set(other.clone(), None, Some(numbered_pair(2, &other.scopes)))).expect("other");
+        assert_eq!(s.interned(), [1, 1, 2]);
+        let mut copy = TokenState::default();
+        for r in s.snapshot() {
+            let line = serde_json::to_string(&r).expect("encode");
+            copy.apply(serde_json::from_str(&line).expect("decode"));
+        }
+        assert_eq!(copy.pair(&k), Some(p));
+        assert_eq!(copy.find_access(&id(1, 0)), s.find_access(&id(1, 0)));
+        s.commit(Change { key: k, expect: Some(id(1, 0)), next: None, rotated_out: None }).expect("revoke");
+        assert_eq!(s.interned(), [1, 1, 1]);
+        assert_eq!(s.pair(&other).map(|p| p.access_scopes), Some(narrow));
+        s.commit(Change { key: other, expect: Some(id(2, 0)), next: None, rotated_out: None }).expect("revoke other");
+        assert_eq!(s.interned(), [0, 0, 0]);
+    }
+
+    #[test]
+    fn client_keys_are_not_user_keys_named_like_the_client() {
+        let mut s = TokenState::default();
+        let client = TokenKey { client_id: "shop".into(), subject: Subject::Client, scopes: ScopeSet::default() };
+        let user = user_key("shop", "shop", "");
+        s.commit(set(client.clone(), None, Some(numbered_pair(1, &client.scopes)))).expect("client");
+        assert_eq!(s.pair(&user), None);
+        s.commit(set(user.clone(), None, Some(numbered_pair(2, &user.scopes)))).expect("user");
+        assert_eq!(s.find_access(&id(1, 0)).map(|(k, _)| k), Some(Arc::new(client.clone())));
+        assert_eq!(s.find_access(&id(2, 0)).map(|(k, _)| k), Some(Arc::new(user.clone())));
+        assert_eq!(s.interned(), [1, 1, 1]);
+        s.commit(Change { key: user, expect: Some(id(2, 0)), next: None, rotated_out: None }).expect("revoke user");
+        assert_eq!(s.interned(), [1, 0, 1]);
+        assert_eq!(s.pair(&client), Some(numbered_pair(1, &client.scopes)));
+        s.commit(Change { key: client, expect: Some(id(1, 0)), next: None, rotated_out: None }).expect("revoke");
+        assert_eq!(s.interned(), [0, 0, 0]);
+    }
+
+    #[test]
+    fn snapshot_replay_rebuilds_a_mixed_state() {
+        let mut s = TokenState::default();
+        let mut ids = Vec::new();
+        for n in 0..40u32 {
+            let client = format!("app{}", n % 3);
+            let k = match n % 4 {
+                0 => TokenKey { client_id: client, subject: Subject::Client, scopes: ScopeSet::default() },
+                _ => user_key(&client, &format!("u{}", n % 7), &format!("d{} read", n % 5)),
+            };
+            let current = s.pair(&k);
+            let mut p = numbered_pair(n, &k.scopes);
+            if n % 5 == 0 {
+                p.refresh = None;
+            }
+            if n % 6 == 1 {
+                p.access_scopes = ScopeSet::parse("read").expect("scope");
+            }
+            let rotated_out = current.as_ref().and_then(|p| p.refresh).filter(|_| n % 2 == 0);
+            let expect = current.map(|p| p.access_id);
+            s.commit(Change { key: k, expect, next: Some(p), rotated_out }).expect("commit");
+            ids.extend([id(n, 0), id(n, 1)]);
+        }
+        let gone = RefreshGrant { id: id(99, 9), expires_at: 50 };
+        s.apply(Record::Rotated { k: user_key("gone", "bob", "x"), rot: gone });
+        ids.push(gone.id);
+        assert!(s.snapshot().any(|r| matches!(r, Record::Set { rot: None, .. })));
+        assert!(s.snapshot().filter(|r| matches!(r, Record::Rotated { .. })).count() > 1);
+        let mut copy = TokenState::default();
+        for r in s.snapshot() {
+            let line = serde_json::to_string(&r).expect("encode");
+            copy.apply(serde_json::from_str(&line).expect("decode"));
+        }
+        assert_eq!(sorted_snapshot(&copy), sorted_snapshot(&s));
+        assert_eq!(copy.entries(), s.entries());
+        assert_eq!(copy.interned(), s.interned());
+        for id in &ids {
+            assert_eq!(copy.find_access(id), s.find_access(id));
+            assert_eq!(copy.find_refresh(id), s.find_refresh(id));
+        }
+    }
+
+    #[test]
+    fn a_refresh_id_named_again_forgets_what_it_named() {
+        let mut s = TokenState::default();
+        let (a, b) = (key("a"), key("b"));
+        let remembered = RefreshGrant { id: TokenId([101; 16]), expires_at: 50 };
+        s.apply(Record::Rotated { k: a.clone(), rot: remembered });
+        // A live pair whose refresh id is the remembered one replaces it, as a map insert would.
+        s.commit(set(b.clone(), None, Some(pair(1, 10)))).expect("b");
+        assert_eq!(s.entries(), 1);
+        assert!(matches!(s.find_refresh(&remembered.id), RefreshLookup::Live { .. }));
+        // Scope sets: b's and the pair's (empty) access set; a's went with its rotated token.
+        assert_eq!(s.interned(), [1, 1, 2]);
+        // Removing the pair removes what its refresh id names.
+        s.apply(Record::Rotated { k: a, rot: remembered });
+        assert_eq!(s.entries(), 2);
+        s.commit(set(b, Some(1), None)).expect("revoke");
+        assert_eq!(s.entries(), 0);
+        assert_eq!(s.find_refresh(&remembered.id), RefreshLookup::Unknown);
+        assert_eq!(s.interned(), [0, 0, 0]);
+    }
+
+    fn rss_bytes() -> usize {
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+        line.split_whitespace().nth(1).and_then(|kb| kb.parse::<usize>().ok()).expect("kB") * 1024
+    }
+
+    /// Memory per live key, shaped like the sidecar benchmark's restart (one client, five devices per user, access +
+    /// refresh token). Run in release: `cargo test --release --lib core::state::tests::memory_per_key -- --ignored
+    /// --nocapture`.
+    #[test]
+    #[ignore = "measures process RSS: run alone"]
+    #[cfg(target_os = "linux")]
+    fn memory_per_key() {
+        const KEYS: u32 = 100_000;
+        let before = rss_bytes();
+        let mut s = TokenState::default();
+        for n in 0..KEYS {
+            let k = TokenKey {
+                client_id: "shop-0123456789abcdef".into(),
+                subject: Subject::User(format!("user{}", n / 5)),
+                scopes: ScopeSet::parse(&format!("device_d{} orders:read", n % 5)).expect("scope"),
+            };
+            let mut raw = [0u8; 16];
+            raw[..4].copy_from_slice(&n.to_le_bytes());
+            let mut refresh = raw;
+            refresh[15] = 1;
+            let p = LivePair {
+                access_id: TokenId(raw),
+                access_scopes: k.scopes.clone(),
+                issued_at: 1_000,
+                access_expires_at: 4_600,
+                refresh: Some(RefreshGrant { id: TokenId(refresh), expires_at: 87_400 }),
+            };
+            s.apply(Record::Set { k, p: Some(p), rot: None });
+        }
+        let after = rss_bytes();
+        assert_eq!(s.entries(), KEYS as usize);
+        println!("RSS growth {} bytes: {} bytes per key", after - before, (after - before) / KEYS as usize);
     }
 }

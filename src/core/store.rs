@@ -72,7 +72,7 @@ impl MemoryStore {
 
 impl TokenStore for MemoryStore {
     fn pair(&self, key: &TokenKey) -> Option<LivePair> {
-        self.with(|s| s.pair(key).cloned())
+        self.with(|s| s.pair(key))
     }
     fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
         self.with(|s| s.find_access(id))

@@ -503,7 +503,7 @@ fn write_snapshot(dir: &Path, data: &[u8]) -> io::Result<File> {
 
 impl TokenStore for FileStore {
     fn pair(&self, key: &TokenKey) -> Option<LivePair> {
-        self.shared.lock().state.pair(key).cloned()
+        self.shared.lock().state.pair(key)
     }
 
     fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {

@@ -340,7 +340,7 @@ impl Inner {
     fn view_pair(&self, key: &TokenKey) -> Option<LivePair> {
         match self.overlay.pairs.get(key) {
             Some(e) => e.pair.clone(),
-            None => self.confirmed.pair(key).cloned(),
+            None => self.confirmed.pair(key),
         }
     }
 
@@ -353,7 +353,7 @@ impl Inner {
                 self.overlay.refresh.remove(&id);
             }
         }
-        let mut current = self.confirmed.pair(key).cloned();
+        let mut current = self.confirmed.pair(key);
         let mut any = false;
         let mut rotated = Vec::new();
         // In-flight changes cannot fail here (the writer resolves them), but later ones may depend on them.
