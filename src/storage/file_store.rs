@@ -525,7 +525,7 @@ impl TokenStore for FileStore {
             }
             g.state.check(&change)?;
             let key = change.key.clone();
-            let previous = g.state.pair(&key).cloned();
+            let previous = g.state.pair(&key);
             let record = Record::from(change);
             let mut pending = std::mem::take(&mut g.pending);
             let encoded = encode_line(&record, &mut pending);
