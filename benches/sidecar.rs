@@ -295,8 +295,13 @@ fn main() {
             }
         }
     }
-    let blob = codec::encode(&records);
-    let pieces = layout::chunks(&blob).expect("the snapshot fits its chunks");
+    let mut encoder = codec::Encoder::in_pieces(layout::CHUNK_BYTES);
+    for r in &records {
+        encoder.push(r);
+    }
+    let pieces = encoder.finish_pieces();
+    let snapshot_bytes: usize = pieces.iter().map(Vec::len).sum();
+    assert!(pieces.len() <= layout::CHUNKS_PER_SET, "the snapshot fits its chunks");
     let largest = pieces.iter().map(|p| p.len()).max().unwrap_or(0);
     for (part, piece) in pieces.iter().enumerate() {
         let patch = json!({"data": {layout::GEN_FIELD: "seeded"}, "binaryData": {layout::STATE_FIELD: base64::engine::general_purpose::STANDARD.encode(piece)}});
@@ -323,7 +328,7 @@ fn main() {
     );
     println!(
         "| {entries} | {} | {} | {} | {} | {:.1} | {:.1} |",
-        blob.len() / 1024,
+        snapshot_bytes / 1024,
         pieces.len(),
         largest / 1024,
         ready.as_millis(),

@@ -28,19 +28,51 @@ const VERSION: u8 = 1;
 const MAX_STRING: usize = 64 * 1024;
 const MAX_SCOPES: u64 = 4096;
 
-/// Writes records into one blob, one at a time (a snapshot is encoded without collecting its records first).
+/// Writes records into one blob, one at a time (a snapshot is encoded without collecting its records first),
+/// optionally cut into pieces of a fixed size as it goes (snapshot chunks: no buffer of the whole snapshot).
 pub struct Encoder {
     out: Vec<u8>,
     strings: HashMap<Box<str>, u64>,
+    piece_bytes: usize,
+    pieces: Vec<Vec<u8>>,
 }
 
 impl Default for Encoder {
     fn default() -> Self {
-        Self { out: vec![VERSION], strings: HashMap::new() }
+        Self { out: vec![VERSION], strings: HashMap::new(), piece_bytes: usize::MAX, pieces: Vec::new() }
     }
 }
 
 impl Encoder {
+    /// An encoder whose blob comes out in pieces of `piece_bytes` (the last one shorter).
+    pub fn in_pieces(piece_bytes: usize) -> Self {
+        let mut out = Vec::with_capacity(piece_bytes.min(1 << 20) + 1024);
+        out.push(VERSION);
+        Self { out, piece_bytes: piece_bytes.max(1), ..Self::default() }
+    }
+
+    /// The pieces so far and the last one.
+    pub fn finish_pieces(mut self) -> Vec<Vec<u8>> {
+        if !self.out.is_empty() || self.pieces.is_empty() {
+            self.pieces.push(self.out);
+        }
+        self.pieces
+    }
+
+    /// Bytes encoded so far.
+    pub fn total_len(&self) -> usize {
+        self.pieces.iter().map(Vec::len).sum::<usize>() + self.out.len()
+    }
+
+    fn cut(&mut self) {
+        while self.out.len() >= self.piece_bytes {
+            let rest = self.out.split_off(self.piece_bytes);
+            let mut next = Vec::with_capacity(self.piece_bytes.min(1 << 20) + 1024);
+            next.extend_from_slice(&rest);
+            self.pieces.push(std::mem::replace(&mut self.out, next));
+        }
+    }
+
     pub fn push(&mut self, record: &Record) {
         match record {
             Record::Set { k, p, rot } => {
@@ -66,14 +98,7 @@ impl Encoder {
                 self.varint(f.at);
             }
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.out.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.out.len() <= 1
+        self.cut();
     }
 
     pub fn finish(self) -> Vec<u8> {
@@ -158,11 +183,18 @@ struct Decoder<'b> {
     input: &'b [u8],
     at: usize,
     strings: Vec<String>,
+    /// The last error was the input ending (more may follow in the next chunk), not corrupt input.
+    ended: bool,
 }
 
 type Decoded<T> = Result<T, String>;
 
 impl Decoder<'_> {
+    fn end<T>(&mut self) -> Decoded<T> {
+        self.ended = true;
+        self.fail("unexpected end")
+    }
+
     fn fail<T>(&self, what: &str) -> Decoded<T> {
         Err(format!("byte {}: {what}", self.at))
     }
@@ -173,7 +205,7 @@ impl Decoder<'_> {
                 self.at += 1;
                 Ok(*b)
             }
-            None => self.fail("unexpected end"),
+            None => self.end(),
         }
     }
 
@@ -190,7 +222,7 @@ impl Decoder<'_> {
     }
 
     fn id(&mut self) -> Decoded<TokenId> {
-        let Some(bytes) = self.input.get(self.at..self.at + 16) else { return self.fail("unexpected end") };
+        let Some(bytes) = self.input.get(self.at..self.at + 16) else { return self.end() };
         let mut id = [0u8; 16];
         id.copy_from_slice(bytes);
         self.at += 16;
@@ -209,7 +241,7 @@ impl Decoder<'_> {
         if len > MAX_STRING {
             return self.fail("string too long");
         }
-        let Some(bytes) = self.input.get(self.at..self.at + len) else { return self.fail("unexpected end") };
+        let Some(bytes) = self.input.get(self.at..self.at + len) else { return self.end() };
         let Ok(s) = std::str::from_utf8(bytes) else { return self.fail("string is not UTF-8") };
         self.at += len;
         self.strings.push(s.to_string());
@@ -301,18 +333,80 @@ pub fn decode(input: &[u8]) -> Result<Vec<Record>, String> {
 
 /// Decodes a blob record by record (a snapshot is applied without collecting its records first). On an error,
 /// the records before it have been handed out.
-pub fn decode_each(input: &[u8], mut each: impl FnMut(Record)) -> Result<usize, String> {
-    let mut d = Decoder { input, at: 0, strings: Vec::new() };
-    match d.byte()? {
-        VERSION => {}
-        v => return Err(format!("byte 0: unknown format version {v}")),
-    }
-    let mut n = 0;
-    while d.at < input.len() {
-        each(d.record()?);
-        n += 1;
-    }
+pub fn decode_each(input: &[u8], each: impl FnMut(Record)) -> Result<usize, String> {
+    let mut d = ChunkDecoder::default();
+    let n = d.feed(input, each)?;
+    d.finish()?;
     Ok(n)
+}
+
+/// Decodes a blob that arrives in pieces (snapshot chunks), without joining them: a record cut by a chunk
+/// boundary waits for the next piece.
+#[derive(Default)]
+pub struct ChunkDecoder {
+    strings: Vec<String>,
+    /// The start of a record cut off by the end of the last piece.
+    carry: Vec<u8>,
+    offset: usize,
+    started: bool,
+}
+
+impl ChunkDecoder {
+    /// Decodes the records complete in `piece` (with what was carried over); returns how many.
+    pub fn feed(&mut self, piece: &[u8], mut each: impl FnMut(Record)) -> Result<usize, String> {
+        let joined;
+        let input: &[u8] = if self.carry.is_empty() {
+            piece
+        } else {
+            joined = [std::mem::take(&mut self.carry).as_slice(), piece].concat();
+            &joined
+        };
+        let mut d = Decoder { input, at: 0, strings: std::mem::take(&mut self.strings), ended: false };
+        let mut n = 0;
+        let result = (|| {
+            if !self.started {
+                match d.byte() {
+                    Ok(VERSION) => self.started = true,
+                    Ok(v) => return Err(format!("byte 0: unknown format version {v}")),
+                    Err(_) if d.ended => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+            while d.at < input.len() {
+                let (start, known) = (d.at, d.strings.len());
+                match d.record() {
+                    Ok(r) => {
+                        each(r);
+                        n += 1;
+                    }
+                    Err(_) if d.ended => {
+                        // Cut by the end of this piece: decode it again once the rest has arrived.
+                        d.strings.truncate(known);
+                        self.carry = input[start..].to_vec();
+                        self.offset += start;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            self.offset += input.len();
+            Ok(())
+        })();
+        self.strings = d.strings;
+        let offset = self.offset;
+        result.map(|()| n).map_err(|e| if offset == 0 { e } else { format!("{e} (counted from blob byte {offset})") })
+    }
+
+    /// Ends the blob: an error if it stopped in the middle of a record (or before the version).
+    pub fn finish(self) -> Result<(), String> {
+        if !self.started {
+            return Err("byte 0: unexpected end".into());
+        }
+        if !self.carry.is_empty() {
+            return Err(format!("byte {}: unexpected end in the middle of a record", self.offset + self.carry.len()));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -361,6 +455,42 @@ mod tests {
         let one = encode(&records[..1]);
         assert!(one.len() <= 112, "{} bytes", one.len());
         assert!(serde_json::to_string(&records[0]).expect("json").len() > 2 * one.len());
+    }
+
+    #[test]
+    fn a_blob_cut_into_pieces_anywhere_decodes_the_same() {
+        let mut records = Vec::new();
+        for i in 0..50 {
+            records.extend(sample().into_iter().map(|r| match r {
+                Record::Set { mut k, p, rot } => {
+                    k.subject = Subject::User(format!("user{i}"));
+                    Record::Set { k, p, rot }
+                }
+                other => other,
+            }));
+        }
+        for piece in [1, 7, 64, 1000] {
+            let mut e = Encoder::in_pieces(piece);
+            for r in &records {
+                e.push(r);
+            }
+            let pieces = e.finish_pieces();
+            assert!(pieces.iter().rev().skip(1).all(|p| p.len() == piece), "pieces of {piece} bytes");
+            assert_eq!(pieces.concat(), encode(&records), "the same blob as one piece");
+            let mut d = ChunkDecoder::default();
+            let mut out = Vec::new();
+            for p in &pieces {
+                d.feed(p, |r| out.push(r)).expect("feed");
+            }
+            d.finish().expect("finish");
+            assert_eq!(out, records);
+        }
+        // A blob that stops inside a record is an error at the end, not silently shorter.
+        let blob = encode(&records);
+        let mut d = ChunkDecoder::default();
+        let n = d.feed(&blob[..blob.len() - 3], |_| {}).expect("feed");
+        assert_eq!(n, records.len() - 1);
+        assert!(d.finish().expect_err("cut").contains("in the middle of a record"));
     }
 
     #[test]

@@ -82,12 +82,6 @@ pub fn batch_of(field: &str) -> Option<(u64, usize)> {
     Some((first.parse().ok()?, n.parse().ok()?)).filter(|(_, n)| *n > 0)
 }
 
-/// Cuts an encoded snapshot into chunks; `None` when it needs more than a set holds.
-pub fn chunks(snapshot: &[u8]) -> Option<Vec<&[u8]>> {
-    let pieces: Vec<&[u8]> = snapshot.chunks(CHUNK_BYTES).collect();
-    (pieces.len() <= CHUNKS_PER_SET).then_some(pieces)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,7 +100,5 @@ mod tests {
         assert_eq!(batch_of(&batch_field(42, 7)), Some((42, 7)));
         assert_eq!(batch_of(EPOCH_FIELD), None);
         assert_eq!(batch_of("b-000000000042-0"), None);
-        assert_eq!(chunks(&vec![0; CHUNK_BYTES + 1]).map(|c| c.len()), Some(2));
-        assert!(chunks(&vec![0; CHUNK_BYTES * CHUNKS_PER_SET + 1]).is_none());
     }
 }

@@ -680,7 +680,10 @@ impl KubeStore {
         // freed and reused one, which shows as a gap.
         let pointer_cm = get(pointer_name(&s.app)).await?;
         let pointer = PointerView::from_object(&pointer_cm).map_err(|e| format!("{}: {e}", pointer_name(&s.app)))?;
-        let mut snapshot = Vec::new();
+        // Chunk by chunk: the snapshot is never held whole, only the state it builds.
+        let mut state = TokenState::default();
+        let mut decoder = codec::ChunkDecoder::default();
+        let mut snapshot_bytes = 0;
         for part in 0..pointer.chunks {
             let name = chunk_name(&s.app, pointer.set, part);
             let cm = get(name.clone()).await?;
@@ -688,15 +691,13 @@ impl KubeStore {
                 return Ok(false);
             }
             let bytes = cm.binary_data.as_ref().and_then(|d| d.get(STATE_FIELD)).map(|b| b.0.as_slice());
-            snapshot.extend_from_slice(bytes.ok_or_else(|| format!("ConfigMap {name}: no {STATE_FIELD}"))?);
+            let bytes = bytes.ok_or_else(|| format!("ConfigMap {name}: no {STATE_FIELD}"))?;
+            snapshot_bytes += bytes.len();
+            decoder.feed(bytes, |r| state.apply(r)).map_err(|e| format!("snapshot {}: {e}", pointer.generation))?;
         }
-        let mut state = TokenState::default();
         if pointer.chunks > 0 {
-            codec::decode_each(&snapshot, |r| state.apply(r))
-                .map_err(|e| format!("snapshot {}: {e}", pointer.generation))?;
+            decoder.finish().map_err(|e| format!("snapshot {}: {e}", pointer.generation))?;
         }
-        let snapshot_bytes = snapshot.len();
-        drop(snapshot);
         let mut segments = Vec::with_capacity(SEGMENTS);
         let mut batches: Vec<(u64, usize, Vec<u8>)> = Vec::new();
         for i in 0..SEGMENTS {
@@ -1129,27 +1130,31 @@ impl KubeStore {
 
     async fn write_snapshot(&self, pointer: &PointerView, claim: &str, claimed_rv: &str) -> Result<(), String> {
         let s = &self.shared;
-        let (upto, blob) = {
+        let (upto, pieces) = {
             let mut g = s.lock();
             let now = s.clock.now();
             g.confirmed.prune(now);
-            let mut encoder = codec::Encoder::default();
+            let mut encoder = codec::Encoder::in_pieces(layout::CHUNK_BYTES);
             for r in g.confirmed.snapshot() {
                 encoder.push(&r);
+                if encoder.total_len() > layout::CHUNK_BYTES * CHUNKS_PER_SET {
+                    break;
+                }
             }
-            (g.applied_seq, encoder.finish())
+            (g.applied_seq, encoder.finish_pieces())
         };
         if upto <= pointer.upto {
             return Err("this replica is behind the snapshot".into());
         }
-        let pieces = layout::chunks(&blob).ok_or_else(|| {
-            format!(
-                "the token state ({} KiB) exceeds the {} snapshot chunks of {} KiB; not compacting",
-                blob.len() / 1024,
+        let snapshot_bytes: usize = pieces.iter().map(Vec::len).sum();
+        if pieces.len() > CHUNKS_PER_SET {
+            return Err(format!(
+                "the token state (over {} KiB) exceeds the {} snapshot chunks of {} KiB; not compacting",
+                snapshot_bytes / 1024,
                 CHUNKS_PER_SET,
                 layout::CHUNK_BYTES / 1024
-            )
-        })?;
+            ));
+        }
         let set = 1 - pointer.set;
         let params = patch_params();
         // Versions read after the claim: a chunk another replica writes from now on makes one of the two fail.
@@ -1185,7 +1190,7 @@ impl KubeStore {
             .map_err(|e| format!("switching {pointer_name}: {e}"))?;
         self.count_compaction_write(&body, &cm);
         s.metrics.compactions.fetch_add(1, Ordering::Relaxed);
-        s.metrics.snapshot_bytes.store(blob.len() as u64, Ordering::Relaxed);
+        s.metrics.snapshot_bytes.store(snapshot_bytes as u64, Ordering::Relaxed);
         let view = PointerView::from_object(&cm)?;
         let mut g = s.lock();
         if view.upto >= g.pointer.upto {
@@ -1193,7 +1198,7 @@ impl KubeStore {
         }
         g.claim_seen = None;
         s.metrics.journal_bytes.store(g.uncompacted_bytes() as u64, Ordering::Relaxed);
-        tracing::debug!(application = %s.app, upto, chunks = pieces.len(), bytes = blob.len(), "snapshot written");
+        tracing::debug!(application = %s.app, upto, chunks = pieces.len(), bytes = snapshot_bytes, "snapshot written");
         Ok(())
     }
 
