@@ -14,5 +14,9 @@ RUN cargo build --locked --release --bin kubetoken && cp target/release/kubetoke
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /kubetoken /usr/local/bin/kubetoken
 USER 65532:65532
+# Allocations of 128 KiB and more are mapped and unmapped, never kept in the heap: glibc otherwise raises this
+# threshold after the first large free and keeps the megabyte buffers of token-state snapshots, so a sidecar holding
+# 100,000 token keys grew from about 30 to 46 MiB after a few snapshots (BENCHMARKS.md, in-cluster section).
+ENV MALLOC_MMAP_THRESHOLD_=131072
 ENTRYPOINT ["/usr/local/bin/kubetoken"]
 CMD ["--help"]

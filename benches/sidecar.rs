@@ -41,14 +41,14 @@ impl Drop for Proc {
 }
 
 fn spawn(kubeconfig: &std::path::Path, args: &[&str], banner: &str) -> Proc {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .env("KUBETOKEN_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn kubetoken");
+    let mut command = Command::new(BIN);
+    command.args(args).env("KUBECONFIG", kubeconfig).env("KUBETOKEN_LOG", "warn");
+    // As the image sets it (Dockerfile): glibc then returns the megabyte buffers of snapshot writes to the OS
+    // instead of keeping them. KUBETOKEN_BENCH_GLIBC_DEFAULTS=1 leaves it unset, to compare.
+    if std::env::var_os("KUBETOKEN_BENCH_GLIBC_DEFAULTS").is_none() {
+        command.env("MALLOC_MMAP_THRESHOLD_", "131072");
+    }
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn kubetoken");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let base = loop {
         let line = lines.next().expect("kubetoken exited").expect("stdout");
@@ -336,6 +336,41 @@ fn main() {
         rss_kib(&fresh, "VmHWM:") as f64 / 1024.0
     );
     assert!(entries >= live_keys as f64, "the fresh sidecar loaded {entries} of {live_keys} keys");
+    if !smoke {
+        // Under traffic, the replica holding 100,000 keys writes snapshots of them: load until it has written one,
+        // then read its memory again (a snapshot is encoded in chunk-sized pieces, never as one buffer).
+        let before = metric(&fresh, "kubetoken_kube_compactions_total");
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            for c in 0..128 {
+                let (base, auth, done) = (fresh.base.clone(), auth.clone(), &done);
+                scope.spawn(move || {
+                    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+                    let mut i = 0;
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = token(&agent, &base, &auth, &format!("device_r{c}d{}", i % 20));
+                        i += 1;
+                    }
+                });
+            }
+            while metric(&fresh, "kubetoken_kube_compactions_total") <= before {
+                assert!(started.elapsed() < Duration::from_secs(120), "no snapshot under load");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        println!(
+            "\n| the same replica, after writing a snapshot of that state under load | s | RSS MiB | peak RSS MiB |\n|---|---|---|---|"
+        );
+        println!(
+            "| {} keys | {:.1} | {:.1} | {:.1} |",
+            metric(&fresh, "kubetoken_sidecar_live_entries"),
+            started.elapsed().as_secs_f64(),
+            rss_kib(&fresh, "VmRSS:") as f64 / 1024.0,
+            rss_kib(&fresh, "VmHWM:") as f64 / 1024.0
+        );
+    }
     if smoke {
         println!("smoke: 1 passed, 0 failed");
     }

@@ -509,7 +509,23 @@ fn parse_u64(cm: &ConfigMap, field: &str) -> Result<u64, String> {
 
 /// The size of an object as the API server stores it (what every watcher of it receives).
 fn stored_bytes(cm: &ConfigMap) -> u64 {
-    serde_json::to_vec(cm).map_or(0, |v| v.len() as u64)
+    json_bytes(cm)
+}
+
+/// The length of a value's JSON, counted without building it (a snapshot chunk's is close to 1 MiB).
+fn json_bytes(value: &impl serde::Serialize) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).map_or(0, |()| count.0)
 }
 
 fn patch_params() -> PatchParams {
@@ -932,7 +948,7 @@ impl KubeStore {
             return Written::JournalFull;
         }
         let name = segment_name(&s.app, plan.index);
-        let bytes = plan.body.to_string().len() as u64;
+        let bytes = json_bytes(&plan.body);
         let result = tokio::time::timeout(
             s.options.commit_timeout,
             s.api.patch(&name, &patch_params(), &Patch::Merge(&plan.body)),
@@ -1205,7 +1221,7 @@ impl KubeStore {
     fn count_compaction_write(&self, body: &serde_json::Value, stored: &ConfigMap) {
         let m = &self.shared.metrics;
         m.compaction_writes.fetch_add(1, Ordering::Relaxed);
-        m.bytes_written.fetch_add(body.to_string().len() as u64, Ordering::Relaxed);
+        m.bytes_written.fetch_add(json_bytes(body), Ordering::Relaxed);
         m.object_bytes_written.fetch_add(stored_bytes(stored), Ordering::Relaxed);
     }
 }
