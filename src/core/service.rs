@@ -110,14 +110,24 @@ pub fn decide_issue(
     }
 }
 
-/// Decides the access scopes of a refreshed token: the grant's own set, or a subset of it.
-pub fn refreshed_scopes(key_scopes: &ScopeSet, requested: Option<ScopeSet>) -> Result<ScopeSet, OAuthError> {
-    match requested {
-        None => Ok(key_scopes.clone()),
-        Some(r) if r.is_empty() => Ok(key_scopes.clone()),
-        Some(r) if r.is_subset_of(key_scopes) => Ok(r),
-        Some(_) => Err(OAuthError::InvalidScope("the requested scope exceeds the scope originally granted".into())),
-    }
+/// Decides the access scopes of a refreshed token: the grant's own set, or the subset asked for (more is
+/// `invalid_scope`, RFC 6749 §6), less whatever the subject may no longer have (`allowed_now`: the grant's set
+/// granted again against the present roles and declarations), which is dropped as at login.
+pub fn refreshed_scopes(
+    key_scopes: &ScopeSet,
+    allowed_now: &ScopeSet,
+    requested: Option<ScopeSet>,
+) -> Result<ScopeSet, OAuthError> {
+    let asked = match requested {
+        None => key_scopes.clone(),
+        Some(r) if r.is_empty() => key_scopes.clone(),
+        Some(r) if r.is_subset_of(key_scopes) => r,
+        Some(_) => {
+            return Err(OAuthError::InvalidScope("the requested scope exceeds the scope originally granted".into()));
+        }
+    };
+    let kept: ScopeSet = asked.iter().filter(|s| allowed_now.contains(s)).map(str::to_string).collect();
+    Ok(if kept.is_empty() { ScopeSet::default_scope() } else { kept })
 }
 
 pub struct ServiceConfig {
@@ -505,31 +515,64 @@ impl TokenService {
                     ));
                 }
                 RefreshLookup::Live { key, .. } => {
-                    let (next, durable) = {
+                    let next_and_durable = {
                         let _key_lock = self.key_lock(&key);
                         // Decided again under the lock: a concurrent refresh may have rotated this token meanwhile.
                         let RefreshLookup::Live { key, pair } = self.store.find_refresh(&id) else { continue };
                         if key.client_id != app.client_id || !pair.refresh_active(now) {
                             return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
                         }
-                        if let Some(user) = key.username()
-                            && !app.users.contains_key(user)
-                        {
-                            return Err(OAuthError::InvalidGrant("the user no longer exists".into()));
-                        }
-                        let scopes = refreshed_scopes(&key.scopes, requested.clone())?;
-                        let next = self.new_pair(app, scopes, now, true)?;
-                        let change = Change {
-                            key: (*key).clone(),
-                            expect: Some(pair.access_id),
-                            next: Some(next.clone()),
-                            rotated_out: pair.refresh,
+                        // The present decides, not the login: the user's roles, the declared scopes and the
+                        // grant types as they are now.
+                        let roles = match key.username() {
+                            None => app.client_roles.clone(),
+                            Some(user) => match app.users.get(user) {
+                                Some(u) => u.roles.clone(),
+                                None => return Err(OAuthError::InvalidGrant("the user no longer exists".into())),
+                            },
                         };
-                        (next, self.store.commit(change))
+                        if key.username().is_some() && !app.allows(GrantType::Password) {
+                            return Err(OAuthError::InvalidGrant(
+                                "the password grant this refresh token came from is no longer enabled for this client"
+                                    .into(),
+                            ));
+                        }
+                        let allowed_now = app.scopes.grant(&key.scopes, &roles);
+                        let scopes = refreshed_scopes(&key.scopes, &allowed_now, requested.clone())?;
+                        match app.format {
+                            // Opaque pairs are shared by every caller of the same key, refresh token included, so
+                            // refresh tokens are not rotated (a second caller's refresh is not reuse), and a
+                            // refresh while the access token is valid returns it (it does not revoke the other
+                            // caller's copy).
+                            TokenFormat::Opaque if pair.access_active(now) && pair.access_scopes == scopes => {
+                                (pair, self.store.sync(), true)
+                            }
+                            TokenFormat::Opaque => {
+                                let next = LivePair { refresh: pair.refresh, ..self.new_pair(app, scopes, now, false)? };
+                                let change = Change {
+                                    key: (*key).clone(),
+                                    expect: Some(pair.access_id),
+                                    next: Some(next.clone()),
+                                    rotated_out: None,
+                                };
+                                (next, self.store.commit(change), false)
+                            }
+                            TokenFormat::Jwt => {
+                                let next = self.new_pair(app, scopes, now, true)?;
+                                let change = Change {
+                                    key: (*key).clone(),
+                                    expect: Some(pair.access_id),
+                                    next: Some(next.clone()),
+                                    rotated_out: pair.refresh,
+                                };
+                                (next, self.store.commit(change), false)
+                            }
+                        }
                     };
+                    let (next, durable, reused) = next_and_durable;
                     let access = self.access_token(issuer, app, &key, &next)?;
                     match durable.await {
-                        Ok(()) => return Ok(self.response(app, access, &next, now, false)),
+                        Ok(()) => return Ok(self.response(app, access, &next, now, reused)),
                         Err(StoreError::Conflict) => continue,
                         Err(e) => return Err(store_error(e)),
                     }

@@ -32,11 +32,43 @@ fn app(client_id: &str, format: TokenFormat, grants: &[GrantType]) -> Applicatio
     )
 }
 
+/// A JWT application whose declared scopes are `scopes` (name, roles).
+fn app_with_users_and_scopes(
+    client_id: &str,
+    grants: &[GrantType],
+    users: HashMap<String, User>,
+    scopes: &[(&str, &[&str])],
+) -> Application {
+    let declared = scopes.iter().map(|(name, roles)| (name.to_string(), roles.iter().map(|r| r.to_string()).collect()));
+    application(client_id, TokenFormat::Jwt, grants, users, ScopePolicy::new(declared))
+}
+
 fn app_with_users(
     client_id: &str,
     format: TokenFormat,
     grants: &[GrantType],
     users: HashMap<String, User>,
+) -> Application {
+    application(
+        client_id,
+        format,
+        grants,
+        users,
+        ScopePolicy::new([
+            ("orders:read".to_string(), vec!["customer".to_string(), "admin".to_string()]),
+            ("orders:admin".to_string(), vec!["admin".to_string()]),
+            ("catalog:read".to_string(), vec![]),
+            ("inventory:sync".to_string(), vec!["service".to_string()]),
+        ]),
+    )
+}
+
+fn application(
+    client_id: &str,
+    format: TokenFormat,
+    grants: &[GrantType],
+    users: HashMap<String, User>,
+    scopes: ScopePolicy,
 ) -> Application {
     let signer = SigningKey::from_pkcs8(
         crate::core::signing::Algorithm::ES256,
@@ -53,12 +85,7 @@ fn app_with_users(
         refresh_ttl: 86_400,
         audience: vec!["shop-api".into()],
         client_roles: vec!["service".into()],
-        scopes: ScopePolicy::new([
-            ("orders:read".to_string(), vec!["customer".to_string(), "admin".to_string()]),
-            ("orders:admin".to_string(), vec!["admin".to_string()]),
-            ("catalog:read".to_string(), vec![]),
-            ("inventory:sync".to_string(), vec!["service".to_string()]),
-        ]),
+        scopes,
         users,
         signer: Arc::new(signer),
         verification_keys: vec![],
@@ -831,4 +858,86 @@ async fn concurrent_logins_with_the_right_password_all_succeed() {
     for l in logins {
         l.await.expect("join").expect("every login with the right password succeeds");
     }
+}
+
+#[tokio::test]
+async fn a_refresh_grants_only_what_the_user_may_have_now() {
+    let f = fixture(TokenFormat::Jwt);
+    let t = f.password("bob", "bob-pw", "device_ipad orders:read orders:admin").await.expect("bob");
+    assert_eq!(t.scope, "device_ipad orders:admin orders:read");
+    // bob is demoted from admin to customer: orders:admin goes at the next refresh, the device scope stays.
+    let demoted = HashMap::from([
+        ("alice".to_string(), user("alice-pw", &["customer"])),
+        ("bob".to_string(), user("bob-pw", &["customer"])),
+    ]);
+    f.service.set_registry(
+        Registry::new(vec![app_with_users("shop", TokenFormat::Jwt, ALL, demoted.clone())]).expect("registry"),
+    );
+    let refreshed =
+        f.service.token(&client("shop"), refresh_grant(t.refresh_token.as_deref().expect("r"))).await.expect("refresh");
+    assert_eq!(refreshed.scope, "device_ipad orders:read");
+    // Asking for the lost scope by name is no way back: it is dropped like at login, not an error.
+    let asked = Grant::RefreshToken {
+        refresh_token: refreshed.refresh_token.clone().expect("r"),
+        scope: Some("orders:admin device_ipad".into()),
+    };
+    assert_eq!(f.service.token(&client("shop"), asked).await.expect("refresh").scope, "device_ipad");
+}
+
+#[tokio::test]
+async fn a_refresh_after_the_scope_declaration_or_the_grant_type_was_removed() {
+    let f = fixture(TokenFormat::Jwt);
+    let t = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("alice");
+    let other = f.password("bob", "bob-pw", "device_tv").await.expect("bob");
+    // orders:read is no longer declared by the application.
+    let users = app("shop", TokenFormat::Jwt, ALL).users.clone();
+    let narrower = app_with_users_and_scopes("shop", ALL, users.clone(), &[("catalog:read", &[])]);
+    f.service.set_registry(Registry::new(vec![narrower]).expect("registry"));
+    let refreshed =
+        f.service.token(&client("shop"), refresh_grant(t.refresh_token.as_deref().expect("r"))).await.expect("refresh");
+    assert_eq!(refreshed.scope, "device_ipad");
+    // The password grant the session came from is disabled: its refresh tokens end with invalid_grant.
+    let no_password = &[GrantType::ClientCredentials, GrantType::RefreshToken];
+    f.service.set_registry(
+        Registry::new(vec![app_with_users_and_scopes("shop", no_password, users, &[("catalog:read", &[])])])
+            .expect("registry"),
+    );
+    let err = f
+        .service
+        .token(&client("shop"), refresh_grant(other.refresh_token.as_deref().expect("r")))
+        .await
+        .expect_err("password grant disabled");
+    assert_eq!(err.code(), "invalid_grant");
+}
+
+#[tokio::test]
+async fn two_callers_sharing_an_opaque_pair_never_revoke_each_other_by_refreshing() {
+    let f = fixture(TokenFormat::Opaque);
+    // Two callers log in for the same (application, user, scope set): they share the pair, refresh token included.
+    let a = f.password("alice", "alice-pw", "device_kiosk").await.expect("a");
+    let b = f.password("alice", "alice-pw", "device_kiosk").await.expect("b");
+    assert_eq!((&a.access_token, &a.refresh_token), (&b.access_token, &b.refresh_token));
+    let refresh_token = a.refresh_token.clone().expect("r");
+    // A refreshes while the access token is valid: the same still-valid token, and B's copy stays active.
+    let a2 = f.service.token(&client("shop"), refresh_grant(&refresh_token)).await.expect("a refreshes");
+    assert_eq!(a2.access_token, a.access_token);
+    assert!(f.active(&b.access_token).await, "B's access token survives A's refresh");
+    // Later B refreshes with the same refresh token: not reuse, no revocation.
+    f.clock.advance(3600);
+    let b2 = f.service.token(&client("shop"), refresh_grant(&refresh_token)).await.expect("b refreshes");
+    assert_ne!(b2.access_token, b.access_token, "the expired access token is replaced");
+    let a3 = f.service.token(&client("shop"), refresh_grant(&refresh_token)).await.expect("a refreshes again");
+    assert_eq!(a3.access_token, b2.access_token, "both callers share the new access token");
+    assert!(f.active(&a3.access_token).await);
+}
+
+#[tokio::test]
+async fn jwt_mode_still_detects_refresh_token_reuse_between_two_callers() {
+    let f = fixture(TokenFormat::Jwt);
+    let t = f.password("alice", "alice-pw", "device_kiosk").await.expect("login");
+    let r = t.refresh_token.clone().expect("r");
+    let first = f.service.token(&client("shop"), refresh_grant(&r)).await.expect("first refresh");
+    let err = f.service.token(&client("shop"), refresh_grant(&r)).await.expect_err("reuse");
+    assert_eq!(err.code(), "invalid_grant");
+    assert!(!f.active(&first.access_token).await, "reuse revokes the grant's live tokens");
 }
