@@ -56,6 +56,7 @@ fn main() {
             format: TokenFormat::Jwt,
             access_ttl: 3600,
             refresh_ttl: 86_400,
+            session_max: None,
             audience: vec![],
             client_roles: vec![],
             scopes: ScopePolicy::new([("orders:read".to_string(), vec![])]),

@@ -281,7 +281,7 @@ fn main() {
             access_scopes: key.scopes.clone(),
             issued_at: now,
             access_expires_at: now + 3600,
-            refresh: Some(RefreshGrant { id: TokenId(refresh), expires_at: now + 86_400 }),
+            refresh: Some(RefreshGrant { id: TokenId(refresh), expires_at: now + 86_400, ..Default::default() }),
         };
         records.push(Record::Set { k: key, p: Some(pair), rot: None });
     }

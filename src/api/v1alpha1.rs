@@ -55,6 +55,11 @@ pub struct OAuthApplicationSpec {
     #[serde(default = "default_refresh_lifetime")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub refresh_token_lifetime: String,
+    /// The absolute lifetime of a login session, e.g. `30d`: past it, its refresh tokens are refused however
+    /// recently they were rotated (Keycloak's "client session max"). Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub session_max_lifetime: Option<String>,
     /// `aud` of access tokens; the client ID when empty.
     #[serde(default)]
     pub audience: Vec<String>,
@@ -269,6 +274,13 @@ impl OAuthApplicationSpec {
         parse_duration(&self.refresh_token_lifetime).map_err(|e| field("spec.refreshTokenLifetime", e))
     }
 
+    pub fn session_max_secs(&self) -> Result<Option<u64>, FieldError> {
+        self.session_max_lifetime
+            .as_deref()
+            .map(|d| parse_duration(d).map_err(|e| field("spec.sessionMaxLifetime", e)))
+            .transpose()
+    }
+
     /// Checks what the type system cannot: durations, scope names, duplicates.
     pub fn validate(&self) -> Result<(), FieldError> {
         self.access_lifetime_secs()?;
@@ -276,6 +288,7 @@ impl OAuthApplicationSpec {
             return Err(field("spec.signing.algorithm", "unsupported algorithm: use ES256, RS256 or EdDSA"));
         }
         self.refresh_lifetime_secs()?;
+        self.session_max_secs()?;
         if let Some(period) = &self.signing.rotation_period {
             parse_duration(period).map_err(|e| field("spec.signing.rotationPeriod", e))?;
         }
@@ -358,6 +371,7 @@ impl OAuthApplicationSpec {
             format: self.token_format.into(),
             access_ttl: self.access_lifetime_secs()?,
             refresh_ttl: self.refresh_lifetime_secs()?,
+            session_max: self.session_max_secs()?,
             audience: self.audience.clone(),
             client_roles: self.client_roles.clone(),
             scopes: crate::core::scope::ScopePolicy::new(self.scopes.iter().map(|s| (s.name.clone(), s.roles.clone()))),

@@ -199,6 +199,8 @@ pub struct Application {
     pub format: TokenFormat,
     pub access_ttl: u64,
     pub refresh_ttl: u64,
+    /// The absolute lifetime of a login session (its chain of refresh tokens), however often it is refreshed.
+    pub session_max: Option<u64>,
     pub audience: Vec<String>,
     pub client_roles: Vec<String>,
     pub scopes: ScopePolicy,
@@ -230,6 +232,8 @@ pub struct ApplicationConfig {
     pub format: TokenFormat,
     pub access_ttl: u64,
     pub refresh_ttl: u64,
+    /// See [`Application::session_max`].
+    pub session_max: Option<u64>,
     pub audience: Vec<String>,
     pub client_roles: Vec<String>,
     pub scopes: ScopePolicy,
@@ -263,6 +267,7 @@ impl Application {
             format: c.format,
             access_ttl: c.access_ttl,
             refresh_ttl: c.refresh_ttl,
+            session_max: c.session_max,
             audience,
             client_roles: c.client_roles,
             scopes: c.scopes,

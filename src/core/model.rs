@@ -19,7 +19,7 @@ use super::clock::UnixTime;
 use super::scope::ScopeSet;
 
 /// 128 random bits naming one token. Opaque token strings and JWT `jti`s are derived from it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct TokenId(pub [u8; 16]);
 
 impl TokenId {
@@ -104,12 +104,19 @@ impl TokenKey {
 
 pub type SharedKey = Arc<TokenKey>;
 
-/// A refresh token and its expiry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A refresh token, its expiry, and the login session (refresh-token chain) it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct RefreshGrant {
     pub id: TokenId,
     #[serde(rename = "exp")]
     pub expires_at: UnixTime,
+    /// Names the login every refresh token of one chain descends from (random), so that reuse detection revokes
+    /// that chain only, never a later, independent login's pair for the same key. 0 in state written before.
+    #[serde(rename = "ch", default)]
+    pub chain: u64,
+    /// When that login happened: the start of the session, for its absolute lifetime.
+    #[serde(rename = "ss", default)]
+    pub session_started_at: UnixTime,
 }
 
 /// The live tokens of one key.
@@ -165,6 +172,8 @@ pub enum RefreshLookup {
     /// Retired by rotation: using it again is reuse.
     Rotated {
         key: SharedKey,
+        /// The chain (login) it was rotated out of.
+        chain: u64,
     },
     Unknown,
 }

@@ -110,6 +110,13 @@ pub fn decide_issue(
     }
 }
 
+/// A login session: the refresh-token chain a login starts, and when.
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    chain: u64,
+    started_at: UnixTime,
+}
+
 /// Decides the access scopes of a refreshed token: the grant's own set, or the subset asked for (more is
 /// `invalid_scope`, RFC 6749 §6), less whatever the subject may no longer have (`allowed_now`: the grant's set
 /// granted again against the present roles and declarations), which is dropped as at login.
@@ -375,18 +382,34 @@ impl TokenService {
         }
     }
 
+    /// A new login session: a random chain id and its start.
+    fn new_session(&self, now: UnixTime) -> Result<Session, OAuthError> {
+        let mut bytes = [0u8; 8];
+        aws_lc_rs::rand::SecureRandom::fill(&self.rng, &mut bytes)
+            .map_err(|_| OAuthError::ServerError("no randomness".into()))?;
+        Ok(Session { chain: u64::from_le_bytes(bytes), started_at: now })
+    }
+
+    /// A new pair; with a refresh token of `session` if given, which expires after the refresh lifetime or at the
+    /// session's end, whichever comes first.
     fn new_pair(
         &self,
         app: &Application,
         access_scopes: ScopeSet,
         now: UnixTime,
-        with_refresh: bool,
+        session: Option<Session>,
     ) -> Result<LivePair, OAuthError> {
         let random_id = || TokenId::random(&self.rng).map_err(|_| OAuthError::ServerError("no randomness".into()));
-        let refresh = if with_refresh {
-            Some(RefreshGrant { id: random_id()?, expires_at: now + app.refresh_ttl })
-        } else {
-            None
+        let refresh = match session {
+            Some(s) => Some(RefreshGrant {
+                id: random_id()?,
+                expires_at: app
+                    .session_max
+                    .map_or(now + app.refresh_ttl, |max| (now + app.refresh_ttl).min(s.started_at + max)),
+                chain: s.chain,
+                session_started_at: s.started_at,
+            }),
+            None => None,
         };
         Ok(LivePair {
             access_id: random_id()?,
@@ -471,7 +494,8 @@ impl TokenService {
                     // The pair may have been written by a request still waiting for its fsync: wait for that too.
                     IssueDecision::Reuse(pair) => (pair, self.store.sync(), true),
                     IssueDecision::Replace { expect } => {
-                        let pair = self.new_pair(app, key.scopes.clone(), now, with_refresh)?;
+                        let session = if with_refresh { Some(self.new_session(now)?) } else { None };
+                        let pair = self.new_pair(app, key.scopes.clone(), now, session)?;
                         let change = Change { key: key.clone(), expect, next: Some(pair.clone()), rotated_out: None };
                         (pair, self.store.commit(change), false)
                     }
@@ -504,12 +528,12 @@ impl TokenService {
             let now = self.clock.now();
             match self.store.find_refresh(&id) {
                 RefreshLookup::Unknown => return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into())),
-                RefreshLookup::Rotated { key } => {
+                RefreshLookup::Rotated { key, chain } => {
                     if key.client_id != app.client_id {
                         return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
                     }
                     tracing::warn!(client_id = %app.client_id, sub = key.sub(), "refresh token reuse detected; revoking the grant's live tokens");
-                    self.revoke_key(&key).await?;
+                    self.revoke_chain(&key, chain).await?;
                     return Err(OAuthError::InvalidGrant(
                         "the refresh token was already used; the tokens of this grant are revoked".into(),
                     ));
@@ -537,6 +561,18 @@ impl TokenService {
                                     .into(),
                             ));
                         }
+                        let session = pair.refresh.map(|r| Session {
+                            chain: r.chain,
+                            // State written before sessions were recorded: the session starts with this pair.
+                            started_at: if r.session_started_at == 0 { pair.issued_at } else { r.session_started_at },
+                        });
+                        if let (Some(max), Some(s)) = (app.session_max, session)
+                            && now >= s.started_at.saturating_add(max)
+                        {
+                            return Err(OAuthError::InvalidGrant(
+                                "the session has reached its maximum lifetime; log in again".into(),
+                            ));
+                        }
                         let allowed_now = app.scopes.grant(&key.scopes, &roles);
                         let scopes = refreshed_scopes(&key.scopes, &allowed_now, requested.clone())?;
                         match app.format {
@@ -548,7 +584,7 @@ impl TokenService {
                                 (pair, self.store.sync(), true)
                             }
                             TokenFormat::Opaque => {
-                                let next = LivePair { refresh: pair.refresh, ..self.new_pair(app, scopes, now, false)? };
+                                let next = LivePair { refresh: pair.refresh, ..self.new_pair(app, scopes, now, None)? };
                                 let change = Change {
                                     key: (*key).clone(),
                                     expect: Some(pair.access_id),
@@ -558,7 +594,7 @@ impl TokenService {
                                 (next, self.store.commit(change), false)
                             }
                             TokenFormat::Jwt => {
-                                let next = self.new_pair(app, scopes, now, true)?;
+                                let next = self.new_pair(app, scopes, now, session)?;
                                 let change = Change {
                                     key: (*key).clone(),
                                     expect: Some(pair.access_id),
@@ -582,10 +618,14 @@ impl TokenService {
         Err(store_error(StoreError::Conflict))
     }
 
-    /// Removes `key`'s live pair, whatever it is now.
-    async fn revoke_key(&self, key: &TokenKey) -> Result<(), OAuthError> {
+    /// Removes `key`'s live pair if it descends from the login `chain`: a later, independent login's pair for the
+    /// same key is not the reused token's business.
+    async fn revoke_chain(&self, key: &TokenKey, chain: u64) -> Result<(), OAuthError> {
         for _ in 0..MAX_ATTEMPTS {
             let Some(current) = self.store.pair(key) else { return Ok(()) };
+            if current.refresh.map(|r| r.chain) != Some(chain) {
+                return Ok(());
+            }
             let change = Change { key: key.clone(), expect: Some(current.access_id), next: None, rotated_out: None };
             match self.store.commit(change).await {
                 Ok(()) => return Ok(()),

@@ -83,6 +83,7 @@ fn application(
         format,
         access_ttl: 3600,
         refresh_ttl: 86_400,
+        session_max: None,
         audience: vec!["shop-api".into()],
         client_roles: vec!["service".into()],
         scopes,
@@ -940,4 +941,52 @@ async fn jwt_mode_still_detects_refresh_token_reuse_between_two_callers() {
     let err = f.service.token(&client("shop"), refresh_grant(&r)).await.expect_err("reuse");
     assert_eq!(err.code(), "invalid_grant");
     assert!(!f.active(&first.access_token).await, "reuse revokes the grant's live tokens");
+}
+
+#[tokio::test]
+async fn reuse_of_an_old_logins_refresh_token_revokes_that_login_only() {
+    let f = fixture(TokenFormat::Jwt);
+    let first_login = f.password("alice", "alice-pw", "device_ipad").await.expect("first login");
+    let r1 = first_login.refresh_token.clone().expect("r1");
+    f.service.token(&client("shop"), refresh_grant(&r1)).await.expect("rotate r1 out");
+    // A later, independent login for the same key replaces that chain's pair.
+    let second_login = f.password("alice", "alice-pw", "device_ipad").await.expect("second login");
+    // The first login's rotated-out token comes back: reuse, refused, but the second login is not its descendant.
+    let err = f.service.token(&client("shop"), refresh_grant(&r1)).await.expect_err("reuse");
+    assert_eq!(err.code(), "invalid_grant");
+    assert!(f.active(&second_login.access_token).await, "the independent login's access token stays");
+    let r = second_login.refresh_token.as_deref().expect("r");
+    let next = f.service.token(&client("shop"), refresh_grant(r)).await.expect("the second login still refreshes");
+    // And reuse within the second chain still revokes that chain.
+    f.service.token(&client("shop"), refresh_grant(r)).await.expect_err("reuse in the second chain");
+    assert!(!f.active(&next.access_token).await);
+}
+
+#[tokio::test]
+async fn a_session_ends_at_its_absolute_lifetime_however_recently_it_was_refreshed() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let mut shop = app("shop", TokenFormat::Jwt, ALL);
+    shop.session_max = Some(3 * 86_400);
+    let service = TokenService::new(
+        Registry::new(vec![shop]).expect("registry"),
+        Arc::new(MemoryStore::default()),
+        clock.clone(),
+        crate::passwords::service_config("https://issuer.test", ServicePolicies::default()),
+    );
+    let login = Grant::Password { username: "alice".into(), password: "alice-pw".into(), scope: None };
+    let mut t = service.token(&client("shop"), login).await.expect("login");
+    // Refreshed every 12 hours: each refresh token lives 24 h, but none beyond the session's 3 days.
+    for _ in 0..5 {
+        clock.advance(12 * 3600);
+        t = service
+            .token(&client("shop"), refresh_grant(t.refresh_token.as_deref().expect("r")))
+            .await
+            .expect("refresh");
+    }
+    let r = t.refresh_token.clone().expect("r");
+    let Ok(Introspection::Active(info)) = service.introspect(&client("shop"), &r).await else { panic!("active") };
+    assert_eq!(info.exp, T0 + 3 * 86_400, "the last refresh token expires with the session, not 24 h later");
+    clock.advance(12 * 3600);
+    let err = service.token(&client("shop"), refresh_grant(&r)).await.expect_err("session over");
+    assert_eq!(err.code(), "invalid_grant");
 }

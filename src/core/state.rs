@@ -165,8 +165,7 @@ impl Live {
 #[derive(Debug, Clone)]
 struct Rotated {
     key: Key,
-    id: TokenId,
-    expires_at: UnixTime,
+    grant: RefreshGrant,
 }
 
 /// Values in a `Vec`, addressed by index; freed indexes are reused.
@@ -312,7 +311,7 @@ fn access_of(live: &Slab<Live>) -> impl Fn(u32) -> Option<TokenId> + '_ {
 
 fn refresh_of<'a>(live: &'a Slab<Live>, rotated: &'a Slab<Rotated>) -> impl Fn(RefreshSlot) -> Option<TokenId> + 'a {
     |slot| match slot.as_rotated() {
-        Some(r) => rotated.get(r).map(|r| r.id),
+        Some(r) => rotated.get(r).map(|r| r.grant.id),
         None => live.get(slot.0)?.refresh.map(|r| r.id),
     }
 }
@@ -335,8 +334,8 @@ impl TokenState {
         let found = self.refresh.get(&self.hasher, id, refresh_of(&self.live, &self.rotated));
         let found = found.and_then(|slot| match slot.as_rotated() {
             Some(r) => {
-                let key = self.token_key(self.rotated.get(r)?.key)?;
-                Some(RefreshLookup::Rotated { key: Arc::new(key) })
+                let rotated = self.rotated.get(r)?;
+                Some(RefreshLookup::Rotated { key: Arc::new(self.token_key(rotated.key)?), chain: rotated.grant.chain })
             }
             None => {
                 let live = self.live.get(slot.0).filter(|l| l.refresh.is_some_and(|r| r.id == *id))?;
@@ -375,7 +374,7 @@ impl TokenState {
                         refresh: p.refresh,
                     }
                 });
-                let rotated = rot.map(|r| Rotated { key: self.acquire_key(&k), id: r.id, expires_at: r.expires_at });
+                let rotated = rot.map(|grant| Rotated { key: self.acquire_key(&k), grant });
                 if let Some(old) = self.slot_of(&k) {
                     self.remove_live(old);
                 }
@@ -387,7 +386,7 @@ impl TokenState {
                 }
             }
             Record::Rotated { k, rot } => {
-                let r = Rotated { key: self.acquire_key(&k), id: rot.id, expires_at: rot.expires_at };
+                let r = Rotated { key: self.acquire_key(&k), grant: rot };
                 self.insert_rotated(r);
             }
             Record::Failed { .. } => {}
@@ -409,7 +408,7 @@ impl TokenState {
             self.remove_live(slot);
         }
         let expired: Vec<(u32, TokenId)> =
-            self.rotated.iter().filter(|(_, r)| r.expires_at <= now).map(|(i, r)| (i, r.id)).collect();
+            self.rotated.iter().filter(|(_, r)| r.grant.expires_at <= now).map(|(i, r)| (i, r.grant.id)).collect();
         for (slot, id) in expired {
             // Every remembered token is indexed under its id (`drop_rotated` is only ever called once it is not).
             self.refresh.remove(&self.hasher, &id, refresh_of(&self.live, &self.rotated));
@@ -423,12 +422,8 @@ impl TokenState {
         let pairs = self.live.iter().filter_map(|(_, live)| {
             Some(Record::Set { k: self.token_key(live.key)?, p: Some(self.live_pair(live)?), rot: None })
         });
-        let rotated = self.rotated.iter().filter_map(|(_, r)| {
-            Some(Record::Rotated {
-                k: self.token_key(r.key)?,
-                rot: RefreshGrant { id: r.id, expires_at: r.expires_at },
-            })
-        });
+        let rotated =
+            self.rotated.iter().filter_map(|(_, r)| Some(Record::Rotated { k: self.token_key(r.key)?, rot: r.grant }));
         pairs.chain(rotated)
     }
 
@@ -517,7 +512,7 @@ impl TokenState {
     }
 
     fn insert_rotated(&mut self, rotated: Rotated) {
-        let id = rotated.id;
+        let id = rotated.grant.id;
         let slot = self.rotated.insert(rotated);
         self.index_refresh(id, RefreshSlot::rotated(slot));
     }
@@ -568,7 +563,7 @@ mod tests {
             access_scopes: ScopeSet::default(),
             issued_at: 0,
             access_expires_at: exp,
-            refresh: Some(RefreshGrant { id: TokenId([n + 100; 16]), expires_at: exp * 2 }),
+            refresh: Some(RefreshGrant { id: TokenId([n + 100; 16]), expires_at: exp * 2, ..Default::default() }),
         }
     }
 
@@ -651,7 +646,7 @@ mod tests {
             access_scopes: scopes.clone(),
             issued_at: 1,
             access_expires_at: 10,
-            refresh: Some(RefreshGrant { id: id(n, 1), expires_at: 100 }),
+            refresh: Some(RefreshGrant { id: id(n, 1), expires_at: 100, ..Default::default() }),
         }
     }
 
@@ -663,8 +658,8 @@ mod tests {
     }
 
     #[test]
-    fn a_live_pair_takes_80_bytes() {
-        assert!(std::mem::size_of::<Option<Live>>() <= 80, "{}", std::mem::size_of::<Option<Live>>());
+    fn a_live_pair_takes_96_bytes() {
+        assert!(std::mem::size_of::<Option<Live>>() <= 96, "{}", std::mem::size_of::<Option<Live>>());
         assert_eq!(std::mem::size_of::<Key>(), 12);
     }
 
@@ -680,7 +675,7 @@ mod tests {
                 // Rotate once: the retired refresh token is remembered under the same key.
                 let next = LivePair {
                     access_id: id(n, 2),
-                    refresh: Some(RefreshGrant { id: id(n, 3), expires_at: 100 }),
+                    refresh: Some(RefreshGrant { id: id(n, 3), expires_at: 100, ..Default::default() }),
                     ..first.clone()
                 };
                 s.commit(Change {
@@ -785,7 +780,7 @@ mod tests {
             s.commit(Change { key: k, expect, next: Some(p), rotated_out }).expect("commit");
             ids.extend([id(n, 0), id(n, 1)]);
         }
-        let gone = RefreshGrant { id: id(99, 9), expires_at: 50 };
+        let gone = RefreshGrant { id: id(99, 9), expires_at: 50, ..Default::default() };
         s.apply(Record::Rotated { k: user_key("gone", "bob", "x"), rot: gone });
         ids.push(gone.id);
         assert!(s.snapshot().any(|r| matches!(r, Record::Set { rot: None, .. })));
@@ -808,7 +803,7 @@ mod tests {
     fn a_refresh_id_named_again_forgets_what_it_named() {
         let mut s = TokenState::default();
         let (a, b) = (key("a"), key("b"));
-        let remembered = RefreshGrant { id: TokenId([101; 16]), expires_at: 50 };
+        let remembered = RefreshGrant { id: TokenId([101; 16]), expires_at: 50, ..Default::default() };
         s.apply(Record::Rotated { k: a.clone(), rot: remembered });
         // A live pair whose refresh id is the remembered one replaces it, as a map insert would.
         s.commit(set(b.clone(), None, Some(pair(1, 10)))).expect("b");
@@ -856,7 +851,7 @@ mod tests {
                 access_scopes: k.scopes.clone(),
                 issued_at: 1_000,
                 access_expires_at: 4_600,
-                refresh: Some(RefreshGrant { id: TokenId(refresh), expires_at: 87_400 }),
+                refresh: Some(RefreshGrant { id: TokenId(refresh), expires_at: 87_400, ..Default::default() }),
             };
             s.apply(Record::Set { k, p: Some(p), rot: None });
         }

@@ -37,6 +37,7 @@ fn router_with_store(store: Arc<dyn TokenStore>) -> Router {
         format: TokenFormat::Jwt,
         access_ttl: 60,
         refresh_ttl: 120,
+        session_max: None,
         audience: vec![],
         client_roles: vec![],
         scopes: ScopePolicy::new([("read".to_string(), vec![])]),

@@ -576,7 +576,11 @@ mod tests {
             access_scopes: ScopeSet::default(),
             issued_at: 0,
             access_expires_at: exp,
-            refresh: Some(RefreshGrant { id: TokenId([n.wrapping_add(100); 16]), expires_at: exp }),
+            refresh: Some(RefreshGrant {
+                id: TokenId([n.wrapping_add(100); 16]),
+                expires_at: exp,
+                ..Default::default()
+            }),
         }
     }
 

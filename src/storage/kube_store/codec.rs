@@ -11,7 +11,7 @@
 //!          | 3 user(u8) str(who) varint(at)                       a shared failed credential check
 //! key     := str(client) subject(0 client | 1 user str(name)) varint(n) str*n
 //! pair    := id16 scopes(0 the key's | 1 varint(n) str*n) varint(iat) varint(exp) has_refresh(u8) [grant]
-//! grant   := id16 varint(exp)
+//! grant   := id16 varint(exp) chain(8 bytes, little-endian) varint(session start)
 //! str     := varint(0) varint(len) bytes    a new string, numbered from 1 in order of appearance
 //!          | varint(n>0)                     string number n
 //! ```
@@ -167,6 +167,8 @@ impl Encoder {
     fn grant(&mut self, g: &RefreshGrant) {
         self.out.extend_from_slice(&g.id.0);
         self.varint(g.expires_at);
+        self.out.extend_from_slice(&g.chain.to_le_bytes());
+        self.varint(g.session_started_at);
     }
 }
 
@@ -271,7 +273,12 @@ impl Decoder<'_> {
     }
 
     fn grant(&mut self) -> Decoded<RefreshGrant> {
-        Ok(RefreshGrant { id: self.id()?, expires_at: self.varint()? })
+        let (id, expires_at) = (self.id()?, self.varint()?);
+        let Some(chain) = self.input.get(self.at..self.at + 8) else { return self.end() };
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(chain);
+        self.at += 8;
+        Ok(RefreshGrant { id, expires_at, chain: u64::from_le_bytes(bytes), session_started_at: self.varint()? })
     }
 
     fn pair(&mut self, k: &TokenKey) -> Decoded<LivePair> {
@@ -428,7 +435,12 @@ mod tests {
             access_scopes: k.scopes.clone(),
             issued_at: 1_700_000_000,
             access_expires_at: 1_700_003_600,
-            refresh: Some(RefreshGrant { id: TokenId([2; 16]), expires_at: 1_700_086_400 }),
+            refresh: Some(RefreshGrant {
+                id: TokenId([2; 16]),
+                expires_at: 1_700_086_400,
+                chain: 0x0123_4567_89ab_cdef,
+                session_started_at: 1_699_990_000,
+            }),
         };
         let narrowed =
             LivePair { access_scopes: ScopeSet::parse("device_ipad").expect("scopes"), refresh: None, ..pair.clone() };
@@ -437,10 +449,13 @@ mod tests {
             Record::Set {
                 k: k.clone(),
                 p: Some(narrowed),
-                rot: Some(RefreshGrant { id: TokenId([3; 16]), expires_at: 9 }),
+                rot: Some(RefreshGrant { id: TokenId([3; 16]), expires_at: 9, ..Default::default() }),
             },
             Record::Set { k: key(None, "default"), p: None, rot: None },
-            Record::Rotated { k, rot: RefreshGrant { id: TokenId([4; 16]), expires_at: u64::MAX } },
+            Record::Rotated {
+                k,
+                rot: RefreshGrant { id: TokenId([4; 16]), expires_at: u64::MAX, ..Default::default() },
+            },
             Record::Failed { f: SharedFailure { user: true, who: "shop/alice\n\u{1b}[31m".into(), at: 5 } },
         ]
     }
@@ -451,9 +466,9 @@ mod tests {
         let blob = encode(&records);
         assert_eq!(decode(&blob).expect("decode"), records);
         assert_eq!(blob.windows(21).filter(|w| w == b"shop-0123456789abcdef").count(), 1);
-        // A typical journal record (a user's device key with access and refresh token) stays near 100 bytes.
+        // A typical journal record (a user's device key with access and refresh token) stays near 120 bytes.
         let one = encode(&records[..1]);
-        assert!(one.len() <= 112, "{} bytes", one.len());
+        assert!(one.len() <= 125, "{} bytes", one.len());
         assert!(serde_json::to_string(&records[0]).expect("json").len() > 2 * one.len());
     }
 

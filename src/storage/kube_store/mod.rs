@@ -185,7 +185,8 @@ struct Pending {
 struct Overlay {
     pairs: HashMap<SharedKey, OverlayEntry>,
     access: HashMap<TokenId, SharedKey>,
-    refresh: HashMap<TokenId, (SharedKey, bool)>,
+    /// Refresh id → its key, and the chain it was rotated out of (`None`: the live one).
+    refresh: HashMap<TokenId, (SharedKey, Option<u64>)>,
 }
 
 struct OverlayEntry {
@@ -360,7 +361,7 @@ impl Inner {
         for p in &self.inflight {
             if p.change.key == *key {
                 current = p.change.next.clone();
-                rotated.extend(p.change.rotated_out.map(|r| r.id));
+                rotated.extend(p.change.rotated_out.map(|r| (r.id, r.chain)));
                 any = true;
             }
         }
@@ -376,7 +377,7 @@ impl Inner {
                 return false;
             }
             current = p.change.next.clone();
-            rotated.extend(p.change.rotated_out.map(|r| r.id));
+            rotated.extend(p.change.rotated_out.map(|r| (r.id, r.chain)));
             any = true;
             true
         });
@@ -389,12 +390,12 @@ impl Inner {
             self.overlay.access.insert(pair.access_id, shared.clone());
             ids.push(pair.access_id);
             if let Some(r) = pair.refresh {
-                self.overlay.refresh.insert(r.id, (shared.clone(), false));
+                self.overlay.refresh.insert(r.id, (shared.clone(), None));
                 ids.push(r.id);
             }
         }
-        for id in rotated {
-            self.overlay.refresh.insert(id, (shared.clone(), true));
+        for (id, chain) in rotated {
+            self.overlay.refresh.insert(id, (shared.clone(), Some(chain)));
             ids.push(id);
         }
         self.overlay.pairs.insert(shared, OverlayEntry { pair: current, ids });
@@ -1251,8 +1252,8 @@ impl TokenStore for KubeStore {
     fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
         let g = self.shared.lock();
         if let Some((key, rotated)) = g.overlay.refresh.get(id) {
-            if *rotated {
-                return RefreshLookup::Rotated { key: key.clone() };
+            if let Some(chain) = rotated {
+                return RefreshLookup::Rotated { key: key.clone(), chain: *chain };
             }
             return match g.overlay.pairs.get(key).and_then(|e| e.pair.clone()) {
                 Some(pair) if pair.refresh.is_some_and(|r| r.id == *id) => {

@@ -73,7 +73,7 @@ fn pair(n: usize) -> LivePair {
         access_scopes: key(n).scopes,
         issued_at: 1,
         access_expires_at: u64::MAX / 4,
-        refresh: Some(RefreshGrant { id: TokenId(refresh), expires_at: u64::MAX / 4 }),
+        refresh: Some(RefreshGrant { id: TokenId(refresh), expires_at: u64::MAX / 4, ..Default::default() }),
     }
 }
 
