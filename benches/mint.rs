@@ -57,6 +57,7 @@ fn main() {
             access_ttl: 3600,
             refresh_ttl: 86_400,
             session_max: None,
+            max_keys_per_user: 100,
             audience: vec![],
             client_roles: vec![],
             scopes: ScopePolicy::new([("orders:read".to_string(), vec![])]),

@@ -60,6 +60,11 @@ pub struct OAuthApplicationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub session_max_lifetime: Option<String>,
+    /// Live token keys (device and scope-set combinations) one user may hold at once. A login for a new key past
+    /// it revokes the pair of the user's least recently issued key (a device cap).
+    #[serde(default = "default_max_token_keys_per_user")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_token_keys_per_user: u32,
     /// `aud` of access tokens; the client ID when empty.
     #[serde(default)]
     pub audience: Vec<String>,
@@ -257,6 +262,10 @@ fn default_refresh_lifetime() -> String {
     "24h".into()
 }
 
+fn default_max_token_keys_per_user() -> u32 {
+    100
+}
+
 /// A spec value that cannot work, with the path of the offending field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{path}: {message}")]
@@ -289,6 +298,9 @@ impl OAuthApplicationSpec {
         }
         self.refresh_lifetime_secs()?;
         self.session_max_secs()?;
+        if !(1..=10_000).contains(&self.max_token_keys_per_user) {
+            return Err(field("spec.maxTokenKeysPerUser", "must be between 1 and 10000"));
+        }
         if let Some(period) = &self.signing.rotation_period {
             parse_duration(period).map_err(|e| field("spec.signing.rotationPeriod", e))?;
         }
@@ -372,6 +384,7 @@ impl OAuthApplicationSpec {
             access_ttl: self.access_lifetime_secs()?,
             refresh_ttl: self.refresh_lifetime_secs()?,
             session_max: self.session_max_secs()?,
+            max_keys_per_user: self.max_token_keys_per_user as usize,
             audience: self.audience.clone(),
             client_roles: self.client_roles.clone(),
             scopes: crate::core::scope::ScopePolicy::new(self.scopes.iter().map(|s| (s.name.clone(), s.roles.clone()))),

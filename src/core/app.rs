@@ -201,6 +201,8 @@ pub struct Application {
     pub refresh_ttl: u64,
     /// The absolute lifetime of a login session (its chain of refresh tokens), however often it is refreshed.
     pub session_max: Option<u64>,
+    /// Live token keys one user may hold; a new key past it evicts the least recently issued one.
+    pub max_keys_per_user: usize,
     pub audience: Vec<String>,
     pub client_roles: Vec<String>,
     pub scopes: ScopePolicy,
@@ -234,6 +236,8 @@ pub struct ApplicationConfig {
     pub refresh_ttl: u64,
     /// See [`Application::session_max`].
     pub session_max: Option<u64>,
+    /// See [`Application::max_keys_per_user`].
+    pub max_keys_per_user: usize,
     pub audience: Vec<String>,
     pub client_roles: Vec<String>,
     pub scopes: ScopePolicy,
@@ -268,6 +272,7 @@ impl Application {
             access_ttl: c.access_ttl,
             refresh_ttl: c.refresh_ttl,
             session_max: c.session_max,
+            max_keys_per_user: c.max_keys_per_user.max(1),
             audience,
             client_roles: c.client_roles,
             scopes: c.scopes,

@@ -505,7 +505,12 @@ impl TokenService {
             // the client gets server_error and the key's new pair simply has no holder.
             let token = self.access_token(issuer, app, &key, &pair)?;
             match durable.await {
-                Ok(()) => return Ok(self.response(app, token, &pair, now, reused)),
+                Ok(()) => {
+                    if !reused {
+                        self.enforce_device_cap(app, &key).await;
+                    }
+                    return Ok(self.response(app, token, &pair, now, reused));
+                }
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(store_error(e)),
             }
@@ -616,6 +621,32 @@ impl TokenService {
             }
         }
         Err(store_error(StoreError::Conflict))
+    }
+
+    /// Keeps a user within `max_keys_per_user` live keys: past it, the pairs of the least recently issued keys
+    /// (other than `issued`, just issued) are revoked. Best effort: the token just issued stands whatever happens
+    /// here, and a cap exceeded by a failed or racing eviction is restored at the user's next login.
+    async fn enforce_device_cap(&self, app: &Application, issued: &TokenKey) {
+        let Some(user) = issued.username() else { return };
+        for _ in 0..MAX_ATTEMPTS {
+            let mut pairs = self.store.user_pairs(&app.client_id, user);
+            if pairs.len() <= app.max_keys_per_user {
+                return;
+            }
+            pairs.retain(|(k, _)| k != issued);
+            let Some((victim, pair)) = pairs.into_iter().min_by_key(|(_, p)| p.issued_at) else { return };
+            let change = Change { key: victim.clone(), expect: Some(pair.access_id), next: None, rotated_out: None };
+            match self.store.commit(change).await {
+                Ok(()) => {
+                    tracing::info!(client_id = %app.client_id, username = ?user, scope = %victim.scopes, "device cap reached: the least recently issued token key was revoked");
+                }
+                Err(StoreError::Conflict) => {}
+                Err(e) => {
+                    tracing::warn!(client_id = %app.client_id, error = %e, "device cap: revoking the oldest token key failed");
+                    return;
+                }
+            }
+        }
     }
 
     /// Removes `key`'s live pair if it descends from the login `chain`: a later, independent login's pair for the

@@ -84,6 +84,7 @@ fn application(
         access_ttl: 3600,
         refresh_ttl: 86_400,
         session_max: None,
+        max_keys_per_user: 100,
         audience: vec!["shop-api".into()],
         client_roles: vec!["service".into()],
         scopes,
@@ -450,6 +451,9 @@ impl TokenStore for GatedStore {
     fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
         self.inner.find_refresh(id)
     }
+    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
+        self.inner.user_pairs(client_id, username)
+    }
     fn commit(&self, change: Change) -> crate::core::store::StoreFuture<'_, ()> {
         let applied = self.inner.with_state(|s| s.commit(change));
         Box::pin(async move {
@@ -608,6 +612,9 @@ impl TokenStore for SlowReadCountingStore {
     }
     fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
         self.inner.find_refresh(id)
+    }
+    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
+        self.inner.user_pairs(client_id, username)
     }
     fn commit(&self, change: Change) -> crate::core::store::StoreFuture<'_, ()> {
         let committed = self.inner.commit(change);
@@ -989,4 +996,47 @@ async fn a_session_ends_at_its_absolute_lifetime_however_recently_it_was_refresh
     clock.advance(12 * 3600);
     let err = service.token(&client("shop"), refresh_grant(&r)).await.expect_err("session over");
     assert_eq!(err.code(), "invalid_grant");
+}
+
+#[tokio::test]
+async fn a_new_device_past_the_cap_revokes_the_least_recently_issued_key_of_that_user_only() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let mut shop = app("shop", TokenFormat::Jwt, ALL);
+    shop.max_keys_per_user = 3;
+    let service = TokenService::new(
+        Registry::new(vec![shop]).expect("registry"),
+        Arc::new(MemoryStore::default()),
+        clock.clone(),
+        crate::passwords::service_config("https://issuer.test", ServicePolicies::default()),
+    );
+    let login = |user: &str, pw: &str, device: &str| Grant::Password {
+        username: user.into(),
+        password: pw.into(),
+        scope: Some(device.into()),
+    };
+    let active = |t: String| {
+        let service = &service;
+        async move { matches!(service.introspect(&client("shop"), &t).await, Ok(Introspection::Active(_))) }
+    };
+    let mut tokens = HashMap::new();
+    for device in ["device_a", "device_b", "device_c"] {
+        clock.advance(1);
+        tokens.insert(device, service.token(&client("shop"), login("alice", "alice-pw", device)).await.expect("login"));
+    }
+    let bob = service.token(&client("shop"), login("bob", "bob-pw", "device_a")).await.expect("bob");
+    // device_a is refreshed: now the most recently issued; device_b is the least.
+    clock.advance(1);
+    let a = service
+        .token(&client("shop"), refresh_grant(tokens["device_a"].refresh_token.as_deref().expect("r")))
+        .await
+        .expect("refresh");
+    clock.advance(1);
+    let d = service.token(&client("shop"), login("alice", "alice-pw", "device_d")).await.expect("fourth device");
+    assert!(!active(tokens["device_b"].access_token.clone()).await, "the least recently issued key is revoked");
+    for t in [a.access_token, tokens["device_c"].access_token.clone(), d.access_token, bob.access_token] {
+        assert!(active(t).await, "the others, and other users' keys, stay");
+    }
+    // The same device again is no new key: nothing is evicted.
+    let d2 = service.token(&client("shop"), login("alice", "alice-pw", "device_d")).await.expect("again");
+    assert!(active(d2.access_token).await && active(tokens["device_c"].access_token.clone()).await);
 }

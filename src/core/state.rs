@@ -298,6 +298,8 @@ pub struct TokenState {
     access: Index<u32>,
     /// By refresh token id: live pairs' refresh tokens and remembered rotated ones.
     refresh: Index<RefreshSlot>,
+    /// Live slots of each (client, user): the device cap counts and evicts from these.
+    by_user: std::collections::HashMap<(Id, Id), Vec<u32>>,
 }
 
 /// The names of the indexes' entries.
@@ -427,6 +429,21 @@ impl TokenState {
         pairs.chain(rotated)
     }
 
+    /// The live keys and pairs of one user of one client.
+    pub fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
+        let (Some(client), Some(user)) = (self.clients.get(client_id), self.users.get(username)) else {
+            return Vec::new();
+        };
+        let slots = self.by_user.get(&(client, user)).map_or(&[][..], Vec::as_slice);
+        slots
+            .iter()
+            .filter_map(|slot| {
+                let live = self.live.get(*slot)?;
+                Some((self.token_key(live.key)?, self.live_pair(live)?))
+            })
+            .collect()
+    }
+
     /// Live pairs plus remembered rotated refresh tokens.
     pub fn entries(&self) -> usize {
         self.live.len() + self.rotated.len()
@@ -488,6 +505,9 @@ impl TokenState {
     fn insert_live(&mut self, live: Live) {
         let (key, access_id, refresh) = (live.key, live.access_id, live.refresh);
         let slot = self.live.insert(live);
+        if key.subject != CLIENT_SUBJECT {
+            self.by_user.entry((key.client, key.subject)).or_default().push(slot);
+        }
         self.by_key.insert(&self.hasher, &key, slot, key_of(&self.live));
         self.access.insert(&self.hasher, &access_id, slot, access_of(&self.live));
         if let Some(r) = refresh {
@@ -499,6 +519,14 @@ impl TokenState {
     fn remove_live(&mut self, slot: u32) {
         // Out of the indexes first: they read their keys from the slot.
         let Some(live) = self.live.get(slot).cloned() else { return };
+        if let std::collections::hash_map::Entry::Occupied(mut e) =
+            self.by_user.entry((live.key.client, live.key.subject))
+        {
+            e.get_mut().retain(|s| *s != slot);
+            if e.get().is_empty() {
+                e.remove();
+            }
+        }
         self.by_key.remove(&self.hasher, &live.key, key_of(&self.live));
         self.access.remove(&self.hasher, &live.access_id, access_of(&self.live));
         let retired =
@@ -655,6 +683,26 @@ mod tests {
         let mut lines: Vec<String> = s.snapshot().map(|r| serde_json::to_string(&r).expect("encode")).collect();
         lines.sort();
         lines
+    }
+
+    #[test]
+    fn a_users_pairs_are_listed_and_the_list_goes_with_the_last_of_them() {
+        let mut s = TokenState::default();
+        s.commit(set(key("device_ipad"), None, Some(pair(1, 10)))).expect("ipad");
+        s.commit(set(key("device_iphone"), None, Some(pair(2, 10)))).expect("iphone");
+        let client_key =
+            TokenKey { client_id: "shop".into(), subject: Subject::Client, scopes: ScopeSet::parse("x").expect("s") };
+        s.commit(set(client_key, None, Some(pair(3, 10)))).expect("client");
+        let mut listed: Vec<String> =
+            s.user_pairs("shop", "alice").into_iter().map(|(k, _)| k.scopes.to_string()).collect();
+        listed.sort();
+        assert_eq!(listed, ["device_ipad", "device_iphone"]);
+        assert!(s.user_pairs("shop", "bob").is_empty() && s.user_pairs("other", "alice").is_empty());
+        s.commit(set(key("device_ipad"), Some(1), None)).expect("revoke");
+        assert_eq!(s.user_pairs("shop", "alice").len(), 1);
+        assert_eq!(s.prune(100), 2);
+        assert!(s.user_pairs("shop", "alice").is_empty());
+        assert!(s.by_user.is_empty(), "no empty lists are kept");
     }
 
     #[test]

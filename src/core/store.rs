@@ -34,6 +34,8 @@ pub trait TokenStore: Send + Sync {
     fn pair(&self, key: &TokenKey) -> Option<LivePair>;
     fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)>;
     fn find_refresh(&self, id: &TokenId) -> RefreshLookup;
+    /// The live keys and pairs of one user of one client (for the device cap).
+    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)>;
     /// Checks `change`'s expectation and applies it, visibly to reads, before returning; the future resolves when
     /// the change is durable (or reports the conflict or failure).
     fn commit(&self, change: Change) -> StoreFuture<'_, ()>;
@@ -79,6 +81,9 @@ impl TokenStore for MemoryStore {
     }
     fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
         self.with(|s| s.find_refresh(id))
+    }
+    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
+        self.with(|s| s.user_pairs(client_id, username))
     }
     fn commit(&self, change: Change) -> StoreFuture<'_, ()> {
         let result = self.with(|s| s.commit(change)).map_err(StoreError::from);

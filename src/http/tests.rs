@@ -38,6 +38,7 @@ fn router_with_store(store: Arc<dyn TokenStore>) -> Router {
         access_ttl: 60,
         refresh_ttl: 120,
         session_max: None,
+        max_keys_per_user: 100,
         audience: vec![],
         client_roles: vec![],
         scopes: ScopePolicy::new([("read".to_string(), vec![])]),
@@ -184,6 +185,9 @@ impl TokenStore for FailingStore {
     }
     fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
         self.inner.find_refresh(id)
+    }
+    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
+        self.inner.user_pairs(client_id, username)
     }
     fn commit(&self, _change: Change) -> StoreFuture<'_, ()> {
         self.failed.store(true, std::sync::atomic::Ordering::SeqCst);

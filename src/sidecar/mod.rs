@@ -75,6 +75,10 @@ impl TokenStore for RoutingStore {
         RefreshLookup::Unknown
     }
 
+    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
+        self.store_for(client_id).map(|s| s.user_pairs(client_id, username)).unwrap_or_default()
+    }
+
     fn commit(&self, change: Change) -> StoreFuture<'_, ()> {
         match self.store_for(&change.key.client_id) {
             Some(store) => Box::pin(async move { store.commit(change).await }),

@@ -514,6 +514,10 @@ impl TokenStore for FileStore {
         self.shared.lock().state.find_refresh(id)
     }
 
+    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
+        self.shared.lock().state.user_pairs(client_id, username)
+    }
+
     fn commit(&self, change: Change) -> StoreFuture<'_, ()> {
         let seq = (|| {
             let mut g = self.shared.lock();

@@ -1268,6 +1268,23 @@ impl TokenStore for KubeStore {
         }
     }
 
+    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
+        let g = self.shared.lock();
+        // The confirmed pairs, with the pending changes of this replica over them.
+        let mut pairs: Vec<(TokenKey, LivePair)> = g
+            .confirmed
+            .user_pairs(client_id, username)
+            .into_iter()
+            .filter(|(k, _)| !g.overlay.pairs.contains_key(k))
+            .collect();
+        for (k, e) in &g.overlay.pairs {
+            if let (Some(pair), true) = (&e.pair, k.client_id == client_id && k.username() == Some(username)) {
+                pairs.push(((**k).clone(), pair.clone()));
+            }
+        }
+        pairs
+    }
+
     fn commit(&self, change: Change) -> StoreFuture<'_, ()> {
         let s = &self.shared;
         let accepted = (|| {
