@@ -588,6 +588,17 @@ mod tests {
         }
     }
 
+    /// A log of `n` committed records (keys 1..=n), the store closed again.
+    async fn log_with_records(dir: &Path, clock: &Arc<ManualClock>, n: u8) {
+        let store = open(dir, clock.clone(), 1000);
+        for n in 1..=n {
+            store
+                .commit(Change { key: key(n.into()), expect: None, next: Some(pair(n, 100)), rotated_out: None })
+                .await
+                .expect("commit");
+        }
+    }
+
     fn open(dir: &Path, clock: Arc<ManualClock>, compact: usize) -> FileStore {
         FileStore::open(dir, clock, Arc::new(Histogram::new(&[1.0])), FileStoreOptions { compact_min_records: compact })
             .expect("open")
@@ -883,15 +894,7 @@ mod tests {
     async fn a_corrupt_record_followed_by_valid_ones_refuses_to_open_naming_the_offset() {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = Arc::new(ManualClock::new(10));
-        {
-            let store = open(dir.path(), clock.clone(), 1000);
-            for n in 1..=4u8 {
-                store
-                    .commit(Change { key: key(n.into()), expect: None, next: Some(pair(n, 100)), rotated_out: None })
-                    .await
-                    .expect("commit");
-            }
-        }
+        log_with_records(dir.path(), &clock, 4).await;
         let log = dir.path().join(LOG_FILE);
         let mut data = fs::read(&log).expect("log");
         let second_line = data.iter().position(|b| *b == b'\n').expect("a first line") + 1;
@@ -930,15 +933,7 @@ mod tests {
     async fn a_corrupt_last_record_is_cut_like_a_torn_tail() {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = Arc::new(ManualClock::new(10));
-        {
-            let store = open(dir.path(), clock.clone(), 1000);
-            for n in 1..=3u8 {
-                store
-                    .commit(Change { key: key(n.into()), expect: None, next: Some(pair(n, 100)), rotated_out: None })
-                    .await
-                    .expect("commit");
-            }
-        }
+        log_with_records(dir.path(), &clock, 3).await;
         let log = dir.path().join(LOG_FILE);
         let mut data = fs::read(&log).expect("log");
         let last_line = data[..data.len() - 1].iter().rposition(|b| *b == b'\n').expect("earlier lines") + 1;
