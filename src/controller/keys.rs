@@ -178,9 +178,8 @@ pub fn current_key(keys: &[StoredKey]) -> Option<&StoredKey> {
 
 /// The public JWK Set of every key in the set, current and retired.
 pub fn jwks(keys: &[StoredKey]) -> Result<serde_json::Value, String> {
-    let public: Result<Vec<serde_json::Value>, String> =
-        keys.iter().map(|k| k.signing_key().map(|s| s.public_jwk().clone())).collect();
-    Ok(serde_json::json!({ "keys": public? }))
+    let public: Result<Vec<_>, String> = keys.iter().map(|k| k.signing_key().map(|s| s.public_jwk().clone())).collect();
+    crate::core::signing::jwks_json(public?).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

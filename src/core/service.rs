@@ -12,6 +12,7 @@ use super::error::OAuthError;
 use super::lockout::{Lockout, LockoutPolicy, SharedFailure};
 use super::model::{Change, LivePair, RefreshGrant, RefreshLookup, SharedKey, Subject, TokenId, TokenKey};
 use super::scope::ScopeSet;
+use super::signing::{self, SigningKey};
 use super::store::{StoreError, TokenStore};
 use super::tokens::{AccessClaims, JtiOnly, TokenKind};
 
@@ -243,14 +244,14 @@ impl TokenService {
         self.store.healthy()
     }
 
-    /// Every public signing key in use, as a JWK Set.
-    pub fn jwks(&self) -> serde_json::Value {
+    /// Every public signing key in use, as a JWK Set (in its published form, see [`signing::jwks_json`]).
+    pub fn jwks(&self) -> Result<serde_json::Value, serde_json::Error> {
         let registry = self.registry();
-        let mut keys: Vec<&serde_json::Value> =
-            registry.apps().flat_map(|a| a.verification_keys.iter().map(|k| k.public_jwk())).collect();
-        keys.sort_by(|a, b| a["kid"].as_str().cmp(&b["kid"].as_str()));
-        keys.dedup_by(|a, b| a["kid"] == b["kid"]);
-        serde_json::json!({ "keys": keys })
+        let mut keys: Vec<&SigningKey> =
+            registry.apps().flat_map(|a| a.verification_keys.iter()).map(|k| &**k).collect();
+        keys.sort_by(|a, b| a.kid().cmp(b.kid()));
+        keys.dedup_by(|a, b| a.kid() == b.kid());
+        signing::jwks_json(keys.into_iter().map(|k| k.public_jwk().clone()).collect())
     }
 
     /// Counts the failed checks other servers of the same state shared, so that lockout holds across replicas.
@@ -672,7 +673,7 @@ impl TokenService {
         if token.contains('.') {
             let header = token.split('.').next()?;
             let key = app.verification_key(header)?;
-            let claims: JtiOnly = serde_json::from_slice(&key.verify_jwt(token)?).ok()?;
+            let claims: JtiOnly = key.verify_jwt(token)?;
             let (k, p) = self.store.find_access(&TokenId::from_b64(&claims.jti)?)?;
             return Some((k, p, TokenKind::Access));
         }

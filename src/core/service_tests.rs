@@ -356,6 +356,72 @@ async fn revocation_and_introspection_stay_within_the_client() {
 }
 
 #[tokio::test]
+async fn introspection_of_broken_jwts_is_inactive_and_never_an_error() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use serde_json::{Value, json};
+
+    let f = fixture(TokenFormat::Jwt);
+    let t = f.password("alice", "alice-pw", "device_ipad").await.expect("token").access_token;
+    assert!(f.active(&t).await);
+    let registry = f.service.registry();
+    let shop = &registry.get("shop").expect("shop").signer;
+    let other = &registry.get("other").expect("other").signer;
+    let mut parts = t.split('.');
+    let (header, payload, sig) = (parts.next().expect("h"), parts.next().expect("p"), parts.next().expect("s"));
+    let claims: Value = serde_json::from_slice(&B64.decode(payload).expect("b64")).expect("claims");
+    let seg = |v: Value| B64.encode(v.to_string());
+    let mut flipped = B64.decode(sig).expect("signature");
+    flipped[10] ^= 1;
+    let flipped = B64.encode(flipped);
+    let mut mallory = claims.clone();
+    mallory["sub"] = json!("mallory");
+    let kid = shop.kid();
+    // HS256 keyed with the published public key (`x`): the classic algorithm confusion.
+    let hs_input = format!("{}.{payload}", seg(json!({"alg": "HS256", "kid": kid, "typ": "at+jwt"})));
+    let x = serde_json::to_value(shop.public_jwk()).expect("jwk")["x"].as_str().expect("x").to_string();
+    let mac = aws_lc_rs::hmac::sign(
+        &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, x.as_bytes()),
+        hs_input.as_bytes(),
+    );
+    let signed = |claims: &[u8]| shop.sign_jwt(claims).expect("sign");
+    let cases = [
+        ("tampered signature", format!("{header}.{payload}.{flipped}")),
+        ("tampered payload", format!("{header}.{}.{sig}", seg(mallory))),
+        ("no signature", format!("{header}.{payload}.")),
+        ("alg none", format!("{}.{payload}.", seg(json!({"alg": "none", "kid": kid, "typ": "at+jwt"})))),
+        (
+            "alg none, signature kept",
+            format!("{}.{payload}.{sig}", seg(json!({"alg": "none", "kid": kid, "typ": "at+jwt"}))),
+        ),
+        ("HS256 with the public key", format!("{hs_input}.{}", B64.encode(mac.as_ref()))),
+        (
+            "another alg, same kid",
+            format!("{}.{payload}.{sig}", seg(json!({"alg": "RS256", "kid": kid, "typ": "at+jwt"}))),
+        ),
+        ("unknown kid", format!("{}.{payload}.{sig}", seg(json!({"alg": "ES256", "kid": "nope", "typ": "at+jwt"})))),
+        ("no kid", format!("{}.{payload}.{sig}", seg(json!({"alg": "ES256", "typ": "at+jwt"})))),
+        ("another application's key", other.sign_jwt(claims.to_string().as_bytes()).expect("sign")),
+        ("garbage header", format!("!!.{payload}.{sig}")),
+        ("garbage payload", format!("{header}.!!.{sig}")),
+        ("garbage signature", format!("{header}.{payload}.!!")),
+        ("four segments", format!("{t}.{sig}")),
+        ("two segments", format!("{header}.{payload}")),
+        ("empty segments", "..".to_string()),
+        ("signed, payload not JSON", signed(b"not json")),
+        ("signed, payload not an object", signed(b"[1,2]")),
+        ("signed, no jti", signed(br#"{"sub":"alice"}"#)),
+        ("signed, jti not a token id", signed(br#"{"jti":"nope"}"#)),
+        ("signed, jti of no token", signed(br#"{"jti":"AAAAAAAAAAAAAAAAAAAAAA"}"#)),
+    ];
+    for (what, token) in &cases {
+        assert_eq!(f.service.introspect(&client("shop"), token).await, Ok(Introspection::Inactive), "{what}");
+        assert_eq!(f.service.revoke(&client("shop"), token).await, Ok(false), "{what}");
+    }
+    assert!(f.active(&t).await, "none of it touched the real token");
+}
+
+#[tokio::test]
 async fn introspection_reports_rfc7662_fields() {
     let f = fixture(TokenFormat::Jwt);
     let t = f.password("alice", "alice-pw", "device_ipad orders:read").await.expect("token");

@@ -265,7 +265,14 @@ async fn introspect(State(s): State<Arc<AppState>>, peer: PeerInfo, headers: Hea
 }
 
 async fn jwks(State(s): State<Arc<AppState>>) -> Response {
-    let mut r = axum::Json(s.service.jwks()).into_response();
+    let jwks = match s.service.jwks() {
+        Ok(jwks) => jwks,
+        Err(e) => {
+            tracing::error!(error = %e, "could not serialize the JWKS");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    };
+    let mut r = axum::Json(jwks).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/jwk-set+json"));
     r
 }

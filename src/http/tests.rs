@@ -153,6 +153,42 @@ async fn introspection_of_garbage_is_inactive_and_revocation_of_garbage_is_ok() 
 }
 
 #[tokio::test]
+async fn introspection_of_a_forged_variant_of_a_real_token_is_inactive() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let router = router_under_test();
+    let introspect =
+        |token: &str| post("/oauth2/introspect", FORM, Some(&basic()), &format!("token={}", encode(token)));
+    let (_, _, body) =
+        send_to(&router, post("/oauth2/token", FORM, Some(&basic()), "grant_type=client_credentials&scope=read")).await;
+    let token = serde_json::from_slice::<serde_json::Value>(&body).expect("json")["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let (header, rest) = token.split_once('.').expect("header");
+    let (payload, sig) = rest.split_once('.').expect("signature");
+    let mut flipped = URL_SAFE_NO_PAD.decode(sig).expect("signature");
+    flipped[0] ^= 1;
+    let kid = jsonwebtoken::decode_header(&token).expect("header").kid.expect("kid");
+    let none = URL_SAFE_NO_PAD.encode(serde_json::json!({"alg": "none", "kid": kid, "typ": "at+jwt"}).to_string());
+    for forged in [
+        format!("{header}.{payload}.{}", URL_SAFE_NO_PAD.encode(flipped)),
+        format!("{none}.{payload}."),
+        format!("{none}.{payload}.{sig}"),
+        format!("{header}.{payload}.{sig}.{sig}"),
+    ] {
+        let (status, _, body) = send_to(&router, introspect(&forged)).await;
+        assert_eq!(
+            (status, String::from_utf8_lossy(&body).into_owned()),
+            (StatusCode::OK, r#"{"active":false}"#.into()),
+            "{forged}"
+        );
+    }
+    let (status, _, body) = send_to(&router, introspect(&token)).await;
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!((status, &json["active"]), (StatusCode::OK, &serde_json::json!(true)));
+}
+
+#[tokio::test]
 async fn metadata_and_jwks_describe_this_server() {
     let (status, _, m) =
         send(Request::get("/.well-known/oauth-authorization-server").body(Body::empty()).expect("req")).await;
