@@ -315,7 +315,8 @@ fn kill_9_during_load_then_restart_keeps_exactly_the_right_tokens_active() {
     assert!(!server.active(SHOP, old), "{}: the restored token was not superseded by a new one", cc.scope);
     assert!(server.active(SHOP, &new), "{}: the new token is not active", cc.scope);
 
-    // Refresh tokens rotated out before the kill are still remembered: reusing one revokes the grant's live pair.
+    // Refresh tokens rotated out before the kill are still remembered: reusing one revokes the live pair of its own
+    // login (a key whose last token came from a refresh, so that the token it rotated out is of the same chain).
     let refresh_keys: Vec<(&str, usize, Option<Op>)> = keys
         .iter()
         .filter(|k| k.flow == Flow::Refresh)
@@ -326,8 +327,9 @@ fn kill_9_during_load_then_restart_keeps_exactly_the_right_tokens_active() {
         .zip(&last_active)
         .filter(|(k, a)| k.flow == Flow::Refresh && **a)
         .find_map(|(k, _)| {
-            let j = k.received.iter().rposition(|t| t.via_refresh)?;
-            Some((k, k.received[j - 1].refresh.clone().expect("refresh")))
+            let n = k.received.len();
+            let last = k.received.last()?;
+            (last.via_refresh && n >= 2).then(|| (k, k.received[n - 2].refresh.clone().expect("refresh")))
         })
         .unwrap_or_else(|| panic!("no refresh key with an active token and a rotated refresh token: {refresh_keys:?}"));
     let live = rk.received.last().expect("token");
