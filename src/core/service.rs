@@ -768,3 +768,7 @@ impl TokenService {
 #[cfg(test)]
 #[path = "service_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "service_model_tests.rs"]
+mod model_tests;
