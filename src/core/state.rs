@@ -127,6 +127,11 @@ impl<T: ?Sized + Hash + Eq> Interner<T> {
         }
     }
 
+    /// A copy that can resolve ids but not look values up (all a snapshot needs): no hashing to copy it.
+    fn resolver(&self) -> Self {
+        Self { ids: HashMap::new(), values: self.values.clone(), free: Vec::new() }
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.ids.len()
@@ -142,8 +147,8 @@ struct Key {
     scopes: Id,
 }
 
-/// A key's live pair (80 bytes).
-#[derive(Debug, Clone)]
+/// A key's live pair (80 bytes). `Copy`, so that a snapshot copy of the slab is one memory copy.
+#[derive(Debug, Clone, Copy)]
 struct Live {
     key: Key,
     /// Usually the key's own scope set; a narrower one after a refresh that asked for less.
@@ -162,14 +167,14 @@ impl Live {
 }
 
 /// A refresh token retired by rotation, remembered until it expires.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Rotated {
     key: Key,
     grant: RefreshGrant,
 }
 
 /// Values in a `Vec`, addressed by index; freed indexes are reused.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Slab<T> {
     slots: Vec<Option<T>>,
     free: Vec<u32>,
@@ -302,6 +307,21 @@ pub struct TokenState {
     by_user: std::collections::HashMap<(Id, Id), Vec<u32>>,
 }
 
+/// The entries of a [`TokenState`] at one moment, without its indexes: only good for encoding a snapshot.
+#[derive(Debug)]
+pub struct SnapshotCopy(TokenState);
+
+impl SnapshotCopy {
+    /// The same records as [`TokenState::snapshot`] of the state copied.
+    pub fn records(&self) -> impl Iterator<Item = Record> + '_ {
+        self.0.snapshot()
+    }
+
+    pub fn entries(&self) -> usize {
+        self.0.entries()
+    }
+}
+
 /// The names of the indexes' entries.
 fn key_of(live: &Slab<Live>) -> impl Fn(u32) -> Option<Key> + '_ {
     |slot| live.get(slot).map(|l| l.key)
@@ -417,6 +437,20 @@ impl TokenState {
             self.drop_rotated(slot);
         }
         before - self.entries()
+    }
+
+    /// A copy of what [`Self::snapshot`] reads (the entries and the interned values, not the indexes), so that a
+    /// store can take it under its lock and encode it after letting go: a memory copy of the entries, where
+    /// encoding them costs far more.
+    pub fn snapshot_copy(&self) -> SnapshotCopy {
+        SnapshotCopy(TokenState {
+            clients: self.clients.resolver(),
+            users: self.users.resolver(),
+            scope_sets: self.scope_sets.resolver(),
+            live: self.live.clone(),
+            rotated: self.rotated.clone(),
+            ..TokenState::default()
+        })
     }
 
     /// Records that rebuild this state: every live pair and every remembered rotated refresh token.
@@ -803,6 +837,44 @@ mod tests {
         assert_eq!(s.pair(&client), Some(numbered_pair(1, &client.scopes)));
         s.commit(Change { key: client, expect: Some(id(1, 0)), next: None, rotated_out: None }).expect("revoke");
         assert_eq!(s.interned(), [0, 0, 0]);
+    }
+
+    /// A store encodes the copy while the state moves on: later changes (ids freed and reused, slots reused)
+    /// must not show through.
+    #[test]
+    fn a_snapshot_copy_keeps_the_moment_it_was_taken() {
+        let mut s = TokenState::default();
+        for n in 0..20u32 {
+            let k = user_key("app", &format!("u{n}"), &format!("device_d{n}"));
+            s.commit(Change {
+                key: k,
+                expect: None,
+                next: Some(numbered_pair(n, &ScopeSet::default())),
+                rotated_out: None,
+            })
+            .expect("commit");
+        }
+        let before = sorted_snapshot(&s);
+        let copy = s.snapshot_copy();
+        for n in 0..20u32 {
+            let k = user_key("app", &format!("u{n}"), &format!("device_d{n}"));
+            s.commit(Change { key: k, expect: Some(id(n, 0)), next: None, rotated_out: None }).expect("revoke");
+        }
+        for n in 100..120u32 {
+            let k = user_key("other", &format!("v{n}"), "read");
+            s.commit(Change {
+                key: k,
+                expect: None,
+                next: Some(numbered_pair(n, &ScopeSet::default())),
+                rotated_out: None,
+            })
+            .expect("commit");
+        }
+        let mut copied: Vec<String> = copy.records().map(|r| serde_json::to_string(&r).expect("encode")).collect();
+        copied.sort();
+        assert_eq!(copied, before);
+        assert_eq!(copy.entries(), 20);
+        assert_ne!(sorted_snapshot(&s), before, "the state itself moved on");
     }
 
     #[test]

@@ -253,7 +253,7 @@ mod tests {
             &state.tokens_dir(),
             Arc::new(ManualClock::new(10)),
             Arc::new(Histogram::new(&[1.0])),
-            FileStoreOptions { compact_min_records: 20 },
+            FileStoreOptions { compact_min_records: 20, ..Default::default() },
         )
         .expect("store");
         let key = TokenKey { client_id: "c".into(), subject: Subject::User("u".into()), scopes: ScopeSet::default() };

@@ -8,16 +8,20 @@
 //! torn or corrupt tail (a write that was never acknowledged: bad records with no valid record after them) is cut
 //! off. A bad record followed by a valid one is damage to records that may have been acknowledged: the store
 //! refuses to open, naming the file and the byte offset, and cuts nothing. When the log holds many more records
-//! than live entries, the writer replaces it with a snapshot of the live state (write, fsync, rename, fsync dir),
-//! dropping expired entries.
+//! than live entries, it is replaced by a snapshot of the live state, dropping expired entries: the writer copies
+//! the entries (not the indexes) under the lock, a thread of its own encodes and fsyncs them into a compaction
+//! file while the writer keeps appending batches to the log, and the writer then copies the log's new records after
+//! the snapshot, fsyncs, renames the file over the log and fsyncs the directory. Requests wait for none of it but the
+//! copy; a compaction that fails keeps the log whole.
 //!
 //! The directory is mode 0700 and every file in it 0600 (log, lock, compaction file): created so, and tightened
 //! at open if an earlier version or an operator left them wider.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -25,7 +29,7 @@ use tokio::sync::watch;
 
 use crate::core::clock::Clock;
 use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
-use crate::core::state::{Record, TokenState};
+use crate::core::state::{Record, SnapshotCopy, TokenState};
 use crate::core::store::{StoreError, StoreFuture, TokenStore};
 use crate::metrics::Histogram;
 
@@ -96,14 +100,25 @@ fn open_private(options: &mut OpenOptions, path: &Path) -> io::Result<File> {
 
 #[derive(Debug, Clone)]
 pub struct FileStoreOptions {
-    /// Compact once the log holds at least this many records and four times the live entries.
+    /// Compact once the log holds at least this many records and `compact_live_ratio` times the live entries.
     pub compact_min_records: usize,
+    /// See `compact_min_records`: a log this many times the live state is mostly superseded records.
+    pub compact_live_ratio: usize,
 }
 
 impl Default for FileStoreOptions {
     fn default() -> Self {
-        Self { compact_min_records: 200_000 }
+        Self { compact_min_records: 200_000, compact_live_ratio: 4 }
     }
+}
+
+/// How many compactions have started, completed (replaced the log) and failed (kept the log) since the store
+/// opened; one is running while `started` exceeds the other two.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactionCounts {
+    pub started: u64,
+    pub completed: u64,
+    pub failed: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -120,6 +135,10 @@ struct Inner {
     /// replaced. A failed write undoes them, so that memory is never ahead of disk.
     undo: std::collections::VecDeque<(u64, TokenKey, Option<LivePair>)>,
     pending_records: usize,
+    /// Set by the compaction thread when its snapshot is written (or failed): the writer finishes it.
+    snapshot_written: bool,
+    /// After a failed compaction, the log records the next attempt waits for.
+    compact_not_before: usize,
     /// Sequence number of the last record applied in memory.
     applied: u64,
     /// Records in the log file (after the last snapshot).
@@ -138,8 +157,17 @@ struct Shared {
     batches: Arc<Histogram>,
     dir: PathBuf,
     options: FileStoreOptions,
+    compactions_started: AtomicU64,
+    compactions_completed: AtomicU64,
+    compactions_failed: AtomicU64,
     #[cfg(test)]
     fault: Mutex<Option<Fault>>,
+    /// A test holds the next compaction until it drops the sender (or sends).
+    #[cfg(test)]
+    hold_compaction: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    /// A test makes the next compaction fail.
+    #[cfg(test)]
+    fail_compaction: std::sync::atomic::AtomicBool,
 }
 
 /// A writer failure a test asks for.
@@ -358,6 +386,8 @@ impl FileStore {
                 pending: Vec::new(),
                 undo: std::collections::VecDeque::new(),
                 pending_records: 0,
+                snapshot_written: false,
+                compact_not_before: 0,
                 applied: 0,
                 log_records: report.records,
                 failed: None,
@@ -370,13 +400,20 @@ impl FileStore {
             batches,
             dir: dir.to_path_buf(),
             options,
+            compactions_started: AtomicU64::new(0),
+            compactions_completed: AtomicU64::new(0),
+            compactions_failed: AtomicU64::new(0),
             #[cfg(test)]
             fault: Mutex::new(None),
+            #[cfg(test)]
+            hold_compaction: Mutex::new(None),
+            #[cfg(test)]
+            fail_compaction: std::sync::atomic::AtomicBool::new(false),
         });
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("kubetoken-log-writer".into())
-            .spawn(move || writer_loop(&writer_shared, file))?;
+            .spawn(move || writer_loop(writer_shared, file))?;
         Ok((Self { shared, writer: Mutex::new(Some(writer)), _lock: lock }, report))
     }
 
@@ -389,6 +426,14 @@ impl FileStore {
                 self.shared.lock().failed.clone().unwrap_or_else(|| "the log writer stopped".into()),
             )),
         }
+    }
+
+    /// Compactions started and completed so far.
+    pub fn compactions(&self) -> CompactionCounts {
+        // Ended before started: a compaction that ends between the loads is not counted as ended but not started.
+        let completed = self.shared.compactions_completed.load(Ordering::Acquire);
+        let failed = self.shared.compactions_failed.load(Ordering::Acquire);
+        CompactionCounts { started: self.shared.compactions_started.load(Ordering::Acquire), completed, failed }
     }
 
     /// Writes what is queued and stops the writer. Later commits fail.
@@ -408,97 +453,224 @@ impl Drop for FileStore {
     }
 }
 
-fn writer_loop(shared: &Shared, mut file: File) {
-    let _fail_on_panic = FailOnPanic(shared);
+/// A compaction in flight. Its thread writes a snapshot of the state (as it was when the compaction started) into
+/// the compaction file, while the writer goes on appending batches to the log. When the snapshot is written, the
+/// writer copies what the log got since (from byte `tail_from`) after it, makes that durable and renames the file
+/// over the log: nothing waits for the snapshot but the compaction itself.
+struct Compaction {
+    thread: Option<JoinHandle<io::Result<File>>>,
+    tail_from: u64,
+    /// `Inner::log_records` when it started: the records after that are in the tail.
+    log_records_at_start: usize,
+    entries: usize,
+}
+
+impl Drop for Compaction {
+    /// A writer that stops (or fails) with a compaction in flight waits for its thread; the file it leaves is
+    /// removed at the next start, and the log is whole.
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn writer_loop(shared: Arc<Shared>, mut file: File) {
+    let _fail_on_panic = FailOnPanic(&shared);
+    let mut compaction: Option<Compaction> = None;
     loop {
         let mut woken = false;
-        {
+        let snapshot_written = {
             let mut g = shared.lock();
-            while g.pending.is_empty() && !g.stopping {
+            while g.pending.is_empty() && !g.stopping && !g.snapshot_written {
                 g.writer_idle = true;
                 g = shared.wake.wait(g).unwrap_or_else(|p| p.into_inner());
                 g.writer_idle = false;
                 woken = true;
             }
-        }
+            std::mem::take(&mut g.snapshot_written)
+        };
         if woken {
             // Let the request threads run first: records they commit meanwhile join this batch, so one fsync
             // serves many tokens even when everything shares one core.
             std::thread::yield_now();
         }
-        let (buf, seq, records, compacted) = {
+        let (batch, stopping) = {
             let mut g = shared.lock();
-            if g.pending.is_empty() && !g.stopping {
-                continue;
-            }
-            if g.pending.is_empty() {
-                return; // stopping, and everything is written
-            }
-            let records = std::mem::take(&mut g.pending_records);
-            let live = g.state.entries();
-            if g.log_records + records >= shared.options.compact_min_records.max(live * 4) {
-                // Snapshot: the live state already includes every pending record.
-                g.state.prune(shared.clock.now());
-                let mut snap = Vec::new();
-                let encoded: io::Result<()> = g.state.snapshot().try_for_each(|r| encode_line(&r, &mut snap));
-                if encoded.is_err() {
-                    drop(g);
-                    shared.fail("could not encode a snapshot".into());
-                    return;
-                }
-                g.pending.clear();
-                g.log_records = g.state.entries();
-                (snap, g.applied, records, true)
-            } else {
+            let batch = (!g.pending.is_empty()).then(|| {
+                let records = std::mem::take(&mut g.pending_records);
+                let threshold =
+                    shared.options.compact_min_records.max(g.state.entries() * shared.options.compact_live_ratio);
+                let due = compaction.is_none()
+                    && g.log_records + records >= threshold.max(g.compact_not_before)
+                    && !g.stopping;
                 g.log_records += records;
-                (std::mem::take(&mut g.pending), g.applied, records, false)
-            }
+                // The copy includes every pending record: it is taken in the same critical section as the batch.
+                let copy = due.then(|| {
+                    g.state.prune(shared.clock.now());
+                    g.state.snapshot_copy()
+                });
+                (std::mem::take(&mut g.pending), g.applied, records, copy)
+            });
+            (batch, g.stopping)
         };
-        #[cfg(test)]
-        let fault = shared.fault.lock().unwrap_or_else(|p| p.into_inner()).take();
-        #[cfg(test)]
-        if let Some(Fault::Panic) = fault {
-            panic!("injected writer panic");
-        }
-        let written = if compacted {
-            write_snapshot(&shared.dir, &buf).map(|f| file = f)
-        } else {
-            file.write_all(&buf).and_then(|()| file.sync_data())
-        };
-        #[cfg(test)]
-        let written =
-            if let Some(Fault::FailWrite) = fault { Err(io::Error::other("injected write failure")) } else { written };
-        match written {
-            Ok(()) => {
-                shared.batches.observe(records as f64);
-                {
-                    let mut g = shared.lock();
-                    while g.undo.front().is_some_and(|(s, _, _)| *s <= seq) {
-                        g.undo.pop_front();
-                    }
-                }
-                shared.durable.send_modify(|d| d.seq = seq);
+        if let Some((buf, seq, records, copy)) = batch {
+            #[cfg(test)]
+            let fault = shared.fault.lock().unwrap_or_else(|p| p.into_inner()).take();
+            #[cfg(test)]
+            if let Some(Fault::Panic) = fault {
+                panic!("injected writer panic");
             }
-            Err(e) => {
+            let written = file.write_all(&buf).and_then(|()| file.sync_data());
+            #[cfg(test)]
+            let written = if let Some(Fault::FailWrite) = fault {
+                Err(io::Error::other("injected write failure"))
+            } else {
+                written
+            };
+            if let Err(e) = written {
                 tracing::error!(error = %e, dir = %shared.dir.display(), "writing the token log failed; the store is now unavailable");
                 shared.fail(format!("writing the token log failed: {e}"));
                 return;
             }
+            shared.batches.observe(records as f64);
+            {
+                let mut g = shared.lock();
+                while g.undo.front().is_some_and(|(s, _, _)| *s <= seq) {
+                    g.undo.pop_front();
+                }
+            }
+            shared.durable.send_modify(|d| d.seq = seq);
+            if let Some(copy) = copy {
+                compaction = start_compaction(&shared, &file, copy);
+            }
+        }
+        // A written snapshot is finished at once; when stopping, the writer waits for one in flight.
+        let idle = stopping && shared.lock().pending.is_empty();
+        if (snapshot_written || idle)
+            && let Some(mut c) = compaction.take()
+            && let Err(e) = finish_compaction(&shared, &mut c, &mut file)
+        {
+            tracing::error!(error = %e, dir = %shared.dir.display(), "replacing the token log failed; the store is now unavailable");
+            shared.fail(format!("replacing the token log failed: {e}"));
+            return;
+        }
+        if idle && compaction.is_none() {
+            return; // stopping, and everything is written
         }
     }
 }
 
-fn write_snapshot(dir: &Path, data: &[u8]) -> io::Result<File> {
-    let tmp = dir.join(COMPACT_FILE);
-    {
-        let mut f = open_private(OpenOptions::new().write(true).create(true).truncate(true), &tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
+/// Starts writing a snapshot of `copy` on a thread of its own; the log's records after its current end will be
+/// the tail. `None` (and the log kept as it is) if that cannot start.
+fn start_compaction(shared: &Arc<Shared>, log: &File, copy: SnapshotCopy) -> Option<Compaction> {
+    // Counted before anything can end it: a running compaction is one started and not yet completed or failed.
+    shared.compactions_started.fetch_add(1, Ordering::Release);
+    let tail_from = match log.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => {
+            abandon_compaction(shared, &e.to_string());
+            return None;
+        }
+    };
+    let log_records_at_start = shared.lock().log_records;
+    let entries = copy.entries();
+    let thread_shared = shared.clone();
+    let thread = std::thread::Builder::new().name("kubetoken-log-compaction".into()).spawn(move || {
+        let written = write_snapshot(&thread_shared, copy);
+        thread_shared.lock().snapshot_written = true;
+        thread_shared.wake.notify_all();
+        written
+    });
+    match thread {
+        Ok(thread) => Some(Compaction { thread: Some(thread), tail_from, log_records_at_start, entries }),
+        Err(e) => {
+            abandon_compaction(shared, &e.to_string());
+            None
+        }
     }
-    let log = dir.join(LOG_FILE);
-    fs::rename(&tmp, &log)?;
+}
+
+/// The compaction thread: the snapshot, written and made durable in the compaction file.
+fn write_snapshot(shared: &Shared, copy: SnapshotCopy) -> io::Result<File> {
+    #[cfg(test)]
+    if let Some(hold) = shared.hold_compaction.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let _ = hold.recv();
+    }
+    #[cfg(test)]
+    if shared.fail_compaction.swap(false, Ordering::AcqRel) {
+        return Err(io::Error::other("injected compaction failure"));
+    }
+    // After every 256 KiB (a few milliseconds of encoding) the thread sleeps as long as it worked: it takes at most
+    // half a core from the requests (BENCHMARKS.md, "Compaction under load").
+    const FLUSH_BYTES: usize = 256 << 10;
+    let mut file =
+        open_private(OpenOptions::new().write(true).create(true).truncate(true), &shared.dir.join(COMPACT_FILE))?;
+    let mut buf = Vec::with_capacity(FLUSH_BYTES + 4096);
+    let mut slice = std::time::Instant::now();
+    for record in copy.records() {
+        encode_line(&record, &mut buf)?;
+        if buf.len() >= FLUSH_BYTES {
+            file.write_all(&buf)?;
+            buf.clear();
+            std::thread::sleep(slice.elapsed());
+            slice = std::time::Instant::now();
+        }
+    }
+    file.write_all(&buf)?;
+    file.sync_data()?;
+    Ok(file)
+}
+
+/// Copies the tail after the written snapshot and renames the result over the log. A failure before the rename
+/// leaves the log as the truth and only abandons the compaction; an `Err` (the rename's durability unknown) is
+/// fatal.
+fn finish_compaction(shared: &Shared, c: &mut Compaction, log: &mut File) -> io::Result<()> {
+    let written = match c.thread.take().map(JoinHandle::join) {
+        Some(Ok(written)) => written,
+        Some(Err(_)) => Err(io::Error::other("the compaction thread panicked")),
+        None => Err(io::Error::other("no compaction thread")),
+    };
+    let dir = &shared.dir;
+    let replaced = written.and_then(|mut snapshot| {
+        let mut old = File::open(dir.join(LOG_FILE))?;
+        old.seek(SeekFrom::Start(c.tail_from))?;
+        let tail = io::copy(&mut old, &mut snapshot)?;
+        snapshot.sync_data()?;
+        fs::rename(dir.join(COMPACT_FILE), dir.join(LOG_FILE))?;
+        Ok((snapshot, tail))
+    });
+    let (snapshot, tail_bytes) = match replaced {
+        Ok(done) => done,
+        Err(e) => {
+            let _ = fs::remove_file(dir.join(COMPACT_FILE));
+            abandon_compaction(shared, &e.to_string());
+            return Ok(());
+        }
+    };
     sync_dir(dir)?;
-    OpenOptions::new().append(true).open(&log)
+    let old = std::mem::replace(log, snapshot);
+    // Closing the replaced log frees its blocks (tens of milliseconds for a large one): not on the writer.
+    if let Err(e) = std::thread::Builder::new().name("kubetoken-log-close".into()).spawn(move || drop(old)) {
+        tracing::debug!(error = %e, "closing the replaced log on the writer");
+    }
+    {
+        let mut g = shared.lock();
+        g.log_records = c.entries + (g.log_records - c.log_records_at_start);
+    }
+    shared.compactions_completed.fetch_add(1, Ordering::Release);
+    tracing::debug!(entries = c.entries, tail_bytes, "compacted the token log");
+    Ok(())
+}
+
+/// The log stays as it is (complete); the next attempt waits until it has grown by another threshold's worth.
+fn abandon_compaction(shared: &Shared, error: &str) {
+    tracing::warn!(error, dir = %shared.dir.display(), "compacting the token log failed; the log is kept whole and grows on");
+    let mut g = shared.lock();
+    let threshold = shared.options.compact_min_records.max(g.state.entries() * shared.options.compact_live_ratio);
+    g.compact_not_before = g.log_records.saturating_add(threshold.max(1));
+    drop(g);
+    shared.compactions_failed.fetch_add(1, Ordering::Release);
 }
 
 impl TokenStore for FileStore {
@@ -569,6 +741,7 @@ mod tests {
     use crate::core::clock::ManualClock;
     use crate::core::model::{RefreshGrant, Subject};
     use crate::core::scope::ScopeSet;
+    use std::time::{Duration, Instant};
 
     fn key(n: u32) -> TokenKey {
         TokenKey { client_id: "c".into(), subject: Subject::User(format!("u{n}")), scopes: ScopeSet::default() }
@@ -600,9 +773,14 @@ mod tests {
     }
 
     fn open(dir: &Path, clock: Arc<ManualClock>, compact: usize) -> FileStore {
-        FileStore::open(dir, clock, Arc::new(Histogram::new(&[1.0])), FileStoreOptions { compact_min_records: compact })
-            .expect("open")
-            .0
+        FileStore::open(
+            dir,
+            clock,
+            Arc::new(Histogram::new(&[1.0])),
+            FileStoreOptions { compact_min_records: compact, ..Default::default() },
+        )
+        .expect("open")
+        .0
     }
 
     fn inject(store: &FileStore, fault: Fault) {
@@ -801,6 +979,105 @@ mod tests {
             assert!(store.find_access(&TokenId(older)).is_none(), "a superseded pair came back");
         }
         assert_eq!(store.shared.lock().state.entries(), 8);
+    }
+
+    /// Eight keys superseded round by round; ids: byte 0 the key, byte 1 the round.
+    fn round_id(k: u32, round: u32) -> TokenId {
+        let mut id = [k as u8; 16];
+        id[1] = round as u8;
+        TokenId(id)
+    }
+
+    /// Supersedes the pair of each of the eight keys with the round's; a commit that waits 5 s fails the test.
+    async fn commit_round(store: &FileStore, round: u32) {
+        for k in 0..8u32 {
+            let next = LivePair { access_id: round_id(k, round), refresh: None, ..pair(0, 1000) };
+            let expect = round.checked_sub(1).map(|r| round_id(k, r));
+            let commit = store.commit(Change { key: key(k), expect, next: Some(next), rotated_out: None });
+            tokio::time::timeout(Duration::from_secs(5), commit)
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: a commit waited 5 s"))
+                .expect("commit");
+        }
+    }
+
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "waited 10 s for: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Reopens the store in `dir` and checks that each key's pair is the one of `round` and none older.
+    fn assert_reopened_at_round(dir: &Path, clock: Arc<ManualClock>, round: u32) {
+        let store = open(dir, clock, 40);
+        for k in 0..8u32 {
+            assert!(store.find_access(&round_id(k, round)).is_some(), "key {k}: the last pair is lost");
+            for older in 0..round {
+                assert!(store.find_access(&round_id(k, older)).is_none(), "key {k}: round {older} came back");
+            }
+        }
+        assert_eq!(store.shared.lock().state.entries(), 8);
+    }
+
+    /// Requests are not held up by a compaction: while one is held (its snapshot not yet written), commits keep
+    /// being made durable; once it completes, the new log holds the snapshot and every commit made meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_are_made_durable_while_a_compaction_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(10));
+        let store = open(dir.path(), clock.clone(), 40);
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        *store.shared.hold_compaction.lock().expect("hold") = Some(hold);
+        let mut round = 0u32;
+        while store.compactions().started == 0 {
+            commit_round(&store, round).await;
+            round += 1;
+        }
+        for _ in 0..20 {
+            commit_round(&store, round).await;
+            round += 1;
+        }
+        assert_eq!(store.compactions().completed, 0, "the held compaction completed");
+        drop(release);
+        wait_until("the released compaction to complete", || store.compactions().completed == 1).await;
+        commit_round(&store, round).await;
+        store.close();
+        drop(store);
+        let lines = fs::read_to_string(dir.path().join(LOG_FILE)).expect("log").lines().count();
+        assert!(lines < (round as usize + 1) * 8, "the log was not compacted: {lines} lines");
+        assert_reopened_at_round(dir.path(), clock, round);
+    }
+
+    /// A compaction that fails (here: its snapshot cannot be written) keeps the log whole: nothing is lost, commits
+    /// go on, and a later compaction replaces the log.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_compaction_keeps_the_log_and_a_later_one_succeeds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(10));
+        let store = open(dir.path(), clock.clone(), 40);
+        store.shared.fail_compaction.store(true, Ordering::Release);
+        let mut round = 0u32;
+        while store.compactions().started == 0 {
+            commit_round(&store, round).await;
+            round += 1;
+        }
+        wait_until("the compaction to fail", || store.compactions().failed == 1).await;
+        assert!(store.healthy(), "a failed compaction made the store unavailable");
+        assert!(!dir.path().join(COMPACT_FILE).exists(), "the failed compaction's file is left behind");
+        let lines = fs::read_to_string(dir.path().join(LOG_FILE)).expect("log").lines().count();
+        assert_eq!(lines, round as usize * 8, "the log lost or gained records");
+        while store.compactions().completed == 0 {
+            commit_round(&store, round).await;
+            round += 1;
+            assert!(round < 100, "no compaction after the failed one");
+        }
+        store.close();
+        drop(store);
+        let lines = fs::read_to_string(dir.path().join(LOG_FILE)).expect("log").lines().count();
+        assert!(lines < round as usize * 8, "the log was not compacted: {lines} lines");
+        assert_reopened_at_round(dir.path(), clock, round - 1);
     }
 
     /// A crash between writing the compacted file and renaming it over the log leaves both; the log is the truth,
