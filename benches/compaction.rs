@@ -14,14 +14,13 @@
 //! `BALLAST=20000 DURATION=10 cargo bench --bench compaction` changes the sizes; `-- --smoke` (CI) runs each phase
 //! for a second on a small ballast and checks only that every request succeeded and a compaction completed.
 
-use std::collections::HashMap;
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kubetoken::core::app::{Application, ApplicationConfig, GrantType, Registry, TokenFormat};
 use kubetoken::core::clock::SystemClock;
-use kubetoken::core::scope::ScopePolicy;
-use kubetoken::core::service::{ClientCredentials, Grant, TokenService};
+use kubetoken::core::service::{Grant, TokenService};
 use kubetoken::core::signing::{Algorithm, SigningKey};
 use kubetoken::metrics::Histogram;
 use kubetoken::storage::file_store::{FileStore, FileStoreOptions};
@@ -36,39 +35,12 @@ fn env_or(name: &str, default: usize) -> usize {
 fn service(store: Arc<FileStore>) -> TokenService {
     let alg = Algorithm::ES256;
     let key = Arc::new(SigningKey::from_pkcs8(alg, &SigningKey::generate_pkcs8(alg).expect("key")).expect("parse"));
-    let app = Application::new(ApplicationConfig {
-        name: "default/bench".into(),
-        client_id: "bench".into(),
-        client_secrets: vec!["bench-secret".into()],
-        grant_types: vec![GrantType::ClientCredentials],
-        format: TokenFormat::Jwt,
-        access_ttl: 3600,
-        refresh_ttl: 86_400,
-        session_max: None,
-        max_keys_per_user: 100,
-        audience: vec![],
-        client_roles: vec![],
-        scopes: ScopePolicy::new([("orders:read".to_string(), vec![])]),
-        users: HashMap::new(),
-        signer: key,
-        verification_keys: vec![],
-        token_secrets: vec![vec![7u8; 32]],
-    });
-    TokenService::new(
-        Registry::new(vec![app]).expect("registry"),
-        store,
-        Arc::new(SystemClock),
-        kubetoken::passwords::service_config("http://127.0.0.1:8080", Default::default()),
-    )
-}
-
-fn creds() -> ClientCredentials {
-    ClientCredentials { client_id: "bench".into(), client_secret: "bench-secret".into() }
+    support::client_credentials_service(key, store)
 }
 
 async fn grant(service: &TokenService, scope: String) {
     let g = Grant::ClientCredentials { scope: Some(scope) };
-    service.token(&creds(), g).await.expect("token");
+    service.token(&support::credentials(), g).await.expect("token");
 }
 
 struct Phase {

@@ -4,16 +4,13 @@
 //! the core with an in-memory store (`grant`: client authentication, scope granting, supersession, claims, signing).
 //! A plain timing loop (median of 7 rounds) keeps the dependency list short.
 
-use std::collections::HashMap;
+mod support;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kubetoken::core::app::{Application, ApplicationConfig, Registry};
-use kubetoken::core::app::{GrantType, TokenFormat};
-use kubetoken::core::clock::SystemClock;
-use kubetoken::core::scope::ScopePolicy;
-use kubetoken::core::service::{ClientCredentials, Grant, TokenService};
+use kubetoken::core::service::Grant;
 use kubetoken::core::signing::Algorithm;
 use kubetoken::core::signing::SigningKey;
 use kubetoken::core::store::MemoryStore;
@@ -48,31 +45,8 @@ fn main() {
         let sign = median_per_op(7, ops, || {
             black_box(key.sign_jwt(black_box(claims)).expect("sign"));
         });
-        let app = Application::new(ApplicationConfig {
-            name: "default/bench".into(),
-            client_id: "bench".into(),
-            client_secrets: vec!["bench-secret".into()],
-            grant_types: vec![GrantType::ClientCredentials],
-            format: TokenFormat::Jwt,
-            access_ttl: 3600,
-            refresh_ttl: 86_400,
-            session_max: None,
-            max_keys_per_user: 100,
-            audience: vec![],
-            client_roles: vec![],
-            scopes: ScopePolicy::new([("orders:read".to_string(), vec![])]),
-            users: HashMap::new(),
-            signer: key,
-            verification_keys: vec![],
-            token_secrets: vec![vec![7u8; 32]],
-        });
-        let service = TokenService::new(
-            Registry::new(vec![app]).expect("registry"),
-            Arc::new(MemoryStore::default()),
-            Arc::new(SystemClock),
-            kubetoken::passwords::service_config("http://127.0.0.1:8080", Default::default()),
-        );
-        let creds = ClientCredentials { client_id: "bench".into(), client_secret: "bench-secret".into() };
+        let service = support::client_credentials_service(key, Arc::new(MemoryStore::default()));
+        let creds = support::credentials();
         let grant = median_per_op(7, ops, || {
             let g = Grant::ClientCredentials { scope: Some("orders:read".into()) };
             black_box(runtime.block_on(service.token(&creds, g)).expect("token"));

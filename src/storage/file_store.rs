@@ -743,6 +743,11 @@ mod tests {
     use crate::core::scope::ScopeSet;
     use std::time::{Duration, Instant};
 
+    /// Commits `key(k)`'s next pair (`None` revokes it), expecting its live access token to be `expect`.
+    fn set(store: &FileStore, k: u32, expect: Option<TokenId>, next: Option<LivePair>) -> StoreFuture<'_, ()> {
+        store.commit(Change { key: key(k), expect, next, rotated_out: None })
+    }
+
     fn key(n: u32) -> TokenKey {
         TokenKey { client_id: "c".into(), subject: Subject::User(format!("u{n}")), scopes: ScopeSet::default() }
     }
@@ -765,10 +770,7 @@ mod tests {
     async fn log_with_records(dir: &Path, clock: &Arc<ManualClock>, n: u8) {
         let store = open(dir, clock.clone(), 1000);
         for n in 1..=n {
-            store
-                .commit(Change { key: key(n.into()), expect: None, next: Some(pair(n, 100)), rotated_out: None })
-                .await
-                .expect("commit");
+            set(&store, n.into(), None, Some(pair(n, 100))).await.expect("commit");
         }
     }
 
@@ -791,10 +793,7 @@ mod tests {
     async fn a_failed_write_leaves_memory_as_durable_as_disk_and_later_commits_fail() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path(), Arc::new(ManualClock::new(10)), 1000);
-        store
-            .commit(Change { key: key(1), expect: None, next: Some(pair(1, 100)), rotated_out: None })
-            .await
-            .expect("c1");
+        set(&store, 1, None, Some(pair(1, 100))).await.expect("c1");
         inject(&store, Fault::FailWrite);
         // A refresh: the new pair replaces pair 1 and retires its refresh token. The write fails.
         let rotated = pair(1, 100).refresh;
@@ -816,8 +815,7 @@ mod tests {
         assert!(store.find_access(&TokenId([1; 16])).is_some());
         assert!(matches!(store.find_refresh(&TokenId([101; 16])), RefreshLookup::Live { .. }));
         assert!(!store.healthy());
-        let later =
-            store.commit(Change { key: key(2), expect: None, next: Some(pair(3, 100)), rotated_out: None }).await;
+        let later = set(&store, 2, None, Some(pair(3, 100))).await;
         assert!(matches!(later, Err(StoreError::Unavailable(_))), "{later:?}");
         assert!(store.find_access(&TokenId([3; 16])).is_none());
     }
@@ -827,7 +825,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path(), Arc::new(ManualClock::new(10)), 1000);
         inject(&store, Fault::Panic);
-        let commit = store.commit(Change { key: key(1), expect: None, next: Some(pair(1, 100)), rotated_out: None });
+        let commit = set(&store, 1, None, Some(pair(1, 100)));
         let result = tokio::time::timeout(std::time::Duration::from_secs(5), commit).await.expect("no hang");
         assert!(
             matches!(result, Err(StoreError::Unavailable(ref m)) if m.contains("stopped unexpectedly")),
@@ -848,27 +846,10 @@ mod tests {
         let clock = Arc::new(ManualClock::new(10));
         {
             let store = open(dir.path(), clock.clone(), 1000);
-            store
-                .commit(Change { key: key(1), expect: None, next: Some(pair(1, 100)), rotated_out: None })
-                .await
-                .expect("c1");
-            store
-                .commit(Change {
-                    key: key(1),
-                    expect: Some(TokenId([1; 16])),
-                    next: Some(pair(2, 100)),
-                    rotated_out: None,
-                })
-                .await
-                .expect("c2");
-            store
-                .commit(Change { key: key(2), expect: None, next: Some(pair(3, 100)), rotated_out: None })
-                .await
-                .expect("c3");
-            store
-                .commit(Change { key: key(2), expect: Some(TokenId([3; 16])), next: None, rotated_out: None })
-                .await
-                .expect("revoke");
+            set(&store, 1, None, Some(pair(1, 100))).await.expect("c1");
+            set(&store, 1, Some(TokenId([1; 16])), Some(pair(2, 100))).await.expect("c2");
+            set(&store, 2, None, Some(pair(3, 100))).await.expect("c3");
+            set(&store, 2, Some(TokenId([3; 16])), None).await.expect("revoke");
         }
         let store = open(dir.path(), clock, 1000);
         assert!(store.find_access(&TokenId([1; 16])).is_none());
@@ -882,10 +863,7 @@ mod tests {
         let clock = Arc::new(ManualClock::new(10));
         {
             let store = open(dir.path(), clock.clone(), 1000);
-            store
-                .commit(Change { key: key(1), expect: None, next: Some(pair(1, 100)), rotated_out: None })
-                .await
-                .expect("c1");
+            set(&store, 1, None, Some(pair(1, 100))).await.expect("c1");
         }
         let log = dir.path().join(LOG_FILE);
         let mut f = OpenOptions::new().append(true).open(&log).expect("log");
@@ -909,25 +887,16 @@ mod tests {
         let mut expect = None;
         for i in 0..200u32 {
             let n = (i % 200) as u8;
-            store
-                .commit(Change { key: key(1), expect, next: Some(pair(n, 100)), rotated_out: None })
-                .await
-                .expect("commit");
+            set(&store, 1, expect, Some(pair(n, 100))).await.expect("commit");
             expect = Some(TokenId([n; 16]));
         }
         for i in 0..10u32 {
-            store
-                .commit(Change { key: key(100 + i), expect: None, next: Some(pair(250, 20)), rotated_out: None })
-                .await
-                .expect("short");
+            set(&store, 100 + i, None, Some(pair(250, 20))).await.expect("short");
         }
         clock.advance(50); // the ten short-lived pairs are now dead
         for i in 0..60u32 {
             let n = (i % 50) as u8;
-            store
-                .commit(Change { key: key(1), expect, next: Some(pair(n, 1000)), rotated_out: None })
-                .await
-                .expect("commit");
+            set(&store, 1, expect, Some(pair(n, 1000))).await.expect("commit");
             expect = Some(TokenId([n; 16]));
         }
         let lines = fs::read_to_string(dir.path().join(LOG_FILE)).expect("log").lines().count();
@@ -954,10 +923,7 @@ mod tests {
                     let mut id = [k as u8; 16];
                     id[1] = i as u8;
                     let next = LivePair { access_id: TokenId(id), refresh: None, ..pair(0, 1000) };
-                    store
-                        .commit(Change { key: key(k), expect, next: Some(next), rotated_out: None })
-                        .await
-                        .expect("commit");
+                    set(&store, k, expect, Some(next)).await.expect("commit");
                     expect = Some(TokenId(id));
                 }
                 expect.expect("last")
@@ -993,7 +959,7 @@ mod tests {
         for k in 0..8u32 {
             let next = LivePair { access_id: round_id(k, round), refresh: None, ..pair(0, 1000) };
             let expect = round.checked_sub(1).map(|r| round_id(k, r));
-            let commit = store.commit(Change { key: key(k), expect, next: Some(next), rotated_out: None });
+            let commit = set(store, k, expect, Some(next));
             tokio::time::timeout(Duration::from_secs(5), commit)
                 .await
                 .unwrap_or_else(|_| panic!("round {round}: a commit waited 5 s"))
@@ -1090,10 +1056,7 @@ mod tests {
             let store = open(dir.path(), clock.clone(), 1000);
             for n in 1..=3u8 {
                 let expect = (n > 1).then(|| TokenId([n - 1; 16]));
-                store
-                    .commit(Change { key: key(1), expect, next: Some(pair(n, 100)), rotated_out: None })
-                    .await
-                    .expect("commit");
+                set(&store, 1, expect, Some(pair(n, 100))).await.expect("commit");
             }
         }
         // What an interrupted compaction leaves: a half-written snapshot, and one that is complete but stale.
@@ -1132,10 +1095,7 @@ mod tests {
         let store = open(&dir, clock.clone(), 20);
         let mut expect = None;
         for n in 1..=60u8 {
-            store
-                .commit(Change { key: key(1), expect, next: Some(pair(n, 100)), rotated_out: None })
-                .await
-                .expect("commit");
+            set(&store, 1, expect, Some(pair(n, 100))).await.expect("commit");
             expect = Some(TokenId([n; 16]));
         }
         // The log is now the renamed compaction file: its mode is the one it was created with.

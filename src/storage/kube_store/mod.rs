@@ -335,6 +335,24 @@ impl Shared {
         // Every update to Inner completes before its guard drops.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// After records were applied to the confirmed state: re-decides the pending changes of `keys` on the new view,
+    /// tells waiting readers what is resolved, and moves the watch on if the head was sealed.
+    fn settle(&self, g: &mut Inner, keys: HashSet<TokenKey>) {
+        let mut failed = Vec::new();
+        for k in keys {
+            g.recompute(&k, &mut failed);
+        }
+        g.record_failures(&failed);
+        g.publish_resolved(&self.resolved);
+        self.publish_journal_bytes(g);
+        let target = g.follow_target();
+        self.follow.send_if_modified(|f| std::mem::replace(f, target) != *f);
+    }
+
+    fn publish_journal_bytes(&self, g: &Inner) {
+        self.metrics.journal_bytes.store(g.uncompacted_bytes() as u64, Ordering::Relaxed);
+    }
 }
 
 impl Inner {
@@ -508,12 +526,8 @@ fn parse_u64(cm: &ConfigMap, field: &str) -> Result<u64, String> {
     data(cm).get(field).map_or(Ok(0), |v| v.trim().parse().map_err(|e| format!("{field}: {e}")))
 }
 
-/// The size of an object as the API server stores it (what every watcher of it receives).
-fn stored_bytes(cm: &ConfigMap) -> u64 {
-    json_bytes(cm)
-}
-
-/// The length of a value's JSON, counted without building it (a snapshot chunk's is close to 1 MiB).
+/// The length of a value's JSON, counted without building it (a snapshot chunk's is close to 1 MiB). Of a stored
+/// object: its size as the API server stores it, what every watcher of it receives.
 fn json_bytes(value: &impl serde::Serialize) -> u64 {
     struct Count(u64);
     impl std::io::Write for Count {
@@ -756,17 +770,10 @@ impl KubeStore {
             g.head = head;
             g.pointer = pointer;
             g.confirmed.prune(s.clock.now());
-            s.metrics.journal_bytes.store(g.uncompacted_bytes() as u64, Ordering::Relaxed);
             // Pending changes were decided on the old view: re-check them all.
             let keys: HashSet<TokenKey> = g.pending.iter().map(|p| p.change.key.clone()).collect();
-            let mut failed = Vec::new();
-            for k in keys {
-                g.recompute(&k, &mut failed);
-            }
-            g.record_failures(&failed);
             g.loaded = true;
-            g.publish_resolved(&s.resolved);
-            s.follow.send_if_modified(|f| std::mem::replace(f, g.follow_target()) != *f);
+            s.settle(&mut g, keys);
             g.confirmed.entries()
         };
         s.metrics.snapshot_bytes.store(snapshot_bytes as u64, Ordering::Relaxed);
@@ -780,16 +787,7 @@ impl KubeStore {
         let s = &self.shared;
         let mut g = s.lock();
         let (ok, touched) = g.absorb_segment(index, cm, &s.metrics.remote_records)?;
-        let mut failed = Vec::new();
-        let keys: HashSet<TokenKey> = touched.into_iter().collect();
-        for k in keys {
-            g.recompute(&k, &mut failed);
-        }
-        g.record_failures(&failed);
-        g.publish_resolved(&s.resolved);
-        s.metrics.journal_bytes.store(g.uncompacted_bytes() as u64, Ordering::Relaxed);
-        let target = g.follow_target();
-        s.follow.send_if_modified(|f| std::mem::replace(f, target) != *f);
+        s.settle(&mut g, touched.into_iter().collect());
         Ok(ok)
     }
 
@@ -959,7 +957,7 @@ impl KubeStore {
         match result {
             Ok(Ok(cm)) => {
                 s.metrics.journal_writes.fetch_add(1, Ordering::Relaxed);
-                s.metrics.object_bytes_written.fetch_add(stored_bytes(&cm), Ordering::Relaxed);
+                s.metrics.object_bytes_written.fetch_add(json_bytes(&cm), Ordering::Relaxed);
                 s.metrics.batches.observe(plan.records.len() as f64);
                 let view = match SegmentView::from_object(&cm) {
                     Ok(v) => v,
@@ -977,7 +975,6 @@ impl KubeStore {
                 g.failures_inflight.clear();
                 g.segments[plan.index] = view;
                 g.head = plan.index;
-                s.metrics.journal_bytes.store(g.uncompacted_bytes() as u64, Ordering::Relaxed);
                 let done: Vec<Pending> = std::mem::take(&mut g.inflight);
                 let keys: HashSet<TokenKey> = done.iter().map(|p| p.change.key.clone()).collect();
                 for mut p in done {
@@ -985,14 +982,7 @@ impl KubeStore {
                         let _ = tx.send(Ok(()));
                     }
                 }
-                let mut failed = Vec::new();
-                for k in keys {
-                    g.recompute(&k, &mut failed);
-                }
-                g.record_failures(&failed);
-                g.publish_resolved(&s.resolved);
-                let target = g.follow_target();
-                s.follow.send_if_modified(|f| std::mem::replace(f, target) != *f);
+                s.settle(&mut g, keys);
                 Written::Accepted
             }
             Ok(Err(kube::Error::Api(e))) if e.code == 409 => {
@@ -1047,7 +1037,7 @@ impl KubeStore {
         if view.upto >= g.pointer.upto {
             g.pointer = view;
         }
-        s.metrics.journal_bytes.store(g.uncompacted_bytes() as u64, Ordering::Relaxed);
+        s.publish_journal_bytes(&g);
         moved
     }
 
@@ -1214,7 +1204,7 @@ impl KubeStore {
             g.pointer = view;
         }
         g.claim_seen = None;
-        s.metrics.journal_bytes.store(g.uncompacted_bytes() as u64, Ordering::Relaxed);
+        s.publish_journal_bytes(&g);
         tracing::debug!(application = %s.app, upto, chunks = pieces.len(), bytes = snapshot_bytes, "snapshot written");
         Ok(())
     }
@@ -1223,7 +1213,7 @@ impl KubeStore {
         let m = &self.shared.metrics;
         m.compaction_writes.fetch_add(1, Ordering::Relaxed);
         m.bytes_written.fetch_add(json_bytes(body), Ordering::Relaxed);
-        m.object_bytes_written.fetch_add(stored_bytes(stored), Ordering::Relaxed);
+        m.object_bytes_written.fetch_add(json_bytes(stored), Ordering::Relaxed);
     }
 }
 
