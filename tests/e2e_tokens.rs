@@ -417,33 +417,51 @@ fn tokens_survive_a_graceful_restart_and_no_secret_is_logged() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
-fn write(dir: &std::path::Path, name: &str, text: &str) {
-    std::fs::write(dir.join(name), text).expect("write manifest");
+/// A manifest directory holding the given files and an empty state directory, for one server at a time.
+struct Scratch {
+    manifests: tempfile::TempDir,
+    state: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new(files: &[(&str, &str)]) -> Self {
+        let manifests = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            std::fs::write(manifests.path().join(name), text).expect("write manifest");
+        }
+        Self { manifests, state: tempfile::tempdir().expect("tempdir") }
+    }
+
+    fn start(&self) -> Server {
+        Server::start(self.manifests.path(), self.state.path(), &[])
+    }
+
+    /// The error of a start that must fail.
+    fn start_error(&self) -> String {
+        Server::try_start(self.manifests.path(), self.state.path(), &[]).err().expect("start must fail")
+    }
 }
 
 #[test]
 fn generated_credentials_are_printed_and_kept_across_restarts() {
-    let manifests = tempfile::tempdir().expect("tempdir");
-    let state = tempfile::tempdir().expect("tempdir");
-    write(
-        manifests.path(),
+    let dirs = Scratch::new(&[(
         "app.yaml",
         "apiVersion: kubetoken.io/v1alpha1\nkind: OAuthApplication\nmetadata: {name: svc, namespace: team}\nspec:\n  grantTypes: [client_credentials]\n  signing: {algorithm: EdDSA}\n",
-    );
+    )]);
     let creds = |s: &Server| -> (String, String) {
         let line = s.banner.iter().find(|l| l.starts_with("credentials for team/svc")).expect("credentials line");
         let id = line.split("client_id=").nth(1).expect("id").split(' ').next().expect("id").to_string();
         let secret = line.split("client_secret=").nth(1).expect("secret").trim().to_string();
         (id, secret)
     };
-    let mut s = Server::start(manifests.path(), state.path(), &[]);
+    let mut s = dirs.start();
     let (id, secret) = creds(&s);
     let t = s.token((&id, &secret), &[("grant_type", "client_credentials")]);
     assert_eq!(t.status, 200, "{}", t.body);
     let jwks = get(&s.url("/oauth2/jwks")).json();
     assert_eq!(jwks["keys"][0]["kty"], "OKP");
     s.stop();
-    let s = Server::start(manifests.path(), state.path(), &[]);
+    let s = dirs.start();
     assert_eq!(creds(&s), (id.clone(), secret.clone()), "the same credentials after a restart");
     assert!(s.active((&id, &secret), &t.field("access_token")));
     assert_eq!(get(&s.url("/oauth2/jwks")).json(), jwks, "the same signing key after a restart");
@@ -451,14 +469,11 @@ fn generated_credentials_are_printed_and_kept_across_restarts() {
 
 #[test]
 fn rs256_applications_sign_with_rs256() {
-    let manifests = tempfile::tempdir().expect("tempdir");
-    let state = tempfile::tempdir().expect("tempdir");
-    write(
-        manifests.path(),
+    let dirs = Scratch::new(&[(
         "app.yaml",
         "apiVersion: kubetoken.io/v1alpha1\nkind: OAuthApplication\nmetadata: {name: legacy}\nspec:\n  grantTypes: [client_credentials]\n  signing: {algorithm: RS256}\n  credentials: {secretName: legacy-creds}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: legacy-creds}\ndata: {client_id: bGVnYWN5, client_secret: czNjcmV0}\n",
-    );
-    let s = Server::start(manifests.path(), state.path(), &[]);
+    )]);
+    let s = dirs.start();
     let t = s.token(("legacy", "s3cret"), &[("grant_type", "client_credentials")]).field("access_token");
     let header = jsonwebtoken::decode_header(&t).expect("header");
     assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256);
@@ -479,27 +494,21 @@ fn invalid_manifests_fail_at_start_naming_file_object_and_field() {
         ("spec:\n  grantTypes: [client_credentials]\n  signing: {algorithm: HS256}\n", "spec.signing.algorithm"),
     ];
     for (spec, field) in cases {
-        let manifests = tempfile::tempdir().expect("tempdir");
-        let state = tempfile::tempdir().expect("tempdir");
-        write(
-            manifests.path(),
+        let dirs = Scratch::new(&[(
             "broken.yaml",
             &format!("apiVersion: kubetoken.io/v1alpha1\nkind: OAuthApplication\nmetadata: {{name: shop}}\n{spec}"),
-        );
-        let err = Server::try_start(manifests.path(), state.path(), &[]).err().expect("start must fail");
+        )]);
+        let err = dirs.start_error();
         assert!(err.contains("broken.yaml"), "file missing from: {err}");
         assert!(err.contains("OAuthApplication default/shop"), "object missing from: {err}");
         assert!(err.contains(field), "field {field} missing from: {err}");
     }
     // A bad password hash in the users Secret names the Secret and the entry.
-    let manifests = tempfile::tempdir().expect("tempdir");
-    let state = tempfile::tempdir().expect("tempdir");
-    write(
-        manifests.path(),
+    let dirs = Scratch::new(&[(
         "app.yaml",
         "apiVersion: kubetoken.io/v1alpha1\nkind: OAuthApplication\nmetadata: {name: shop}\nspec:\n  users: {secretRef: {name: users}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: users}\nstringData:\n  users.yaml: |\n    - {username: a, passwordHash: plaintext}\n",
-    );
-    let err = Server::try_start(manifests.path(), state.path(), &[]).err().expect("start must fail");
+    )]);
+    let err = dirs.start_error();
     assert!(err.contains("Secret default/users") && err.contains("[0].passwordHash"), "{err}");
 }
 
@@ -518,16 +527,13 @@ fn hash_password_prints_an_argon2id_hash_the_server_accepts() {
     let hash = String::from_utf8(out.stdout).expect("utf8").trim().to_string();
     assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
 
-    let manifests = tempfile::tempdir().expect("tempdir");
-    let state = tempfile::tempdir().expect("tempdir");
-    write(
-        manifests.path(),
+    let dirs = Scratch::new(&[(
         "app.yaml",
         &format!(
             "apiVersion: kubetoken.io/v1alpha1\nkind: OAuthApplication\nmetadata: {{name: shop}}\nspec:\n  users: {{secretRef: {{name: users}}}}\n  credentials: {{secretName: creds}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: creds}}\nstringData: {{client_id: c, client_secret: s}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: users}}\nstringData:\n  users.yaml: |\n    - {{username: carol, passwordHash: '{hash}'}}\n"
         ),
-    );
-    let s = Server::start(manifests.path(), state.path(), &[]);
+    )]);
+    let s = dirs.start();
     let r = s.token(("c", "s"), &[("grant_type", "password"), ("username", "carol"), ("password", "correct horse")]);
     assert_eq!(r.status, 200, "{}", r.body);
 
@@ -571,11 +577,11 @@ fn app_with_credentials(name: &str, client_id: &str, client_secret: &str) -> Str
 
 #[test]
 fn two_applications_with_the_same_client_id_fail_at_start_naming_both() {
-    let manifests = tempfile::tempdir().expect("tempdir");
-    let state = tempfile::tempdir().expect("tempdir");
-    write(manifests.path(), "one.yaml", &app_with_credentials("one", "same-id", "secret-one"));
-    write(manifests.path(), "two.yaml", &app_with_credentials("two", "same-id", "secret-two"));
-    let err = Server::try_start(manifests.path(), state.path(), &[]).err().expect("start must fail");
+    let dirs = Scratch::new(&[
+        ("one.yaml", &app_with_credentials("one", "same-id", "secret-one")),
+        ("two.yaml", &app_with_credentials("two", "same-id", "secret-two")),
+    ]);
+    let err = dirs.start_error();
     assert!(err.contains("default/one") && err.contains("default/two"), "both applications named: {err}");
     assert!(err.contains("same client_id"), "the problem named: {err}");
 }
@@ -584,16 +590,13 @@ fn two_applications_with_the_same_client_id_fail_at_start_naming_both() {
 fn a_username_listed_twice_in_the_users_secret_fails_at_start_naming_the_entry() {
     // A valid argon2id hash (alice's, from examples/standalone/shop.yaml): only the duplicate is wrong.
     let hash = "$argon2id$v=19$m=19456,t=2,p=1$Cpv8oe1VxGzgQ0wb3LuHZA$0Z7oSYhwahJ+nxkrzAxuG10y9WPz+aYezDGLO7o97zU";
-    let manifests = tempfile::tempdir().expect("tempdir");
-    let state = tempfile::tempdir().expect("tempdir");
-    write(
-        manifests.path(),
+    let dirs = Scratch::new(&[(
         "app.yaml",
         &format!(
             "apiVersion: kubetoken.io/v1alpha1\nkind: OAuthApplication\nmetadata: {{name: shop}}\nspec:\n  users: {{secretRef: {{name: users}}}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: users}}\nstringData:\n  users.yaml: |\n    - {{username: carol, passwordHash: '{hash}'}}\n    - {{username: carol, passwordHash: '{hash}', roles: [admin]}}\n"
         ),
-    );
-    let err = Server::try_start(manifests.path(), state.path(), &[]).err().expect("start must fail");
+    )]);
+    let err = dirs.start_error();
     assert!(err.contains("app.yaml"), "file missing from: {err}");
     assert!(err.contains("Secret default/users"), "object missing from: {err}");
     assert!(err.contains("[1].username") && err.contains("listed twice"), "entry and problem missing: {err}");
