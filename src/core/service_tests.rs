@@ -8,7 +8,7 @@ use crate::core::app::{ApplicationConfig, PasswordDigest, User};
 use crate::core::clock::ManualClock;
 use crate::core::scope::ScopePolicy;
 use crate::core::signing::SigningKey;
-use crate::core::store::MemoryStore;
+use crate::core::store::{MemoryStore, StoreWrapper};
 
 const T0: UnixTime = 1_800_000_000;
 
@@ -507,27 +507,18 @@ impl GatedStore {
     }
 }
 
-impl TokenStore for GatedStore {
-    fn pair(&self, key: &TokenKey) -> Option<LivePair> {
-        self.inner.pair(key)
+impl StoreWrapper for GatedStore {
+    fn inner(&self) -> &dyn TokenStore {
+        &self.inner
     }
-    fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
-        self.inner.find_access(id)
-    }
-    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
-        self.inner.find_refresh(id)
-    }
-    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
-        self.inner.user_pairs(client_id, username)
-    }
-    fn commit(&self, change: Change) -> crate::core::store::StoreFuture<'_, ()> {
+    fn wrap_commit(&self, change: Change) -> crate::core::store::StoreFuture<'_, ()> {
         let applied = self.inner.with_state(|s| s.commit(change));
         Box::pin(async move {
             applied.map_err(StoreError::from)?;
             self.durable().await
         })
     }
-    fn sync(&self) -> crate::core::store::StoreFuture<'_, ()> {
+    fn wrap_sync(&self) -> crate::core::store::StoreFuture<'_, ()> {
         self.durable()
     }
 }
@@ -667,22 +658,16 @@ struct SlowReadCountingStore {
     conflicts: std::sync::atomic::AtomicUsize,
 }
 
-impl TokenStore for SlowReadCountingStore {
-    fn pair(&self, key: &TokenKey) -> Option<LivePair> {
+impl StoreWrapper for SlowReadCountingStore {
+    fn inner(&self) -> &dyn TokenStore {
+        &self.inner
+    }
+    fn wrap_pair(&self, key: &TokenKey) -> Option<LivePair> {
         let pair = self.inner.pair(key);
         std::thread::sleep(std::time::Duration::from_micros(200));
         pair
     }
-    fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
-        self.inner.find_access(id)
-    }
-    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
-        self.inner.find_refresh(id)
-    }
-    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
-        self.inner.user_pairs(client_id, username)
-    }
-    fn commit(&self, change: Change) -> crate::core::store::StoreFuture<'_, ()> {
+    fn wrap_commit(&self, change: Change) -> crate::core::store::StoreFuture<'_, ()> {
         let committed = self.inner.commit(change);
         Box::pin(async move {
             let result = committed.await;
@@ -691,9 +676,6 @@ impl TokenStore for SlowReadCountingStore {
             }
             result
         })
-    }
-    fn sync(&self) -> crate::core::store::StoreFuture<'_, ()> {
-        self.inner.sync()
     }
 }
 

@@ -53,6 +53,56 @@ pub trait TokenStore: Send + Sync {
     }
 }
 
+/// For tests: a store that changes part of another store's behaviour (failures, delays, counts) and passes the
+/// rest through. Implement `inner` and override what differs; the blanket impl below makes it a [`TokenStore`].
+#[cfg(test)]
+pub(crate) trait StoreWrapper: Send + Sync {
+    fn inner(&self) -> &dyn TokenStore;
+    fn wrap_pair(&self, key: &TokenKey) -> Option<LivePair> {
+        self.inner().pair(key)
+    }
+    fn wrap_commit(&self, change: Change) -> StoreFuture<'_, ()> {
+        self.inner().commit(change)
+    }
+    fn wrap_sync(&self) -> StoreFuture<'_, ()> {
+        self.inner().sync()
+    }
+    fn wrap_healthy(&self) -> bool {
+        self.inner().healthy()
+    }
+}
+
+#[cfg(test)]
+impl<W: StoreWrapper> TokenStore for W {
+    fn pair(&self, key: &TokenKey) -> Option<LivePair> {
+        self.wrap_pair(key)
+    }
+    fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
+        self.inner().find_access(id)
+    }
+    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
+        self.inner().find_refresh(id)
+    }
+    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
+        self.inner().user_pairs(client_id, username)
+    }
+    fn commit(&self, change: Change) -> StoreFuture<'_, ()> {
+        self.wrap_commit(change)
+    }
+    fn sync(&self) -> StoreFuture<'_, ()> {
+        self.wrap_sync()
+    }
+    fn healthy(&self) -> bool {
+        self.wrap_healthy()
+    }
+    fn share_failure(&self, failure: SharedFailure) {
+        self.inner().share_failure(failure)
+    }
+    fn take_shared_failures(&self) -> Vec<SharedFailure> {
+        self.inner().take_shared_failures()
+    }
+}
+
 /// A store with no durability: core tests and handler tests.
 #[derive(Debug, Default)]
 pub struct MemoryStore {

@@ -13,11 +13,11 @@ use super::*;
 use crate::core::app::{Application, ApplicationConfig, Registry};
 use crate::core::app::{GrantType, TokenFormat};
 use crate::core::clock::ManualClock;
-use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
+use crate::core::model::Change;
 use crate::core::scope::ScopePolicy;
 use crate::core::signing::Algorithm;
 use crate::core::signing::SigningKey;
-use crate::core::store::{MemoryStore, StoreError, StoreFuture, TokenStore};
+use crate::core::store::{MemoryStore, StoreError, StoreFuture, StoreWrapper, TokenStore};
 
 /// A client whose secret needs form-encoding inside Basic credentials (RFC 6749 §2.3.1).
 const CLIENT_ID: &str = "app one";
@@ -212,27 +212,15 @@ struct FailingStore {
     failed: std::sync::atomic::AtomicBool,
 }
 
-impl TokenStore for FailingStore {
-    fn pair(&self, key: &TokenKey) -> Option<LivePair> {
-        self.inner.pair(key)
+impl StoreWrapper for FailingStore {
+    fn inner(&self) -> &dyn TokenStore {
+        &self.inner
     }
-    fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
-        self.inner.find_access(id)
-    }
-    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
-        self.inner.find_refresh(id)
-    }
-    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
-        self.inner.user_pairs(client_id, username)
-    }
-    fn commit(&self, _change: Change) -> StoreFuture<'_, ()> {
+    fn wrap_commit(&self, _change: Change) -> StoreFuture<'_, ()> {
         self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async { Err(StoreError::Unavailable("disk full".into())) })
     }
-    fn sync(&self) -> StoreFuture<'_, ()> {
-        self.inner.sync()
-    }
-    fn healthy(&self) -> bool {
+    fn wrap_healthy(&self) -> bool {
         !self.failed.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
