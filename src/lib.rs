@@ -3,7 +3,8 @@
 //! Layers, from the inside out (see ARCHITECTURE.md):
 //! - [`core`]: token semantics (grants, scope sets, per-device keys, revocation, refresh rotation). Pure: storage
 //!   and time are the port traits [`core::store::TokenStore`] and [`core::clock::Clock`].
-//! - [`storage`]: adapters implementing the storage port (the durable local-disk log of standalone mode).
+//! - [`storage`]: adapters implementing the storage port: the durable local-disk log of standalone mode, the
+//!   ConfigMaps of the sidecar.
 //! - [`http`]: the axum server; parses requests, calls the core, maps errors to RFC 6749 responses.
 //! - [`api`]: the `OAuthApplication` resource as users write it (serde + schemars).
 //! - [`standalone`]: wiring for `kubetoken standalone`: manifests on disk, state on disk.
