@@ -56,6 +56,9 @@ const FIELD_MANAGER: &str = "kubetoken-sidecar";
 /// Compact once this many segments hold records the snapshot does not (leaving a quarter of the ring as slack
 /// for the appends made while the snapshot is written).
 const COMPACT_AT_SEGMENTS: usize = SEGMENTS * 3 / 4;
+/// While another replica's snapshot claim stands, how often this replica reads the pointer again to see whether
+/// the snapshot was switched or the claim abandoned (rather than after every journal append).
+const CLAIM_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Records in one journal batch at most, so that one append stays far below the object size limit.
 const MAX_BATCH_RECORDS: usize = 2048;
 /// Loads retried at once when a compaction moved the state underneath the reads.
@@ -300,6 +303,9 @@ struct Inner {
     pointer: PointerView,
     /// A claim on the pointer held by another replica, and when this replica first saw it.
     claim_seen: Option<(String, Instant)>,
+    /// When this replica last found another replica's claim standing: it looks again only after
+    /// [`CLAIM_RECHECK_INTERVAL`], not after every append.
+    claim_checked: Option<Instant>,
     loaded: bool,
 }
 
@@ -602,6 +608,7 @@ impl KubeStore {
             head: 0,
             pointer: PointerView::default(),
             claim_seen: None,
+            claim_checked: None,
             loaded: false,
         };
         Self {
@@ -1075,7 +1082,14 @@ impl KubeStore {
     /// Starts a compaction in the background once most of the ring awaits one (at most one per replica).
     fn maybe_compact(&self) {
         let s = &self.shared;
-        if s.lock().uncompacted_segments() < COMPACT_AT_SEGMENTS || s.compacting.swap(true, Ordering::AcqRel) {
+        {
+            let g = s.lock();
+            let rechecked_lately = g.claim_checked.is_some_and(|t| t.elapsed() < CLAIM_RECHECK_INTERVAL);
+            if g.uncompacted_segments() < COMPACT_AT_SEGMENTS || rechecked_lately {
+                return;
+            }
+        }
+        if s.compacting.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = self.clone();
@@ -1101,15 +1115,18 @@ impl KubeStore {
             if g.uncompacted_segments() < COMPACT_AT_SEGMENTS {
                 return Ok(()); // another replica compacted
             }
+            g.claim_checked = None;
             if let Some(claim) = &pointer.claim {
                 let seen_since = match &g.claim_seen {
                     Some((c, since)) if c == claim => *since,
                     _ => {
                         g.claim_seen = Some((claim.clone(), Instant::now()));
+                        g.claim_checked = Some(Instant::now());
                         return Ok(()); // another replica is at it
                     }
                 };
                 if seen_since.elapsed() < s.options.claim_timeout {
+                    g.claim_checked = Some(Instant::now());
                     return Ok(());
                 }
                 tracing::warn!(application = %s.app, "a snapshot claim was left unfinished; taking it over");

@@ -138,6 +138,38 @@ async fn two_replicas_go_round_the_ring_through_snapshots_and_a_fresh_one_loads_
     assert_holds(&b, &last, "replica b").await;
 }
 
+/// While another replica's snapshot claim stands, this replica does not read the pointer after every append: at
+/// most about once per `CLAIM_RECHECK_INTERVAL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standing_claim_is_rechecked_about_once_a_second_not_after_every_append() {
+    let server = KubeTestServer::start();
+    let api = state_objects(&server).await;
+    let claim = json!({"data": {"claim": "busy-replica"}});
+    api.patch(&layout::pointer_name("shop"), &PatchParams::default(), &Patch::Merge(&claim)).await.expect("claim");
+    let options = KubeStoreOptions { claim_timeout: Duration::from_secs(600), ..tiny() };
+    let (a, _ta) = started(&api, options).await;
+    server.clear_requests();
+    let pointer_path = format!("/api/v1/namespaces/{NS}/configmaps/{}", layout::pointer_name("shop"));
+    let pointer_reads = || server.requests().iter().filter(|r| r.method == "GET" && r.path == pointer_path).count();
+    // Appends until the compaction threshold (12 of 16 tiny segments) is passed and a compaction finds the claim.
+    let mut n = 0;
+    while pointer_reads() == 0 {
+        issue(&a, n % 60).await;
+        n += 1;
+        assert!(n < 300, "the compaction threshold was never reached");
+    }
+    // Ten more appends (the ring's last four segments hold more), each of which used to read the pointer again.
+    let (before, start) = (pointer_reads(), Instant::now());
+    for _ in 0..10 {
+        issue(&a, n % 60).await;
+        n += 1;
+    }
+    let (reads, elapsed) = (pointer_reads() - before, start.elapsed());
+    assert_eq!(a.metrics().journal_full.load(std::sync::atomic::Ordering::Relaxed), 0, "the ring filled up");
+    let allowed = 1 + elapsed.as_secs() as usize;
+    assert!(reads <= allowed, "{reads} reads of the pointer in {elapsed:?} of 10 appends (at most {allowed} expected)");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_claim_is_taken_over_and_a_compaction_that_meets_a_rival_write_gives_up_cleanly() {
     let server = KubeTestServer::start();
