@@ -844,15 +844,12 @@ mod tests {
     #[test]
     fn a_snapshot_copy_keeps_the_moment_it_was_taken() {
         let mut s = TokenState::default();
+        let issue = |s: &mut TokenState, key: TokenKey, n: u32| {
+            let next = Some(numbered_pair(n, &ScopeSet::default()));
+            s.commit(Change { key, expect: None, next, rotated_out: None }).expect("commit");
+        };
         for n in 0..20u32 {
-            let k = user_key("app", &format!("u{n}"), &format!("device_d{n}"));
-            s.commit(Change {
-                key: k,
-                expect: None,
-                next: Some(numbered_pair(n, &ScopeSet::default())),
-                rotated_out: None,
-            })
-            .expect("commit");
+            issue(&mut s, user_key("app", &format!("u{n}"), &format!("device_d{n}")), n);
         }
         let before = sorted_snapshot(&s);
         let copy = s.snapshot_copy();
@@ -861,14 +858,7 @@ mod tests {
             s.commit(Change { key: k, expect: Some(id(n, 0)), next: None, rotated_out: None }).expect("revoke");
         }
         for n in 100..120u32 {
-            let k = user_key("other", &format!("v{n}"), "read");
-            s.commit(Change {
-                key: k,
-                expect: None,
-                next: Some(numbered_pair(n, &ScopeSet::default())),
-                rotated_out: None,
-            })
-            .expect("commit");
+            issue(&mut s, user_key("other", &format!("v{n}"), "read"), n);
         }
         let mut copied: Vec<String> = copy.records().map(|r| serde_json::to_string(&r).expect("encode")).collect();
         copied.sort();

@@ -138,14 +138,19 @@ async fn two_replicas_go_round_the_ring_through_snapshots_and_a_fresh_one_loads_
     assert_holds(&b, &last, "replica b").await;
 }
 
+/// Puts another replica's claim on the snapshot pointer, as a replica does when it starts writing a snapshot.
+async fn put_claim(api: &Api<ConfigMap>, claim: &str) {
+    let body = json!({"data": {"claim": claim}});
+    api.patch(&layout::pointer_name("shop"), &PatchParams::default(), &Patch::Merge(&body)).await.expect("claim");
+}
+
 /// While another replica's snapshot claim stands, this replica does not read the pointer after every append: at
 /// most about once per `CLAIM_RECHECK_INTERVAL`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standing_claim_is_rechecked_about_once_a_second_not_after_every_append() {
     let server = KubeTestServer::start();
     let api = state_objects(&server).await;
-    let claim = json!({"data": {"claim": "busy-replica"}});
-    api.patch(&layout::pointer_name("shop"), &PatchParams::default(), &Patch::Merge(&claim)).await.expect("claim");
+    put_claim(&api, "busy-replica").await;
     let options = KubeStoreOptions { claim_timeout: Duration::from_secs(600), ..tiny() };
     let (a, _ta) = started(&api, options).await;
     server.clear_requests();
@@ -175,8 +180,7 @@ async fn an_abandoned_claim_is_taken_over_and_a_compaction_that_meets_a_rival_wr
     let server = KubeTestServer::start();
     let api = state_objects(&server).await;
     // A replica claimed the pointer and died.
-    let claim = json!({"data": {"claim": "dead-replica"}});
-    api.patch(&layout::pointer_name("shop"), &PatchParams::default(), &Patch::Merge(&claim)).await.expect("claim");
+    put_claim(&api, "dead-replica").await;
     // And the first chunk write of the next compaction meets a rival write (a 409), so that one gives up.
     let chunk = format!("/api/v1/namespaces/{NS}/configmaps/{}", layout::chunk_name("shop", 1, 0));
     server.conflict_next_writes(&chunk, 1);
