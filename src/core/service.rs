@@ -18,6 +18,39 @@ use super::tokens::{AccessClaims, JtiOnly, TokenKind};
 
 /// How many times a decision is retried when another request changed the same key in between.
 const MAX_ATTEMPTS: usize = 16;
+
+/// How one attempt of a compare-and-set loop ended.
+enum Attempt<T> {
+    Done(T),
+    /// Run it again on the store's new state: its commit met a change made since it read (or, for the device cap,
+    /// there is more to do).
+    Again,
+}
+
+impl<T> Attempt<T> {
+    /// A commit's failure: a conflict runs the attempt again, anything else ends the request.
+    fn after(e: StoreError) -> Result<Self, OAuthError> {
+        match e {
+            StoreError::Conflict => Ok(Attempt::Again),
+            e => Err(store_error(e)),
+        }
+    }
+}
+
+/// The compare-and-set loop of every change: read, decide, commit; on a conflict decide again on what the store
+/// holds now, at most [`MAX_ATTEMPTS`] times.
+/// Each attempt is a future of its own that borrows only what the request does (not the closure), so that request
+/// futures stay `Send`.
+async fn retry_conflicts<T, F: Future<Output = Result<Attempt<T>, OAuthError>>>(
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, OAuthError> {
+    for _ in 0..MAX_ATTEMPTS {
+        if let Attempt::Done(done) = attempt().await? {
+            return Ok(done);
+        }
+    }
+    Err(store_error(StoreError::Conflict))
+}
 const INVALID_REFRESH: &str = "the refresh token is invalid, expired or revoked";
 
 #[derive(Clone)]
@@ -486,11 +519,12 @@ impl TokenService {
         key: TokenKey,
         with_refresh: bool,
     ) -> Result<IssuedTokens, OAuthError> {
-        for _ in 0..MAX_ATTEMPTS {
+        let key = &key;
+        retry_conflicts(|| async move {
             let now = self.clock.now();
             let (pair, durable, reused) = {
-                let _key_lock = self.key_lock(&key);
-                let current = self.store.pair(&key);
+                let _key_lock = self.key_lock(key);
+                let current = self.store.pair(key);
                 match decide_issue(app.format, current.as_ref(), &key.scopes, now) {
                     // The pair may have been written by a request still waiting for its fsync: wait for that too.
                     IssueDecision::Reuse(pair) => (pair, self.store.sync(), true),
@@ -504,19 +538,18 @@ impl TokenService {
             };
             // Signing overlaps the fsync. It cannot fail with a key that parsed, short of the OS RNG failing; then
             // the client gets server_error and the key's new pair simply has no holder.
-            let token = self.access_token(issuer, app, &key, &pair)?;
+            let token = self.access_token(issuer, app, key, &pair)?;
             match durable.await {
                 Ok(()) => {
                     if !reused {
-                        self.enforce_device_cap(app, &key).await;
+                        self.enforce_device_cap(app, key).await;
                     }
-                    return Ok(self.response(app, token, &pair, now, reused));
+                    Ok(Attempt::Done(self.response(app, token, &pair, now, reused)))
                 }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(store_error(e)),
+                Err(e) => Attempt::after(e),
             }
-        }
-        Err(store_error(StoreError::Conflict))
+        })
+        .await
     }
 
     async fn refresh(
@@ -530,25 +563,28 @@ impl TokenService {
             .tokens
             .decode(TokenKind::Refresh, token)
             .ok_or_else(|| OAuthError::InvalidGrant(INVALID_REFRESH.into()))?;
-        for _ in 0..MAX_ATTEMPTS {
+        let requested = &requested;
+        retry_conflicts(|| async move {
             let now = self.clock.now();
             match self.store.find_refresh(&id) {
-                RefreshLookup::Unknown => return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into())),
+                RefreshLookup::Unknown => Err(OAuthError::InvalidGrant(INVALID_REFRESH.into())),
                 RefreshLookup::Rotated { key, chain } => {
                     if key.client_id != app.client_id {
                         return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
                     }
                     tracing::warn!(client_id = %app.client_id, sub = key.sub(), "refresh token reuse detected; revoking the grant's live tokens");
                     self.revoke_chain(&key, chain).await?;
-                    return Err(OAuthError::InvalidGrant(
+                    Err(OAuthError::InvalidGrant(
                         "the refresh token was already used; the tokens of this grant are revoked".into(),
-                    ));
+                    ))
                 }
                 RefreshLookup::Live { key, .. } => {
                     let next_and_durable = {
                         let _key_lock = self.key_lock(&key);
                         // Decided again under the lock: a concurrent refresh may have rotated this token meanwhile.
-                        let RefreshLookup::Live { key, pair } = self.store.find_refresh(&id) else { continue };
+                        let RefreshLookup::Live { key, pair } = self.store.find_refresh(&id) else {
+                            return Ok(Attempt::Again);
+                        };
                         if key.client_id != app.client_id || !pair.refresh_active(now) {
                             return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
                         }
@@ -614,14 +650,13 @@ impl TokenService {
                     let (next, durable, reused) = next_and_durable;
                     let access = self.access_token(issuer, app, &key, &next)?;
                     match durable.await {
-                        Ok(()) => return Ok(self.response(app, access, &next, now, reused)),
-                        Err(StoreError::Conflict) => continue,
-                        Err(e) => return Err(store_error(e)),
+                        Ok(()) => Ok(Attempt::Done(self.response(app, access, &next, now, reused))),
+                        Err(e) => Attempt::after(e),
                     }
                 }
             }
-        }
-        Err(store_error(StoreError::Conflict))
+        })
+        .await
     }
 
     /// Keeps a user within `max_keys_per_user` live keys: past it, the pairs of the least recently issued keys
@@ -629,43 +664,49 @@ impl TokenService {
     /// here, and a cap exceeded by a failed or racing eviction is restored at the user's next login.
     async fn enforce_device_cap(&self, app: &Application, issued: &TokenKey) {
         let Some(user) = issued.username() else { return };
-        for _ in 0..MAX_ATTEMPTS {
+        // One eviction per attempt, until the user is within the cap; a failure ends it (logged), and so does
+        // running out of attempts (the cap is restored at the next login).
+        let _ = retry_conflicts(|| async move {
             let mut pairs = self.store.user_pairs(&app.client_id, user);
             if pairs.len() <= app.max_keys_per_user {
-                return;
+                return Ok(Attempt::Done(()));
             }
             pairs.retain(|(k, _)| k != issued);
-            let Some((victim, pair)) = pairs.into_iter().min_by_key(|(_, p)| p.issued_at) else { return };
+            let Some((victim, pair)) = pairs.into_iter().min_by_key(|(_, p)| p.issued_at) else {
+                return Ok(Attempt::Done(()));
+            };
             let change = Change { key: victim.clone(), expect: Some(pair.access_id), next: None, rotated_out: None };
             match self.store.commit(change).await {
                 Ok(()) => {
                     tracing::info!(client_id = %app.client_id, username = ?user, scope = %victim.scopes, "device cap reached: the least recently issued token key was revoked");
+                    Ok(Attempt::Again)
                 }
-                Err(StoreError::Conflict) => {}
                 Err(e) => {
-                    tracing::warn!(client_id = %app.client_id, error = %e, "device cap: revoking the oldest token key failed");
-                    return;
+                    if !matches!(e, StoreError::Conflict) {
+                        tracing::warn!(client_id = %app.client_id, error = %e, "device cap: revoking the oldest token key failed");
+                    }
+                    Attempt::after(e)
                 }
             }
-        }
+        })
+        .await;
     }
 
     /// Removes `key`'s live pair if it descends from the login `chain`: a later, independent login's pair for the
     /// same key is not the reused token's business.
     async fn revoke_chain(&self, key: &TokenKey, chain: u64) -> Result<(), OAuthError> {
-        for _ in 0..MAX_ATTEMPTS {
-            let Some(current) = self.store.pair(key) else { return Ok(()) };
+        retry_conflicts(|| async move {
+            let Some(current) = self.store.pair(key) else { return Ok(Attempt::Done(())) };
             if current.refresh.map(|r| r.chain) != Some(chain) {
-                return Ok(());
+                return Ok(Attempt::Done(()));
             }
             let change = Change { key: key.clone(), expect: Some(current.access_id), next: None, rotated_out: None };
             match self.store.commit(change).await {
-                Ok(()) => return Ok(()),
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(store_error(e)),
+                Ok(()) => Ok(Attempt::Done(())),
+                Err(e) => Attempt::after(e),
             }
-        }
-        Err(store_error(StoreError::Conflict))
+        })
+        .await
     }
 
     /// Finds the live pair `token` belongs to, if it is a current token of that pair.
@@ -691,30 +732,28 @@ impl TokenService {
     /// RFC 7009. Revoking either token of a pair revokes both. Unknown tokens and other clients' tokens are
     /// answered like success, without effect. Returns whether anything was revoked.
     pub async fn revoke(&self, creds: &ClientCredentials, token: &str) -> Result<bool, OAuthError> {
-        let app = self.authenticate_client(creds)?;
-        for _ in 0..MAX_ATTEMPTS {
-            let Some((key, pair, _)) = self.locate(&app, token) else {
+        let app = &self.authenticate_client(creds)?;
+        retry_conflicts(|| async move {
+            let Some((key, pair, _)) = self.locate(app, token) else {
                 // The token may be gone only in memory: superseded or revoked by a change still waiting for its
                 // fsync. Answer once that change is durable, or a crash could bring back a token answered revoked.
-                match self.store.sync().await {
-                    Ok(()) => return Ok(false),
-                    // A change this lookup saw was not stored after all: look again.
-                    Err(StoreError::Conflict) => continue,
-                    Err(e) => return Err(store_error(e)),
-                }
+                // (A conflict: a change this lookup saw was not stored after all; look again.)
+                return match self.store.sync().await {
+                    Ok(()) => Ok(Attempt::Done(false)),
+                    Err(e) => Attempt::after(e),
+                };
             };
             if key.client_id != app.client_id {
                 tracing::info!(client_id = %app.client_id, "revocation of another client's token ignored");
-                return Ok(false);
+                return Ok(Attempt::Done(false));
             }
             let change = Change { key: (*key).clone(), expect: Some(pair.access_id), next: None, rotated_out: None };
             match self.store.commit(change).await {
-                Ok(()) => return Ok(true),
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(store_error(e)),
+                Ok(()) => Ok(Attempt::Done(true)),
+                Err(e) => Attempt::after(e),
             }
-        }
-        Err(store_error(StoreError::Conflict))
+        })
+        .await
     }
 
     /// RFC 7662. Only the application's own tokens are reported active.
