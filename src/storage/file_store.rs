@@ -184,6 +184,11 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How many records in the log make a compaction due (see [`FileStoreOptions`]).
+    fn compaction_threshold(&self, g: &Inner) -> usize {
+        self.options.compact_min_records.max(g.state.entries() * self.options.compact_live_ratio)
+    }
+
     /// The writer cannot go on: undo every change not yet durable (newest first), fail the waiting commits and
     /// every later one.
     fn fail(&self, reason: String) {
@@ -428,7 +433,7 @@ impl FileStore {
         }
     }
 
-    /// Compactions started and completed so far.
+    /// Compactions started, completed and failed so far.
     pub fn compactions(&self) -> CompactionCounts {
         // Ended before started: a compaction that ends between the loads is not counted as ended but not started.
         let completed = self.shared.compactions_completed.load(Ordering::Acquire);
@@ -499,10 +504,8 @@ fn writer_loop(shared: Arc<Shared>, mut file: File) {
             let mut g = shared.lock();
             let batch = (!g.pending.is_empty()).then(|| {
                 let records = std::mem::take(&mut g.pending_records);
-                let threshold =
-                    shared.options.compact_min_records.max(g.state.entries() * shared.options.compact_live_ratio);
                 let due = compaction.is_none()
-                    && g.log_records + records >= threshold.max(g.compact_not_before)
+                    && g.log_records + records >= shared.compaction_threshold(&g).max(g.compact_not_before)
                     && !g.stopping;
                 g.log_records += records;
                 // The copy includes every pending record: it is taken in the same critical section as the batch.
@@ -667,8 +670,7 @@ fn finish_compaction(shared: &Shared, c: &mut Compaction, log: &mut File) -> io:
 fn abandon_compaction(shared: &Shared, error: &str) {
     tracing::warn!(error, dir = %shared.dir.display(), "compacting the token log failed; the log is kept whole and grows on");
     let mut g = shared.lock();
-    let threshold = shared.options.compact_min_records.max(g.state.entries() * shared.options.compact_live_ratio);
-    g.compact_not_before = g.log_records.saturating_add(threshold.max(1));
+    g.compact_not_before = g.log_records.saturating_add(shared.compaction_threshold(&g).max(1));
     drop(g);
     shared.compactions_failed.fetch_add(1, Ordering::Release);
 }
