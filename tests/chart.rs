@@ -1,7 +1,7 @@
 //! The Helm chart: generated files in sync, lint and offline schema validation over a matrix of values, the values
-//! schema's refusals, and a manifest security linter. Needs `helm` (../shared/tools/install-helm), and
-//! `kubernetes-validate` and `checkov` from PyPI (`pip install kubernetes-validate checkov`), as `.ci/run` installs
-//! them: a missing tool fails the test, it is never skipped.
+//! schema's refusals, and a manifest security linter. Needs `helm`, and `kubernetes-validate` and `checkov` from PyPI,
+//! which `scripts/test` (the README's test command) installs with `scripts/install-test-tools`: a missing tool fails
+//! the test, it is never skipped.
 
 mod common;
 
@@ -23,7 +23,7 @@ const KUBE_VERSIONS: [&str; 2] = ["1.33.0", "1.37.0"];
 
 fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program).args(args).current_dir(root()).output().unwrap_or_else(|e| {
-        panic!("cannot run {program} ({e}): install it (helm: ../shared/tools/install-helm; pip install kubernetes-validate checkov)")
+        panic!("cannot run {program} ({e}): run the tests with scripts/test, which installs it, or put the tools of scripts/install-test-tools on the PATH")
     })
 }
 

@@ -519,7 +519,7 @@ async fn kubectl_apply_of_the_examples_gives_a_ready_application() {
             .arg(root.join(dir))
             .env("KUBECONFIG", &c.kubeconfig)
             .output()
-            .expect("kubectl runs (install it with ../shared/tools/install-helm)");
+            .expect("kubectl runs (scripts/test installs it: scripts/install-test-tools)");
         assert!(out.status.success(), "kubectl apply -f {dir}: {}", String::from_utf8_lossy(&out.stderr));
     }
     let apps: Api<OAuthApplication> = Api::namespaced(c.client.clone(), "default");

@@ -4,7 +4,7 @@ use std::process::{Command, Output};
 
 use kube_test_server::KubeTestServer;
 
-/// kubectl from the PATH (CI installs it with ../shared/tools/install-helm), or $KUBECTL.
+/// kubectl from the PATH (the repository's `scripts/test` installs it), or $KUBECTL.
 fn kubectl() -> String {
     std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
 }
@@ -24,7 +24,7 @@ impl Kubectl<'_> {
             .arg("--request-timeout=10s")
             .args(args)
             .env_remove("KUBECONFIG");
-        cmd.output().expect("kubectl on the PATH (../shared/tools/install-helm installs it)")
+        cmd.output().expect("kubectl on the PATH (the repository's scripts/install-test-tools installs it)")
     }
 
     /// Runs kubectl, asserts success, returns stdout.
