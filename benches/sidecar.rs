@@ -283,7 +283,7 @@ fn main() {
             access_expires_at: now + 3600,
             refresh: Some(RefreshGrant { id: TokenId(refresh), expires_at: now + 86_400, ..Default::default() }),
         };
-        records.push(Record::Set { k: key, p: Some(pair), rot: None });
+        records.push(Record::Set { k: key, p: Some(pair) });
     }
     // The journal's last sequence number: the seeded snapshot says it holds everything up to it.
     let mut last = 0;

@@ -529,3 +529,64 @@ async fn kubectl_apply_of_the_examples_gives_a_ready_application() {
     })
     .await;
 }
+
+/// The sidecars write the live keys and the capacity into the snapshot pointer with each snapshot; the controller
+/// reports them in `TokenStateReady`: a Warning event and reason `NearCapacity` from 80 %, False with reason `Full`
+/// at 100 %, which leaves the application Ready (its existing sessions keep working).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_state_condition_warns_near_capacity_and_turns_false_when_full_without_un_readying() {
+    let c = Cluster::new("capacity").await;
+    let _controller = c.controller("c1");
+    c.create_app("shop", json!({"grantTypes": ["client_credentials"]})).await;
+    c.ready("shop").await;
+    // What a sidecar's snapshot writes (the test plays the sidecar), then a change to the application so that it
+    // is reconciled now rather than at its next periodic look.
+    let report = |keys: u64, touch: &'static str| {
+        let c = &c;
+        async move {
+            let pointer = json!({"data": {"keys": keys.to_string(), "capacity": "150000"}});
+            c.config_maps()
+                .patch("shop-tokens-snapshot", &PatchParams::default(), &Patch::Merge(&pointer))
+                .await
+                .expect("pointer");
+            let touch = json!({"metadata": {"annotations": {"test/touch": touch}}});
+            c.apps().patch("shop", &PatchParams::default(), &Patch::Merge(&touch)).await.expect("touch");
+        }
+    };
+    let state_condition = |want: &'static str| {
+        let c = &c;
+        async move {
+            eventually(&format!("TokenStateReady {want}"), Duration::from_secs(20), || async {
+                let app = c.apps().get("shop").await.ok()?;
+                (condition(&app, "TokenStateReady")?.1 == want).then_some(app)
+            })
+            .await
+        }
+    };
+    report(120_000, "80").await;
+    let near = state_condition("NearCapacity").await;
+    assert_eq!(condition(&near, "TokenStateReady").map(|c| c.0), Some("True".into()));
+    report(150_000, "100").await;
+    let full = state_condition("Full").await;
+    assert_eq!(condition(&full, "TokenStateReady").map(|c| c.0), Some("False".into()));
+    assert_eq!(
+        condition(&full, "Ready").map(|c| c.0),
+        Some("True".into()),
+        "a full state leaves the application Ready"
+    );
+    let message = full
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "TokenStateReady"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("150000 live token keys"), "{message}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.client.clone(), &c.namespace);
+    let reasons = eventually("capacity events", Duration::from_secs(20), || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        let reasons: Vec<String> = list.items.iter().filter_map(|e| e.reason.clone()).collect();
+        reasons.iter().any(|r| r == "TokenStateFull").then_some(reasons)
+    })
+    .await;
+    assert!(reasons.iter().any(|r| r == "TokenStateNearCapacity"), "{reasons:?}");
+}

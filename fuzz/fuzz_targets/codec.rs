@@ -1,7 +1,8 @@
 //! The kube store's binary record codec. The first two bytes choose a split point, the rest is a blob:
 //! - `decode` never panics;
 //! - `ChunkDecoder` fed the blob in two pieces at the split decodes what `decode` does (or fails likewise);
-//! - whatever decodes encodes back to the same records, whole or in pieces of any size.
+//! - whatever decodes encodes back to the same records, whole or in pieces of any size (less the rotated tokens of
+//!   version 1 blobs, which are read and dropped).
 #![no_main]
 
 use kubetoken::core::state::Record;
@@ -33,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
         _ => panic!("split at {at}: whole {whole:?}, in pieces {chunked:?}"),
     }
     let Ok(records) = whole else { return };
+    let records: Vec<Record> = records.into_iter().filter(|r| !matches!(r, Record::LegacyRotated {})).collect();
     assert_eq!(decode(&encode(&records)).as_ref(), Ok(&records), "decode(encode(decoded))");
     let mut encoder = Encoder::in_pieces(split % 64 + 1);
     for r in &records {

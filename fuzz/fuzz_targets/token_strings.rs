@@ -1,5 +1,5 @@
-//! Token string parsing: opaque access and refresh token strings (`OpaqueTokens::decode`, with a fixed secret) and
-//! JWT ids (`TokenId::from_b64`). No panic; whatever decodes encodes back to the same string; and the fuzzer's
+//! Token string parsing: opaque access and refresh token strings (`OpaqueTokens::decode` and `decode_refresh`, the
+//! latter with the refresh token's generation, with a fixed secret) and JWT ids (`TokenId::from_b64`). No panic; whatever decodes encodes back to the same string; and the fuzzer's
 //! bytes, taken as an id, round-trip through both token kinds without crossing between them.
 #![no_main]
 
@@ -25,6 +25,9 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(t.decode(kind, &t.encode(kind, &id)), Some(id));
             }
         }
+        if let Some((id, generation)) = t.decode_refresh(s) {
+            assert_eq!(t.decode_refresh(&t.encode_refresh(&id, generation)), Some((id, generation)));
+        }
         if let Some(id) = TokenId::from_b64(s) {
             assert_eq!(id.to_b64(), s, "a jti decodes from its one canonical form only");
         }
@@ -38,5 +41,14 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(t.decode(TokenKind::Refresh, &refresh), Some(id));
         assert_eq!(t.decode(TokenKind::Refresh, &access), None, "an access token is no refresh token");
         assert_eq!(t.decode(TokenKind::Access, &refresh), None, "a refresh token is no access token");
+        // The next four bytes as a generation: it round-trips, and no other generation's string decodes to it.
+        if let Some(generation) = data.get(16..20).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes) {
+            let token = t.encode_refresh(&id, generation);
+            assert_eq!(t.decode_refresh(&token), Some((id, generation)));
+            assert_eq!(t.decode(TokenKind::Access, &token), None, "a refresh token is no access token");
+            if generation > 0 {
+                assert_ne!(t.decode_refresh(&t.encode_refresh(&id, generation - 1)), Some((id, generation)));
+            }
+        }
     }
 });

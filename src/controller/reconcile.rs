@@ -552,7 +552,7 @@ async fn reconcile_token_state(
     config_maps: &Api<ConfigMap>,
     owner: &OwnerReference,
 ) -> Result<Outcome, ReconcileError> {
-    const TYPE: &str = "TokenStateReady";
+    const TYPE: &str = status::TOKEN_STATE_READY;
     let app_name = app.name_any();
     let existing =
         config_maps.list(&kube::api::ListParams::default().labels(&format!("{TOKEN_STATE_LABEL}={app_name}"))).await?;
@@ -590,14 +590,19 @@ async fn reconcile_token_state(
         }
     }
     let count = crate::storage::kube_store::layout::object_names(&app_name).count();
-    Ok(Outcome {
-        finding: Finding::ok(
-            TYPE,
-            if created > 0 { "Created" } else { "Present" },
-            format!("{count} ConfigMaps hold the token state"),
-        ),
-        recheck_in: None,
-    })
+    // The sidecars write the live keys and the capacity into the snapshot pointer with each snapshot. These objects
+    // do not wake the controller (see above), so a state near its capacity is looked at again sooner.
+    let pointer = crate::storage::kube_store::layout::pointer_name(&app_name);
+    let usage = existing.items.iter().find(|c| c.metadata.name.as_deref() == Some(pointer.as_str())).and_then(|cm| {
+        let field = |f: &str| cm.data.as_ref()?.get(f)?.trim().parse::<u64>().ok();
+        Some(status::TokenStateUsage {
+            keys: field(crate::storage::kube_store::layout::KEYS_FIELD)?,
+            capacity: field(crate::storage::kube_store::layout::CAPACITY_FIELD)?,
+        })
+    });
+    let finding = status::token_state(if created > 0 { "Created" } else { "Present" }, count, usage);
+    let recheck_in = (finding.reason == status::NEAR_CAPACITY || finding.reason == status::FULL).then_some(60);
+    Ok(Outcome { finding, recheck_in })
 }
 
 async fn check_users(app: &OAuthApplication, secrets: &Api<Secret>) -> Result<Outcome, ReconcileError> {
@@ -694,6 +699,14 @@ async fn reconcile_inner(app: &OAuthApplication, ctx: &Context) -> Result<Action
             &Patch::Merge(&patch),
         )
         .await?;
+        // A token state reaching 80 % or its capacity is worth a Warning event, once per change of reason.
+        if let Some(state) = all.iter().find(|f| f.type_ == status::TOKEN_STATE_READY)
+            && (state.reason == status::NEAR_CAPACITY || state.reason == status::FULL)
+            && !old.conditions.iter().any(|c| c.type_ == status::TOKEN_STATE_READY && c.reason == state.reason)
+        {
+            let reason = if state.reason == status::FULL { "TokenStateFull" } else { "TokenStateNearCapacity" };
+            events.publish(EventType::Warning, reason, "CheckTokenState", state.message.clone()).await;
+        }
         let was_ready = old.conditions.iter().any(|c| c.type_ == status::READY && c.status == "True");
         if ready.ok && !was_ready {
             events

@@ -2,8 +2,8 @@
 //!
 //! A **token key** is (client_id, subject, granted scope set). Each key has at most one **live pair**: an access
 //! token and, when the application allows refresh, a refresh token. Issuing for a key replaces its pair (the
-//! previous tokens are revoked); revoking either token of a pair removes the pair. Refresh tokens retired by
-//! rotation are remembered until they expire, so that their reuse can be detected.
+//! previous tokens are revoked); revoking either token of a pair removes the pair. A refresh token retired by
+//! rotation is recognised by its generation ([`RefreshGrant::generation`]), so nothing is kept for it.
 //!
 //! Storage sees only [`Change`]s: compare-and-set of one key's pair, which is what both a local log and a
 //! Kubernetes object with a `resourceVersion` can do atomically.
@@ -104,19 +104,27 @@ impl TokenKey {
 
 pub type SharedKey = Arc<TokenKey>;
 
-/// A refresh token, its expiry, and the login session (refresh-token chain) it belongs to.
+/// A login's refresh token: its id, generation, expiry and session start.
+///
+/// The id is drawn at login and kept by every rotation, which only counts `generation` up; the token string carries both
+/// (tagged, so neither can be forged). A presented token of the key's current id but an older generation is one
+/// rotated out of this login: reuse. So rotation keeps no state per retired token, however often a login refreshes,
+/// and a later, independent login (a new id) is never revoked by its predecessor's tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct RefreshGrant {
     pub id: TokenId,
     #[serde(rename = "exp")]
     pub expires_at: UnixTime,
-    /// Names the login every refresh token of one chain descends from (random), so that reuse detection revokes
-    /// that chain only, never a later, independent login's pair for the same key. 0 in state written before.
-    #[serde(rename = "ch", default)]
-    pub chain: u64,
-    /// When that login happened: the start of the session, for its absolute lifetime.
+    /// How many times this login's refresh token was rotated (0: the one issued at login).
+    #[serde(rename = "g", default, skip_serializing_if = "is_zero")]
+    pub generation: u32,
+    /// When the login happened: the start of the session, for its absolute lifetime.
     #[serde(rename = "ss", default)]
     pub session_started_at: UnixTime,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The live tokens of one key.
@@ -158,22 +166,4 @@ pub struct Change {
     pub expect: Option<TokenId>,
     /// The new pair, or `None` to revoke the key's tokens.
     pub next: Option<LivePair>,
-    /// A refresh token retired by rotation, remembered for reuse detection.
-    pub rotated_out: Option<RefreshGrant>,
-}
-
-/// What a refresh token is, as far as the state knows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RefreshLookup {
-    Live {
-        key: SharedKey,
-        pair: LivePair,
-    },
-    /// Retired by rotation: using it again is reuse.
-    Rotated {
-        key: SharedKey,
-        /// The chain (login) it was rotated out of.
-        chain: u64,
-    },
-    Unknown,
 }

@@ -10,14 +10,18 @@ use super::app::{Application, GrantType, PasswordVerifier, Registry, TokenFormat
 use super::clock::{Clock, UnixTime};
 use super::error::OAuthError;
 use super::lockout::{Lockout, LockoutPolicy, SharedFailure};
-use super::model::{Change, LivePair, RefreshGrant, RefreshLookup, SharedKey, Subject, TokenId, TokenKey};
+use super::model::{Change, LivePair, RefreshGrant, SharedKey, Subject, TokenId, TokenKey};
 use super::scope::ScopeSet;
 use super::signing::{self, SigningKey};
 use super::store::{StoreError, TokenStore};
 use super::tokens::{AccessClaims, JtiOnly, TokenKind};
 
-/// How many times a decision is retried when another request changed the same key in between.
-const MAX_ATTEMPTS: usize = 16;
+/// How long a request keeps deciding again while other requests change its key first (the order the store accepted
+/// them in wins): until this deadline, the same as the in-cluster store's commit deadline, rather than a fixed number
+/// of attempts, so that a request is never refused only because many others for the same key came with it.
+const CONFLICT_DEADLINE_SECS: u64 = 10;
+/// A backstop for a store that conflicts forever while no time passes (a test clock).
+const MAX_ATTEMPTS: usize = 10_000;
 
 /// How one attempt of a compare-and-set loop ended.
 enum Attempt<T> {
@@ -38,15 +42,20 @@ impl<T> Attempt<T> {
 }
 
 /// The compare-and-set loop of every change: read, decide, commit; on a conflict decide again on what the store
-/// holds now, at most [`MAX_ATTEMPTS`] times.
+/// holds now, until [`CONFLICT_DEADLINE_SECS`] have passed.
 /// Each attempt is a future of its own that borrows only what the request does (not the closure), so that request
 /// futures stay `Send`.
 async fn retry_conflicts<T, F: Future<Output = Result<Attempt<T>, OAuthError>>>(
+    clock: &dyn Clock,
     mut attempt: impl FnMut() -> F,
 ) -> Result<T, OAuthError> {
+    let deadline = clock.now().saturating_add(CONFLICT_DEADLINE_SECS);
     for _ in 0..MAX_ATTEMPTS {
         if let Attempt::Done(done) = attempt().await? {
             return Ok(done);
+        }
+        if clock.now() > deadline {
+            break;
         }
     }
     Err(store_error(StoreError::Conflict))
@@ -144,10 +153,12 @@ pub fn decide_issue(
     }
 }
 
-/// A login session: the refresh-token chain a login starts, and when.
+/// A login session: the refresh id drawn at login (kept by every rotation), the generation of the refresh token to
+/// issue next, and when the login happened.
 #[derive(Debug, Clone, Copy)]
 struct Session {
-    chain: u64,
+    refresh_id: TokenId,
+    generation: u32,
     started_at: UnixTime,
 }
 
@@ -222,6 +233,14 @@ fn store_error(e: StoreError) -> OAuthError {
         StoreError::Unavailable(reason) => {
             tracing::error!(%reason, "token storage unavailable");
             OAuthError::TemporarilyUnavailable("token storage is unavailable".into())
+        }
+        StoreError::Full(reason) => {
+            tracing::warn!(%reason, "token state full: a new token key was refused");
+            OAuthError::TemporarilyUnavailable(
+                "the application's token state is full: new logins are refused until tokens expire or are revoked; \
+                 existing sessions keep refreshing"
+                    .into(),
+            )
         }
     }
 }
@@ -416,12 +435,10 @@ impl TokenService {
         }
     }
 
-    /// A new login session: a random chain id and its start.
+    /// A new login session: a random refresh id, generation 0, and its start.
     fn new_session(&self, now: UnixTime) -> Result<Session, OAuthError> {
-        let mut bytes = [0u8; 8];
-        aws_lc_rs::rand::SecureRandom::fill(&self.rng, &mut bytes)
-            .map_err(|_| OAuthError::ServerError("no randomness".into()))?;
-        Ok(Session { chain: u64::from_le_bytes(bytes), started_at: now })
+        let refresh_id = TokenId::random(&self.rng).map_err(|_| OAuthError::ServerError("no randomness".into()))?;
+        Ok(Session { refresh_id, generation: 0, started_at: now })
     }
 
     /// A new pair; with a refresh token of `session` if given, which expires after the refresh lifetime or at the
@@ -433,20 +450,16 @@ impl TokenService {
         now: UnixTime,
         session: Option<Session>,
     ) -> Result<LivePair, OAuthError> {
-        let random_id = || TokenId::random(&self.rng).map_err(|_| OAuthError::ServerError("no randomness".into()));
-        let refresh = match session {
-            Some(s) => Some(RefreshGrant {
-                id: random_id()?,
-                expires_at: app
-                    .session_max
-                    .map_or(now + app.refresh_ttl, |max| (now + app.refresh_ttl).min(s.started_at + max)),
-                chain: s.chain,
-                session_started_at: s.started_at,
-            }),
-            None => None,
-        };
+        let refresh = session.map(|s| RefreshGrant {
+            id: s.refresh_id,
+            expires_at: app
+                .session_max
+                .map_or(now + app.refresh_ttl, |max| (now + app.refresh_ttl).min(s.started_at + max)),
+            generation: s.generation,
+            session_started_at: s.started_at,
+        });
         Ok(LivePair {
-            access_id: random_id()?,
+            access_id: TokenId::random(&self.rng).map_err(|_| OAuthError::ServerError("no randomness".into()))?,
             access_scopes,
             issued_at: now,
             access_expires_at: now + app.access_ttl,
@@ -494,7 +507,7 @@ impl TokenService {
         IssuedTokens {
             access_token,
             expires_in: pair.access_expires_at.saturating_sub(now),
-            refresh_token: pair.refresh.map(|r| app.tokens.encode(TokenKind::Refresh, &r.id)),
+            refresh_token: pair.refresh.map(|r| app.tokens.encode_refresh(&r.id, r.generation)),
             scope: pair.access_scopes.to_string(),
             reused,
         }
@@ -520,7 +533,7 @@ impl TokenService {
         with_refresh: bool,
     ) -> Result<IssuedTokens, OAuthError> {
         let key = &key;
-        retry_conflicts(|| async move {
+        retry_conflicts(&*self.clock, || async move {
             let now = self.clock.now();
             let (pair, durable, reused) = {
                 let _key_lock = self.key_lock(key);
@@ -531,7 +544,7 @@ impl TokenService {
                     IssueDecision::Replace { expect } => {
                         let session = if with_refresh { Some(self.new_session(now)?) } else { None };
                         let pair = self.new_pair(app, key.scopes.clone(), now, session)?;
-                        let change = Change { key: key.clone(), expect, next: Some(pair.clone()), rotated_out: None };
+                        let change = Change { key: key.clone(), expect, next: Some(pair.clone()) };
                         (pair, self.store.commit(change), false)
                     }
                 }
@@ -559,35 +572,37 @@ impl TokenService {
         token: &str,
         requested: Option<ScopeSet>,
     ) -> Result<IssuedTokens, OAuthError> {
-        let id = app
-            .tokens
-            .decode(TokenKind::Refresh, token)
-            .ok_or_else(|| OAuthError::InvalidGrant(INVALID_REFRESH.into()))?;
+        let (id, generation) =
+            app.tokens.decode_refresh(token).ok_or_else(|| OAuthError::InvalidGrant(INVALID_REFRESH.into()))?;
         let requested = &requested;
-        retry_conflicts(|| async move {
+        retry_conflicts(&*self.clock, || async move {
             let now = self.clock.now();
-            match self.store.find_refresh(&id) {
-                RefreshLookup::Unknown => Err(OAuthError::InvalidGrant(INVALID_REFRESH.into())),
-                RefreshLookup::Rotated { key, chain } => {
-                    if key.client_id != app.client_id {
-                        return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
-                    }
-                    tracing::warn!(client_id = %app.client_id, sub = key.sub(), "refresh token reuse detected; revoking the grant's live tokens");
-                    self.revoke_chain(&key, chain).await?;
-                    Err(OAuthError::InvalidGrant(
-                        "the refresh token was already used; the tokens of this grant are revoked".into(),
-                    ))
+            let Some((key, pair)) = self.store.find_refresh(&id) else {
+                return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
+            };
+            let current_gen = pair.refresh.map_or(0, |r| r.generation);
+            if key.client_id != app.client_id || generation > current_gen {
+                // A later generation than the state holds was never issued from this state (a restored backup).
+                return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
+            }
+            if generation < current_gen {
+                tracing::warn!(client_id = %app.client_id, sub = key.sub(), "refresh token reuse detected; revoking the grant's live tokens");
+                self.revoke_login(&key, id).await?;
+                return Err(OAuthError::InvalidGrant(
+                    "the refresh token was already used; the tokens of this grant are revoked".into(),
+                ));
+            }
+            let next_and_durable = {
+                let _key_lock = self.key_lock(&key);
+                // Decided again under the lock: a concurrent refresh may have rotated this token meanwhile.
+                let Some((key, pair)) =
+                    self.store.find_refresh(&id).filter(|(_, p)| p.refresh.is_some_and(|r| r.generation == generation))
+                else {
+                    return Ok(Attempt::Again);
+                };
+                if !pair.refresh_active(now) {
+                    return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
                 }
-                RefreshLookup::Live { key, .. } => {
-                    let next_and_durable = {
-                        let _key_lock = self.key_lock(&key);
-                        // Decided again under the lock: a concurrent refresh may have rotated this token meanwhile.
-                        let RefreshLookup::Live { key, pair } = self.store.find_refresh(&id) else {
-                            return Ok(Attempt::Again);
-                        };
-                        if key.client_id != app.client_id || !pair.refresh_active(now) {
-                            return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
-                        }
                         // The present decides, not the login: the user's roles, the declared scopes and the
                         // grant types as they are now.
                         let roles = match key.username() {
@@ -604,7 +619,8 @@ impl TokenService {
                             ));
                         }
                         let session = pair.refresh.map(|r| Session {
-                            chain: r.chain,
+                            refresh_id: r.id,
+                            generation: r.generation,
                             // State written before sessions were recorded: the session starts with this pair.
                             started_at: if r.session_started_at == 0 { pair.issued_at } else { r.session_started_at },
                         });
@@ -627,33 +643,34 @@ impl TokenService {
                             }
                             TokenFormat::Opaque => {
                                 let next = LivePair { refresh: pair.refresh, ..self.new_pair(app, scopes, now, None)? };
-                                let change = Change {
-                                    key: (*key).clone(),
-                                    expect: Some(pair.access_id),
-                                    next: Some(next.clone()),
-                                    rotated_out: None,
-                                };
+                                let change =
+                                    Change { key: (*key).clone(), expect: Some(pair.access_id), next: Some(next.clone()) };
                                 (next, self.store.commit(change), false)
                             }
                             TokenFormat::Jwt => {
-                                let next = self.new_pair(app, scopes, now, session)?;
-                                let change = Change {
-                                    key: (*key).clone(),
-                                    expect: Some(pair.access_id),
-                                    next: Some(next.clone()),
-                                    rotated_out: pair.refresh,
+                                // Rotation: the same refresh id, the next generation; the presented one, and every
+                                // earlier one, is then reuse.
+                                let rotated = match session {
+                                    Some(s) => Some(Session {
+                                        generation: s.generation.checked_add(1).ok_or_else(|| {
+                                            OAuthError::InvalidGrant("the session was refreshed too often; log in again".into())
+                                        })?,
+                                        ..s
+                                    }),
+                                    None => None,
                                 };
+                                let next = self.new_pair(app, scopes, now, rotated)?;
+                                let change =
+                                    Change { key: (*key).clone(), expect: Some(pair.access_id), next: Some(next.clone()) };
                                 (next, self.store.commit(change), false)
                             }
                         }
-                    };
-                    let (next, durable, reused) = next_and_durable;
-                    let access = self.access_token(issuer, app, &key, &next)?;
-                    match durable.await {
-                        Ok(()) => Ok(Attempt::Done(self.response(app, access, &next, now, reused))),
-                        Err(e) => Attempt::after(e),
-                    }
-                }
+            };
+            let (next, durable, reused) = next_and_durable;
+            let access = self.access_token(issuer, app, &key, &next)?;
+            match durable.await {
+                Ok(()) => Ok(Attempt::Done(self.response(app, access, &next, now, reused))),
+                Err(e) => Attempt::after(e),
             }
         })
         .await
@@ -666,7 +683,7 @@ impl TokenService {
         let Some(user) = issued.username() else { return };
         // One eviction per attempt, until the user is within the cap; a failure ends it (logged), and so does
         // running out of attempts (the cap is restored at the next login).
-        let _ = retry_conflicts(|| async move {
+        let _ = retry_conflicts(&*self.clock, || async move {
             let mut pairs = self.store.user_pairs(&app.client_id, user);
             if pairs.len() <= app.max_keys_per_user {
                 return Ok(Attempt::Done(()));
@@ -675,7 +692,7 @@ impl TokenService {
             let Some((victim, pair)) = pairs.into_iter().min_by_key(|(_, p)| p.issued_at) else {
                 return Ok(Attempt::Done(()));
             };
-            let change = Change { key: victim.clone(), expect: Some(pair.access_id), next: None, rotated_out: None };
+            let change = Change { key: victim.clone(), expect: Some(pair.access_id), next: None };
             match self.store.commit(change).await {
                 Ok(()) => {
                     tracing::info!(client_id = %app.client_id, username = ?user, scope = %victim.scopes, "device cap reached: the least recently issued token key was revoked");
@@ -692,15 +709,15 @@ impl TokenService {
         .await;
     }
 
-    /// Removes `key`'s live pair if it descends from the login `chain`: a later, independent login's pair for the
-    /// same key is not the reused token's business.
-    async fn revoke_chain(&self, key: &TokenKey, chain: u64) -> Result<(), OAuthError> {
-        retry_conflicts(|| async move {
+    /// Removes `key`'s live pair if it belongs to the login whose refresh id is `refresh_id`: a later, independent
+    /// login's pair for the same key is not the reused token's business.
+    async fn revoke_login(&self, key: &TokenKey, refresh_id: TokenId) -> Result<(), OAuthError> {
+        retry_conflicts(&*self.clock, || async move {
             let Some(current) = self.store.pair(key) else { return Ok(Attempt::Done(())) };
-            if current.refresh.map(|r| r.chain) != Some(chain) {
+            if current.refresh.map(|r| r.id) != Some(refresh_id) {
                 return Ok(Attempt::Done(()));
             }
-            let change = Change { key: key.clone(), expect: Some(current.access_id), next: None, rotated_out: None };
+            let change = Change { key: key.clone(), expect: Some(current.access_id), next: None };
             match self.store.commit(change).await {
                 Ok(()) => Ok(Attempt::Done(())),
                 Err(e) => Attempt::after(e),
@@ -722,18 +739,18 @@ impl TokenService {
             let (k, p) = self.store.find_access(&id)?;
             return Some((k, p, TokenKind::Access));
         }
-        let id = app.tokens.decode(TokenKind::Refresh, token)?;
-        match self.store.find_refresh(&id) {
-            RefreshLookup::Live { key, pair } => Some((key, pair, TokenKind::Refresh)),
-            _ => None,
-        }
+        // Only the current generation of a login's refresh token is active; earlier ones were rotated out.
+        let (id, generation) = app.tokens.decode_refresh(token)?;
+        let (k, p) =
+            self.store.find_refresh(&id).filter(|(_, p)| p.refresh.is_some_and(|r| r.generation == generation))?;
+        Some((k, p, TokenKind::Refresh))
     }
 
     /// RFC 7009. Revoking either token of a pair revokes both. Unknown tokens and other clients' tokens are
     /// answered like success, without effect. Returns whether anything was revoked.
     pub async fn revoke(&self, creds: &ClientCredentials, token: &str) -> Result<bool, OAuthError> {
         let app = &self.authenticate_client(creds)?;
-        retry_conflicts(|| async move {
+        retry_conflicts(&*self.clock, || async move {
             let Some((key, pair, _)) = self.locate(app, token) else {
                 // The token may be gone only in memory: superseded or revoked by a change still waiting for its
                 // fsync. Answer once that change is durable, or a crash could bring back a token answered revoked.
@@ -747,7 +764,7 @@ impl TokenService {
                 tracing::info!(client_id = %app.client_id, "revocation of another client's token ignored");
                 return Ok(Attempt::Done(false));
             }
-            let change = Change { key: (*key).clone(), expect: Some(pair.access_id), next: None, rotated_out: None };
+            let change = Change { key: (*key).clone(), expect: Some(pair.access_id), next: None };
             match self.store.commit(change).await {
                 Ok(()) => Ok(Attempt::Done(true)),
                 Err(e) => Attempt::after(e),

@@ -100,6 +100,7 @@ const ALL: &[GrantType] = &[GrantType::Password, GrantType::ClientCredentials, G
 struct Fixture {
     service: TokenService,
     clock: Arc<ManualClock>,
+    store: Arc<MemoryStore>,
 }
 
 fn fixture(format: TokenFormat) -> Fixture {
@@ -110,9 +111,10 @@ fn fixture(format: TokenFormat) -> Fixture {
         app("cc-only", format, &[GrantType::ClientCredentials]),
     ])
     .expect("registry");
+    let store = Arc::new(MemoryStore::default());
     let service = TokenService::new(
         registry,
-        Arc::new(MemoryStore::default()),
+        store.clone(),
         clock.clone(),
         crate::passwords::service_config(
             "https://issuer.test",
@@ -123,7 +125,7 @@ fn fixture(format: TokenFormat) -> Fixture {
             },
         ),
     );
-    Fixture { service, clock }
+    Fixture { service, clock, store }
 }
 
 fn client(id: &str) -> ClientCredentials {
@@ -998,6 +1000,32 @@ async fn jwt_mode_still_detects_refresh_token_reuse_between_two_callers() {
     assert!(!f.active(&first.access_token).await, "reuse revokes the grant's live tokens");
 }
 
+/// Rotation keeps no state per retired token: a login refreshed 60 times holds one entry, and the token it rotated
+/// out 50 generations ago is still recognised as reuse.
+#[tokio::test]
+async fn a_refresh_token_rotated_out_fifty_generations_ago_is_reuse_and_costs_no_state() {
+    let f = fixture(TokenFormat::Jwt);
+    let login = f.password("alice", "alice-pw", "device_ipad").await.expect("login");
+    let mut tokens = vec![login.refresh_token.clone().expect("r0")];
+    let mut latest = login;
+    for _ in 0..60 {
+        f.clock.advance(60);
+        let r = tokens.last().expect("r").clone();
+        latest = f.service.token(&client("shop"), refresh_grant(&r)).await.expect("refresh");
+        tokens.push(latest.refresh_token.clone().expect("rotated"));
+        assert_eq!(f.store.with_state(|s| s.entries()), 1, "one entry for the key, however often it rotates");
+    }
+    // Every rotated-out generation is inactive, the current one active.
+    assert!(!f.active(&tokens[10]).await && !f.active(&tokens[59]).await);
+    assert!(f.active(&tokens[60]).await);
+    let err = f.service.token(&client("shop"), refresh_grant(&tokens[10])).await.expect_err("reuse");
+    assert_eq!(err.code(), "invalid_grant");
+    assert!(err.to_string().contains("already used"), "{err}");
+    assert!(!f.active(&latest.access_token).await, "reuse revokes the login's live tokens");
+    assert!(!f.active(&tokens[60]).await);
+    assert_eq!(f.store.with_state(|s| s.entries()), 0);
+}
+
 #[tokio::test]
 async fn reuse_of_an_old_logins_refresh_token_revokes_that_login_only() {
     let f = fixture(TokenFormat::Jwt);
@@ -1087,4 +1115,85 @@ async fn a_new_device_past_the_cap_revokes_the_least_recently_issued_key_of_that
     // The same device again is no new key: nothing is evicted.
     let d2 = service.token(&client("shop"), login("alice", "alice-pw", "device_d")).await.expect("again");
     assert!(active(d2.access_token).await && active(tokens["device_c"].access_token.clone()).await);
+}
+
+/// A store where another replica wins the key before each of this request's first `losses` commits: the change
+/// is refused as a conflict after the rival's pair is in place, as a shared store would.
+struct LosingStore {
+    inner: MemoryStore,
+    losses: std::sync::atomic::AtomicUsize,
+    clock: Arc<ManualClock>,
+}
+
+impl StoreWrapper for LosingStore {
+    fn inner(&self) -> &dyn TokenStore {
+        &self.inner
+    }
+    fn wrap_commit(&self, change: Change) -> crate::core::store::StoreFuture<'_, ()> {
+        use std::sync::atomic::Ordering;
+        let lost = self.losses.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        let result = if lost {
+            // The rival replaces the key's pair first; time passes too, one second per lost race.
+            self.clock.advance(1);
+            let rival =
+                LivePair { access_id: TokenId([self.losses.load(Ordering::SeqCst) as u8; 16]), ..sample_pair() };
+            let expect = self.inner.pair(&change.key).map(|p| p.access_id);
+            self.inner
+                .with_state(|s| s.commit(Change { key: change.key.clone(), expect, next: Some(rival) }))
+                .map_err(StoreError::from)
+                .and(Err(StoreError::Conflict))
+        } else {
+            self.inner.with_state(|s| s.commit(change)).map_err(StoreError::from)
+        };
+        Box::pin(async move { result })
+    }
+}
+
+fn sample_pair() -> LivePair {
+    LivePair {
+        access_id: TokenId([0; 16]),
+        access_scopes: ScopeSet::default(),
+        issued_at: T0,
+        access_expires_at: T0 + 3600,
+        refresh: None,
+    }
+}
+
+/// A service over a [`LosingStore`] that loses `losses` races; each costs a second of the service's clock if
+/// `slow`.
+fn losing_service(losses: usize, slow: bool) -> (TokenService, Arc<LosingStore>) {
+    let clock = Arc::new(ManualClock::new(T0));
+    let store_clock = if slow { clock.clone() } else { Arc::new(ManualClock::new(T0)) };
+    let store = Arc::new(LosingStore {
+        inner: MemoryStore::default(),
+        losses: std::sync::atomic::AtomicUsize::new(losses),
+        clock: store_clock,
+    });
+    let registry = Registry::new(vec![app("shop", TokenFormat::Jwt, ALL)]).expect("registry");
+    let config = crate::passwords::service_config("https://issuer.test", ServicePolicies::default());
+    (TokenService::new(registry, store.clone(), clock, config), store)
+}
+
+/// Conflicts are retried until the request's deadline, not a fixed number of times: a request that loses the race
+/// for its key 40 times in a row still gets its token (16 attempts were the limit before); one that keeps losing
+/// past the deadline gets 503 `temporarily_unavailable`.
+#[tokio::test]
+async fn a_request_that_keeps_losing_the_race_for_its_key_is_retried_until_its_deadline() {
+    let grant = || Grant::ClientCredentials { scope: Some("device_x".into()) };
+    let (service, store) = losing_service(40, false);
+    let issued =
+        service.token(&client("shop"), grant()).await.expect("40 lost races within the deadline, then the token");
+    assert!(f_active(&service, &issued.access_token).await);
+    assert_eq!(store.losses.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // Each lost race costs a second here: the deadline (10 s) passes first.
+    let (service, store) = losing_service(40, true);
+    let err = service.token(&client("shop"), grant()).await.expect_err("past the deadline");
+    assert_eq!(err.code(), "temporarily_unavailable");
+    let left = store.losses.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((25..=30).contains(&left), "it gave up once the deadline passed: {left} races left");
+}
+
+async fn f_active(service: &TokenService, token: &str) -> bool {
+    matches!(service.introspect(&client("shop"), token).await, Ok(Introspection::Active(_)))
 }

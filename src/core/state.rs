@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clock::UnixTime;
 use super::lockout::SharedFailure;
-use super::model::{Change, LivePair, RefreshGrant, RefreshLookup, SharedKey, Subject, TokenId, TokenKey};
+use super::model::{Change, LivePair, RefreshGrant, SharedKey, Subject, TokenId, TokenKey};
 use super::scope::ScopeSet;
 
 /// A change was decided on a pair that is no longer current: decide again.
@@ -27,18 +27,17 @@ pub struct Conflict;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op")]
 pub enum Record {
-    /// Set a key's pair (or remove it), optionally remembering a refresh token retired by rotation.
+    /// Set a key's pair (or remove it). Records of earlier versions may carry `rot`, a refresh token retired by
+    /// rotation that was remembered then; it is ignored (generations detect reuse now).
     #[serde(rename = "set")]
     Set {
         k: TokenKey,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         p: Option<LivePair>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        rot: Option<RefreshGrant>,
     },
-    /// Remember a retired refresh token (snapshots only).
+    /// A retired refresh token that earlier versions remembered (in their snapshots): read and ignored.
     #[serde(rename = "rot")]
-    Rotated { k: TokenKey, rot: RefreshGrant },
+    LegacyRotated {},
     /// A failed credential check, shared with the other servers of the same state for brute-force lockout. Not
     /// token state: applying it changes nothing here.
     #[serde(rename = "fail")]
@@ -47,7 +46,7 @@ pub enum Record {
 
 impl From<Change> for Record {
     fn from(c: Change) -> Self {
-        Record::Set { k: c.key, p: c.next, rot: c.rotated_out }
+        Record::Set { k: c.key, p: c.next }
     }
 }
 
@@ -166,13 +165,6 @@ impl Live {
     }
 }
 
-/// A refresh token retired by rotation, remembered until it expires.
-#[derive(Debug, Clone, Copy)]
-struct Rotated {
-    key: Key,
-    grant: RefreshGrant,
-}
-
 /// Values in a `Vec`, addressed by index; freed indexes are reused.
 #[derive(Debug, Clone)]
 struct Slab<T> {
@@ -214,28 +206,6 @@ impl<T> Slab<T> {
 
     fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
         self.slots.iter().enumerate().filter_map(|(i, v)| Some((i as u32, v.as_ref()?)))
-    }
-}
-
-/// What a refresh id names: a live pair's slot or a rotated token's, the latter with the high bit set (slots stay
-/// far below 2^31: each is tens of bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct RefreshSlot(u32);
-
-const ROTATED_BIT: u32 = 1 << 31;
-
-impl RefreshSlot {
-    fn live(slot: u32) -> Self {
-        Self(slot)
-    }
-
-    fn rotated(slot: u32) -> Self {
-        Self(slot | ROTATED_BIT)
-    }
-
-    /// The rotated token's slot, if this names one.
-    fn as_rotated(self) -> Option<u32> {
-        (self.0 & ROTATED_BIT != 0).then_some(self.0 & !ROTATED_BIT)
     }
 }
 
@@ -295,14 +265,13 @@ pub struct TokenState {
     users: Interner<str>,
     scope_sets: Interner<ScopeSet>,
     live: Slab<Live>,
-    rotated: Slab<Rotated>,
     hasher: RandomState,
     /// Live slots by key.
     by_key: Index<u32>,
     /// Live slots by access token id.
     access: Index<u32>,
-    /// By refresh token id: live pairs' refresh tokens and remembered rotated ones.
-    refresh: Index<RefreshSlot>,
+    /// Live slots by refresh token id.
+    refresh: Index<u32>,
     /// Live slots of each (client, user): the device cap counts and evicts from these.
     by_user: std::collections::HashMap<(Id, Id), Vec<u32>>,
 }
@@ -331,11 +300,8 @@ fn access_of(live: &Slab<Live>) -> impl Fn(u32) -> Option<TokenId> + '_ {
     |slot| live.get(slot).map(|l| l.access_id)
 }
 
-fn refresh_of<'a>(live: &'a Slab<Live>, rotated: &'a Slab<Rotated>) -> impl Fn(RefreshSlot) -> Option<TokenId> + 'a {
-    |slot| match slot.as_rotated() {
-        Some(r) => rotated.get(r).map(|r| r.grant.id),
-        None => live.get(slot.0)?.refresh.map(|r| r.id),
-    }
+fn refresh_of(live: &Slab<Live>) -> impl Fn(u32) -> Option<TokenId> + '_ {
+    |slot| live.get(slot)?.refresh.map(|r| r.id)
 }
 
 impl TokenState {
@@ -352,19 +318,13 @@ impl TokenState {
         Some((Arc::new(self.token_key(live.key)?), self.live_pair(live)?))
     }
 
-    pub fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
-        let found = self.refresh.get(&self.hasher, id, refresh_of(&self.live, &self.rotated));
-        let found = found.and_then(|slot| match slot.as_rotated() {
-            Some(r) => {
-                let rotated = self.rotated.get(r)?;
-                Some(RefreshLookup::Rotated { key: Arc::new(self.token_key(rotated.key)?), chain: rotated.grant.chain })
-            }
-            None => {
-                let live = self.live.get(slot.0).filter(|l| l.refresh.is_some_and(|r| r.id == *id))?;
-                Some(RefreshLookup::Live { key: Arc::new(self.token_key(live.key)?), pair: self.live_pair(live)? })
-            }
-        });
-        found.unwrap_or(RefreshLookup::Unknown)
+    /// The key and pair whose refresh token has the id `id` (of whatever generation: the caller compares).
+    pub fn find_refresh(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
+        let live = self.live.get(self.refresh.get(&self.hasher, id, refresh_of(&self.live))?)?;
+        if live.refresh.map(|r| r.id) != Some(*id) {
+            return None;
+        }
+        Some((Arc::new(self.token_key(live.key)?), self.live_pair(live)?))
     }
 
     /// Whether `change` was decided on the current pair of its key.
@@ -376,7 +336,7 @@ impl TokenState {
     /// Applies a checked change (or a replayed record).
     pub fn apply(&mut self, record: Record) {
         match record {
-            Record::Set { k, p, rot } => {
+            Record::Set { k, p } => {
                 // The new holders first, so that ids shared with the old pair are kept rather than freed and
                 // interned again.
                 let next = p.map(|p| {
@@ -396,22 +356,14 @@ impl TokenState {
                         refresh: p.refresh,
                     }
                 });
-                let rotated = rot.map(|grant| Rotated { key: self.acquire_key(&k), grant });
                 if let Some(old) = self.slot_of(&k) {
                     self.remove_live(old);
                 }
                 if let Some(live) = next {
                     self.insert_live(live);
                 }
-                if let Some(r) = rotated {
-                    self.insert_rotated(r);
-                }
             }
-            Record::Rotated { k, rot } => {
-                let r = Rotated { key: self.acquire_key(&k), grant: rot };
-                self.insert_rotated(r);
-            }
-            Record::Failed { .. } => {}
+            Record::LegacyRotated {} | Record::Failed { .. } => {}
         }
     }
 
@@ -429,13 +381,6 @@ impl TokenState {
         for slot in dead {
             self.remove_live(slot);
         }
-        let expired: Vec<(u32, TokenId)> =
-            self.rotated.iter().filter(|(_, r)| r.grant.expires_at <= now).map(|(i, r)| (i, r.grant.id)).collect();
-        for (slot, id) in expired {
-            // Every remembered token is indexed under its id (`drop_rotated` is only ever called once it is not).
-            self.refresh.remove(&self.hasher, &id, refresh_of(&self.live, &self.rotated));
-            self.drop_rotated(slot);
-        }
         before - self.entries()
     }
 
@@ -448,19 +393,15 @@ impl TokenState {
             users: self.users.resolver(),
             scope_sets: self.scope_sets.resolver(),
             live: self.live.clone(),
-            rotated: self.rotated.clone(),
             ..TokenState::default()
         })
     }
 
-    /// Records that rebuild this state: every live pair and every remembered rotated refresh token.
+    /// Records that rebuild this state: one per live pair.
     pub fn snapshot(&self) -> impl Iterator<Item = Record> + '_ {
-        let pairs = self.live.iter().filter_map(|(_, live)| {
-            Some(Record::Set { k: self.token_key(live.key)?, p: Some(self.live_pair(live)?), rot: None })
-        });
-        let rotated =
-            self.rotated.iter().filter_map(|(_, r)| Some(Record::Rotated { k: self.token_key(r.key)?, rot: r.grant }));
-        pairs.chain(rotated)
+        self.live
+            .iter()
+            .filter_map(|(_, live)| Some(Record::Set { k: self.token_key(live.key)?, p: Some(self.live_pair(live)?) }))
     }
 
     /// The live keys and pairs of one user of one client.
@@ -478,9 +419,9 @@ impl TokenState {
             .collect()
     }
 
-    /// Live pairs plus remembered rotated refresh tokens.
+    /// Live pairs: one per live key (rotation adds none).
     pub fn entries(&self) -> usize {
-        self.live.len() + self.rotated.len()
+        self.live.len()
     }
 
     /// The live slot of `key`, if it has a pair.
@@ -545,7 +486,7 @@ impl TokenState {
         self.by_key.insert(&self.hasher, &key, slot, key_of(&self.live));
         self.access.insert(&self.hasher, &access_id, slot, access_of(&self.live));
         if let Some(r) = refresh {
-            self.index_refresh(r.id, RefreshSlot::live(slot));
+            self.refresh.insert(&self.hasher, &r.id, slot, refresh_of(&self.live));
         }
     }
 
@@ -563,35 +504,12 @@ impl TokenState {
         }
         self.by_key.remove(&self.hasher, &live.key, key_of(&self.live));
         self.access.remove(&self.hasher, &live.access_id, access_of(&self.live));
-        let retired =
-            live.refresh.and_then(|r| self.refresh.remove(&self.hasher, &r.id, refresh_of(&self.live, &self.rotated)));
-        self.live.remove(slot);
-        if let Some(rotated) = retired.and_then(RefreshSlot::as_rotated) {
-            self.drop_rotated(rotated);
+        if let Some(r) = live.refresh {
+            self.refresh.remove(&self.hasher, &r.id, refresh_of(&self.live));
         }
+        self.live.remove(slot);
         self.release_key(live.key);
         self.scope_sets.release(live.access_scopes);
-    }
-
-    fn insert_rotated(&mut self, rotated: Rotated) {
-        let id = rotated.grant.id;
-        let slot = self.rotated.insert(rotated);
-        self.index_refresh(id, RefreshSlot::rotated(slot));
-    }
-
-    /// Points refresh id `id` at `slot`. A rotated token it named before is forgotten.
-    fn index_refresh(&mut self, id: TokenId, slot: RefreshSlot) {
-        let before = self.refresh.insert(&self.hasher, &id, slot, refresh_of(&self.live, &self.rotated));
-        if let Some(before) = before.and_then(RefreshSlot::as_rotated) {
-            self.drop_rotated(before);
-        }
-    }
-
-    /// Frees a rotated token's slot (its refresh id no longer names it).
-    fn drop_rotated(&mut self, slot: u32) {
-        if let Some(r) = self.rotated.remove(slot) {
-            self.release_key(r.key);
-        }
     }
 
     /// How many client IDs, usernames and scope sets are interned.
@@ -600,10 +518,10 @@ impl TokenState {
         [self.clients.len(), self.users.len(), self.scope_sets.len()]
     }
 
-    /// Slots of the slabs, used or free: they grow only to the most ever held at once.
+    /// Slots of the slab, used or free: it grows only to the most ever held at once.
     #[cfg(test)]
-    fn slots(&self) -> [usize; 2] {
-        [self.live.slots.len(), self.rotated.slots.len()]
+    fn slots(&self) -> usize {
+        self.live.slots.len()
     }
 }
 
@@ -630,7 +548,7 @@ mod tests {
     }
 
     fn set(k: TokenKey, expect: Option<u8>, next: Option<LivePair>) -> Change {
-        Change { key: k, expect: expect.map(|n| TokenId([n; 16])), next, rotated_out: None }
+        Change { key: k, expect: expect.map(|n| TokenId([n; 16])), next }
     }
 
     #[test]
@@ -640,7 +558,7 @@ mod tests {
         s.commit(set(key("device_iphone"), None, Some(pair(2, 10)))).expect("other device");
         s.commit(set(key("device_ipad"), Some(1), Some(pair(3, 10)))).expect("supersede");
         assert!(s.find_access(&TokenId([1; 16])).is_none());
-        assert_eq!(s.find_refresh(&TokenId([101; 16])), RefreshLookup::Unknown);
+        assert_eq!(s.find_refresh(&TokenId([101; 16])), None);
         assert!(s.find_access(&TokenId([2; 16])).is_some());
         assert!(s.find_access(&TokenId([3; 16])).is_some());
     }
@@ -655,26 +573,40 @@ mod tests {
         assert!(s.find_access(&TokenId([2; 16])).is_none());
     }
 
+    /// A pair rotated with the same refresh id and the next generation.
+    fn rotated(p: &LivePair, access: u8) -> LivePair {
+        let r = p.refresh.expect("refresh");
+        LivePair {
+            access_id: TokenId([access; 16]),
+            refresh: Some(RefreshGrant { generation: r.generation + 1, ..r }),
+            ..p.clone()
+        }
+    }
+
     #[test]
-    fn rotated_refresh_tokens_are_remembered_until_they_expire() {
+    fn rotation_keeps_one_entry_per_key_and_the_refresh_id_names_the_current_generation() {
         let mut s = TokenState::default();
-        s.commit(set(key("a"), None, Some(pair(1, 10)))).expect("first");
-        let old = pair(1, 10).refresh.expect("refresh");
-        s.commit(Change { rotated_out: Some(old), ..set(key("a"), Some(1), Some(pair(2, 10))) }).expect("rotate");
-        assert!(matches!(s.find_refresh(&old.id), RefreshLookup::Rotated { .. }));
-        assert!(matches!(s.find_refresh(&TokenId([102; 16])), RefreshLookup::Live { .. }));
+        let mut current = pair(1, 10);
+        s.commit(set(key("a"), None, Some(current.clone()))).expect("first");
+        for n in 2..52u8 {
+            let next = rotated(&current, n);
+            s.commit(set(key("a"), Some(current.access_id.0[0]), Some(next.clone()))).expect("rotate");
+            current = next;
+        }
+        assert_eq!(s.entries(), 1, "fifty rotations leave one entry");
+        let (_, found) = s.find_refresh(&TokenId([101; 16])).expect("the login's refresh id");
+        assert_eq!(found.refresh.map(|r| r.generation), Some(50));
         assert_eq!(s.prune(19), 0);
-        // At 20 the rotated token (exp 20) and the live pair (dead after 20) are gone.
-        assert_eq!(s.prune(20), 2);
+        assert_eq!(s.prune(20), 1);
         assert_eq!(s.entries(), 0);
+        assert_eq!(s.find_refresh(&TokenId([101; 16])), None);
     }
 
     #[test]
     fn snapshot_replay_rebuilds_the_same_state() {
         let mut s = TokenState::default();
         s.commit(set(key("a"), None, Some(pair(1, 10)))).expect("a");
-        let old = pair(1, 10).refresh.expect("refresh");
-        s.commit(Change { rotated_out: Some(old), ..set(key("a"), Some(1), Some(pair(2, 10))) }).expect("rotate");
+        s.commit(set(key("a"), Some(1), Some(rotated(&pair(1, 10), 2)))).expect("rotate");
         s.commit(set(key("b"), None, Some(pair(3, 10)))).expect("b");
         let mut copy = TokenState::default();
         for r in s.snapshot() {
@@ -684,8 +616,27 @@ mod tests {
         for id in [2u8, 3] {
             assert_eq!(copy.find_access(&TokenId([id; 16])), s.find_access(&TokenId([id; 16])));
         }
-        assert!(matches!(copy.find_refresh(&old.id), RefreshLookup::Rotated { .. }));
+        assert_eq!(copy.find_refresh(&TokenId([101; 16])), s.find_refresh(&TokenId([101; 16])));
+        assert_eq!(copy.find_refresh(&TokenId([101; 16])).and_then(|(_, p)| p.refresh).map(|r| r.generation), Some(1));
         assert_eq!(copy.entries(), s.entries());
+    }
+
+    /// Logs and snapshots written before generations replaced remembered rotated tokens still load: their `rot`
+    /// parts are read and ignored.
+    #[test]
+    fn records_of_earlier_versions_load_without_their_rotated_tokens() {
+        let mut s = TokenState::default();
+        let lines = [
+            r#"{"op":"set","k":{"c":"shop","s":{"u":"alice"},"sc":["device_a"]},"p":{"a":"AQEBAQEBAQEBAQEBAQEBAQ","sc":["device_a"],"iat":0,"exp":10,"r":{"id":"ZWVlZWVlZWVlZWVlZWVlZQ","exp":20,"ch":7,"ss":0}},"rot":{"id":"ZGRkZGRkZGRkZGRkZGRkZA","exp":20,"ch":7,"ss":0}}"#,
+            r#"{"op":"rot","k":{"c":"shop","s":{"u":"bob"},"sc":[]},"rot":{"id":"Y2NjY2NjY2NjY2NjY2NjYw","exp":20,"ch":1,"ss":0}}"#,
+        ];
+        for line in lines {
+            s.apply(serde_json::from_str(line).expect(line));
+        }
+        assert_eq!(s.entries(), 1);
+        let (_, p) = s.find_refresh(&TokenId([0x65; 16])).expect("the live refresh token");
+        assert_eq!(p.refresh.map(|r| r.generation), Some(0));
+        assert_eq!(s.interned(), [1, 1, 1], "nothing kept for the ignored rotated tokens");
     }
 
     fn user_key(client: &str, user: &str, scopes: &str) -> TokenKey {
@@ -754,41 +705,31 @@ mod tests {
                 let k = user_key("shop", &format!("user{n}"), "device_a orders:read");
                 let first = numbered_pair(n, &k.scopes);
                 s.commit(set(k.clone(), None, Some(first.clone()))).expect("issue");
-                // Rotate once: the retired refresh token is remembered under the same key.
+                // Rotate once: the same refresh id, the next generation.
                 let next = LivePair {
                     access_id: id(n, 2),
-                    refresh: Some(RefreshGrant { id: id(n, 3), expires_at: 100, ..Default::default() }),
+                    refresh: first.refresh.map(|r| RefreshGrant { generation: 1, ..r }),
                     ..first.clone()
                 };
-                s.commit(Change {
-                    key: k,
-                    expect: Some(first.access_id),
-                    next: Some(next),
-                    rotated_out: first.refresh,
-                })
-                .expect("rotate");
+                s.commit(Change { key: k, expect: Some(first.access_id), next: Some(next) }).expect("rotate");
             }
-            assert_eq!(s.entries(), 2 * USERS as usize);
+            assert_eq!(s.entries(), USERS as usize);
             assert_eq!(s.interned(), [1, USERS as usize, 1]);
             if round == 1 {
-                // Expired: pairs and rotated tokens all go at once.
-                assert_eq!(s.prune(100), 2 * USERS as usize);
+                // Expired: the pairs all go at once.
+                assert_eq!(s.prune(100), USERS as usize);
             } else {
                 for n in 0..USERS {
                     let k = user_key("shop", &format!("user{n}"), "device_a orders:read");
-                    s.commit(Change { key: k, expect: Some(id(n, 2)), next: None, rotated_out: None }).expect("revoke");
+                    s.commit(Change { key: k, expect: Some(id(n, 2)), next: None }).expect("revoke");
                 }
-                // Revoking leaves the rotated tokens for reuse detection until they expire.
-                assert_eq!(s.entries(), USERS as usize);
-                assert_eq!(s.interned(), [1, USERS as usize, 1]);
-                assert!(matches!(s.find_refresh(&id(7, 1)), RefreshLookup::Rotated { .. }));
-                assert_eq!(s.prune(100), USERS as usize);
+                assert_eq!(s.find_refresh(&id(7, 1)), None);
             }
             assert_eq!(s.entries(), 0);
             assert_eq!(s.interned(), [0, 0, 0], "round {round}");
             assert!(s.by_key.is_empty() && s.access.is_empty() && s.refresh.is_empty());
-            // Slots are reused: the slabs never hold more than the most live at once.
-            assert_eq!(s.slots(), [USERS as usize, USERS as usize]);
+            // Slots are reused: the slab never holds more than the most live at once.
+            assert_eq!(s.slots(), USERS as usize);
         }
     }
 
@@ -801,7 +742,7 @@ mod tests {
         s.commit(set(k.clone(), None, Some(p.clone()))).expect("issue");
         assert_eq!(s.pair(&k), Some(p.clone()));
         assert_eq!(s.find_access(&id(1, 0)), Some((Arc::new(k.clone()), p.clone())));
-        assert_eq!(s.find_refresh(&id(1, 1)), RefreshLookup::Live { key: Arc::new(k.clone()), pair: p.clone() });
+        assert_eq!(s.find_refresh(&id(1, 1)), Some((Arc::new(k.clone()), p.clone())));
         assert_eq!(s.interned(), [1, 1, 2]);
         // The narrowed set is also another key's own set: shared, and kept while either holds it.
         let other = user_key("shop", "alice", "orders:read");
@@ -814,10 +755,10 @@ mod tests {
         }
         assert_eq!(copy.pair(&k), Some(p));
         assert_eq!(copy.find_access(&id(1, 0)), s.find_access(&id(1, 0)));
-        s.commit(Change { key: k, expect: Some(id(1, 0)), next: None, rotated_out: None }).expect("revoke");
+        s.commit(Change { key: k, expect: Some(id(1, 0)), next: None }).expect("revoke");
         assert_eq!(s.interned(), [1, 1, 1]);
         assert_eq!(s.pair(&other).map(|p| p.access_scopes), Some(narrow));
-        s.commit(Change { key: other, expect: Some(id(2, 0)), next: None, rotated_out: None }).expect("revoke other");
+        s.commit(Change { key: other, expect: Some(id(2, 0)), next: None }).expect("revoke other");
         assert_eq!(s.interned(), [0, 0, 0]);
     }
 
@@ -832,10 +773,10 @@ mod tests {
         assert_eq!(s.find_access(&id(1, 0)).map(|(k, _)| k), Some(Arc::new(client.clone())));
         assert_eq!(s.find_access(&id(2, 0)).map(|(k, _)| k), Some(Arc::new(user.clone())));
         assert_eq!(s.interned(), [1, 1, 1]);
-        s.commit(Change { key: user, expect: Some(id(2, 0)), next: None, rotated_out: None }).expect("revoke user");
+        s.commit(Change { key: user, expect: Some(id(2, 0)), next: None }).expect("revoke user");
         assert_eq!(s.interned(), [1, 0, 1]);
         assert_eq!(s.pair(&client), Some(numbered_pair(1, &client.scopes)));
-        s.commit(Change { key: client, expect: Some(id(1, 0)), next: None, rotated_out: None }).expect("revoke");
+        s.commit(Change { key: client, expect: Some(id(1, 0)), next: None }).expect("revoke");
         assert_eq!(s.interned(), [0, 0, 0]);
     }
 
@@ -846,7 +787,7 @@ mod tests {
         let mut s = TokenState::default();
         let issue = |s: &mut TokenState, key: TokenKey, n: u32| {
             let next = Some(numbered_pair(n, &ScopeSet::default()));
-            s.commit(Change { key, expect: None, next, rotated_out: None }).expect("commit");
+            s.commit(Change { key, expect: None, next }).expect("commit");
         };
         for n in 0..20u32 {
             issue(&mut s, user_key("app", &format!("u{n}"), &format!("device_d{n}")), n);
@@ -855,7 +796,7 @@ mod tests {
         let copy = s.snapshot_copy();
         for n in 0..20u32 {
             let k = user_key("app", &format!("u{n}"), &format!("device_d{n}"));
-            s.commit(Change { key: k, expect: Some(id(n, 0)), next: None, rotated_out: None }).expect("revoke");
+            s.commit(Change { key: k, expect: Some(id(n, 0)), next: None }).expect("revoke");
         }
         for n in 100..120u32 {
             issue(&mut s, user_key("other", &format!("v{n}"), "read"), n);
@@ -885,16 +826,21 @@ mod tests {
             if n % 6 == 1 {
                 p.access_scopes = ScopeSet::parse("read").expect("scope");
             }
-            let rotated_out = current.as_ref().and_then(|p| p.refresh).filter(|_| n % 2 == 0);
+            // Every other change a rotation: the current refresh id, one generation on.
+            if n % 2 == 0
+                && let (Some(old), Some(r)) = (current.as_ref().and_then(|p| p.refresh), p.refresh.as_mut())
+            {
+                *r = RefreshGrant { generation: old.generation + 1, ..old };
+            }
             let expect = current.map(|p| p.access_id);
-            s.commit(Change { key: k, expect, next: Some(p), rotated_out }).expect("commit");
+            s.commit(Change { key: k, expect, next: Some(p) }).expect("commit");
             ids.extend([id(n, 0), id(n, 1)]);
         }
-        let gone = RefreshGrant { id: id(99, 9), expires_at: 50, ..Default::default() };
-        s.apply(Record::Rotated { k: user_key("gone", "bob", "x"), rot: gone });
-        ids.push(gone.id);
-        assert!(s.snapshot().any(|r| matches!(r, Record::Set { rot: None, .. })));
-        assert!(s.snapshot().filter(|r| matches!(r, Record::Rotated { .. })).count() > 1);
+        assert!(
+            s.snapshot().any(
+                |r| matches!(r, Record::Set { p: Some(LivePair { refresh: Some(r), .. }), .. } if r.generation > 0)
+            )
+        );
         let mut copy = TokenState::default();
         for r in s.snapshot() {
             let line = serde_json::to_string(&r).expect("encode");
@@ -907,27 +853,6 @@ mod tests {
             assert_eq!(copy.find_access(id), s.find_access(id));
             assert_eq!(copy.find_refresh(id), s.find_refresh(id));
         }
-    }
-
-    #[test]
-    fn a_refresh_id_named_again_forgets_what_it_named() {
-        let mut s = TokenState::default();
-        let (a, b) = (key("a"), key("b"));
-        let remembered = RefreshGrant { id: TokenId([101; 16]), expires_at: 50, ..Default::default() };
-        s.apply(Record::Rotated { k: a.clone(), rot: remembered });
-        // A live pair whose refresh id is the remembered one replaces it, as a map insert would.
-        s.commit(set(b.clone(), None, Some(pair(1, 10)))).expect("b");
-        assert_eq!(s.entries(), 1);
-        assert!(matches!(s.find_refresh(&remembered.id), RefreshLookup::Live { .. }));
-        // Scope sets: b's and the pair's (empty) access set; a's went with its rotated token.
-        assert_eq!(s.interned(), [1, 1, 2]);
-        // Removing the pair removes what its refresh id names.
-        s.apply(Record::Rotated { k: a, rot: remembered });
-        assert_eq!(s.entries(), 2);
-        s.commit(set(b, Some(1), None)).expect("revoke");
-        assert_eq!(s.entries(), 0);
-        assert_eq!(s.find_refresh(&remembered.id), RefreshLookup::Unknown);
-        assert_eq!(s.interned(), [0, 0, 0]);
     }
 
     fn rss_bytes() -> usize {
@@ -963,7 +888,7 @@ mod tests {
                 access_expires_at: 4_600,
                 refresh: Some(RefreshGrant { id: TokenId(refresh), expires_at: 87_400, ..Default::default() }),
             };
-            s.apply(Record::Set { k, p: Some(p), rot: None });
+            s.apply(Record::Set { k, p: Some(p) });
         }
         let after = rss_bytes();
         assert_eq!(s.entries(), KEYS as usize);

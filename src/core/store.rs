@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Mutex;
 
 use super::lockout::SharedFailure;
-use super::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
+use super::model::{Change, LivePair, SharedKey, TokenId, TokenKey};
 use super::state::{Conflict, TokenState};
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -22,6 +22,9 @@ pub enum StoreError {
     /// The change could not be made durable; nothing should be returned to the client.
     #[error("token storage unavailable: {0}")]
     Unavailable(String),
+    /// The change would add a token key to a state at its capacity. Changes to existing keys still work.
+    #[error("token state full: {0}")]
+    Full(String),
 }
 
 impl From<Conflict> for StoreError {
@@ -33,7 +36,8 @@ impl From<Conflict> for StoreError {
 pub trait TokenStore: Send + Sync {
     fn pair(&self, key: &TokenKey) -> Option<LivePair>;
     fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)>;
-    fn find_refresh(&self, id: &TokenId) -> RefreshLookup;
+    /// The key and pair whose refresh token has the id `id`, whatever its generation (the core compares them).
+    fn find_refresh(&self, id: &TokenId) -> Option<(SharedKey, LivePair)>;
     /// The live keys and pairs of one user of one client (for the device cap).
     fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)>;
     /// Checks `change`'s expectation and applies it, visibly to reads, before returning; the future resolves when
@@ -80,7 +84,7 @@ impl<W: StoreWrapper> TokenStore for W {
     fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
         self.inner().find_access(id)
     }
-    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
+    fn find_refresh(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
         self.inner().find_refresh(id)
     }
     fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
@@ -129,7 +133,7 @@ impl TokenStore for MemoryStore {
     fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
         self.with(|s| s.find_access(id))
     }
-    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
+    fn find_refresh(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
         self.with(|s| s.find_refresh(id))
     }
     fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {

@@ -3,6 +3,8 @@
 //! - Opaque access tokens and all refresh tokens are `base64url(id || tag)`, where `tag` is a truncated
 //!   HMAC-SHA256 of the id under a server key. The state stores only ids, never bearer strings, and the same
 //!   token can still be handed out again (opaque mode) by recomputing it.
+//! - A rotated refresh token also carries its generation: `base64url(id || generation(u32, big-endian) || tag)`, the tag
+//!   over both. Generation 0 (the token issued at login, and every opaque application's) keeps the short form.
 //! - JWT access tokens (RFC 9068) carry the id as `jti`.
 
 use aws_lc_rs::hmac;
@@ -43,10 +45,16 @@ impl std::fmt::Debug for OpaqueTokens {
     }
 }
 
-fn tag(key: &hmac::Key, kind: TokenKind, id: &TokenId) -> hmac::Tag {
+/// Length of a refresh token string of generation 1 or later: base64url of 36 bytes.
+pub const ROTATED_REFRESH_LEN: usize = 48;
+
+fn tag(key: &hmac::Key, kind: TokenKind, id: &TokenId, generation: Option<u32>) -> hmac::Tag {
     let mut ctx = hmac::Context::with_key(key);
     ctx.update(&[kind.domain()]);
     ctx.update(&id.0);
+    if let Some(generation) = generation {
+        ctx.update(&generation.to_be_bytes());
+    }
     ctx.sign()
 }
 
@@ -64,7 +72,7 @@ impl OpaqueTokens {
     pub fn encode(&self, kind: TokenKind, id: &TokenId) -> String {
         let mut raw = [0u8; 16 + TAG_LEN];
         raw[..16].copy_from_slice(&id.0);
-        raw[16..].copy_from_slice(&tag(&self.keys[0], kind, id).as_ref()[..TAG_LEN]);
+        raw[16..].copy_from_slice(&tag(&self.keys[0], kind, id, None).as_ref()[..TAG_LEN]);
         URL_SAFE_NO_PAD.encode(raw)
     }
 
@@ -76,12 +84,41 @@ impl OpaqueTokens {
         }
         let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
         let id = TokenId(raw.get(..16)?.try_into().ok()?);
-        let given = raw.get(16..)?;
+        self.genuine(kind, &id, None, raw.get(16..)?).then_some(id)
+    }
+
+    /// The string of a refresh token: its login's refresh id and its generation.
+    pub fn encode_refresh(&self, id: &TokenId, generation: u32) -> String {
+        if generation == 0 {
+            return self.encode(TokenKind::Refresh, id);
+        }
+        let mut raw = [0u8; 20 + TAG_LEN];
+        raw[..16].copy_from_slice(&id.0);
+        raw[16..20].copy_from_slice(&generation.to_be_bytes());
+        raw[20..].copy_from_slice(&tag(&self.keys[0], TokenKind::Refresh, id, Some(generation)).as_ref()[..TAG_LEN]);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// The refresh id and generation inside a genuine refresh token string.
+    pub fn decode_refresh(&self, token: &str) -> Option<(TokenId, u32)> {
+        if token.len() != ROTATED_REFRESH_LEN {
+            return self.decode(TokenKind::Refresh, token).map(|id| (id, 0));
+        }
+        let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
+        let id = TokenId(raw.get(..16)?.try_into().ok()?);
+        let generation = u32::from_be_bytes(raw.get(16..20)?.try_into().ok()?);
+        // Generation 0 has one string only, the short one.
+        (generation > 0 && self.genuine(TokenKind::Refresh, &id, Some(generation), raw.get(20..)?))
+            .then_some((id, generation))
+    }
+
+    /// Whether `given` is the tag of (kind, id, generation) under any of the secrets, compared in constant time.
+    fn genuine(&self, kind: TokenKind, id: &TokenId, generation: Option<u32>, given: &[u8]) -> bool {
         let mut ok = subtle::Choice::from(0);
         for key in &self.keys {
-            ok |= subtle::ConstantTimeEq::ct_eq(&tag(key, kind, &id).as_ref()[..TAG_LEN], given);
+            ok |= subtle::ConstantTimeEq::ct_eq(&tag(key, kind, id, generation).as_ref()[..TAG_LEN], given);
         }
-        bool::from(ok).then_some(id)
+        bool::from(ok)
     }
 }
 
@@ -128,5 +165,35 @@ mod tests {
         assert_eq!(t.decode(TokenKind::Access, &String::from_utf8(flipped).expect("ascii")), None);
         assert_eq!(t.decode(TokenKind::Access, "not a token"), None);
         assert_eq!(t.decode(TokenKind::Access, &"é".repeat(22)), None);
+    }
+
+    #[test]
+    fn refresh_tokens_carry_their_generation_and_reject_forgeries() {
+        let t = OpaqueTokens::new(&[[7u8; 32]]);
+        let id = TokenId([9u8; 16]);
+        // Generation 0 is the short form, the same string as before generations existed.
+        assert_eq!(t.encode_refresh(&id, 0), t.encode(TokenKind::Refresh, &id));
+        assert_eq!(t.decode_refresh(&t.encode_refresh(&id, 0)), Some((id, 0)));
+        for generation in [1, 2, 50, u32::MAX] {
+            let token = t.encode_refresh(&id, generation);
+            assert_eq!(token.len(), ROTATED_REFRESH_LEN);
+            assert_eq!(t.decode_refresh(&token), Some((id, generation)));
+            // Another secret, or a generation changed in the string: rejected.
+            assert_eq!(OpaqueTokens::new(&[[8u8; 32]]).decode_refresh(&token), None);
+            let mut raw = URL_SAFE_NO_PAD.decode(&token).expect("b64");
+            raw[19] ^= 1;
+            assert_eq!(t.decode_refresh(&URL_SAFE_NO_PAD.encode(&raw)), None);
+        }
+        // Two generations of one login are different strings.
+        assert_ne!(t.encode_refresh(&id, 1), t.encode_refresh(&id, 2));
+        // A long-form string claiming generation 0 is not genuine, even with a tag over it.
+        let mut raw = [0u8; 36];
+        raw[..16].copy_from_slice(&id.0);
+        raw[20..].copy_from_slice(&tag(&t.keys[0], TokenKind::Refresh, &id, Some(0)).as_ref()[..TAG_LEN]);
+        assert_eq!(t.decode_refresh(&URL_SAFE_NO_PAD.encode(raw)), None);
+        // An access token is not a refresh token in either form.
+        assert_eq!(t.decode_refresh(&t.encode(TokenKind::Access, &id)), None);
+        assert_eq!(t.decode_refresh("not a token"), None);
+        assert_eq!(t.decode_refresh(&"é".repeat(24)), None);
     }
 }

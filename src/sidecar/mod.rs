@@ -17,7 +17,7 @@ use kube::api::Api;
 use self::sources::{AppSnapshot, AppSources};
 use crate::core::clock::{Clock, SystemClock};
 use crate::core::lockout::SharedFailure;
-use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
+use crate::core::model::{Change, LivePair, SharedKey, TokenId, TokenKey};
 use crate::core::service::TokenService;
 use crate::core::store::{StoreError, StoreFuture, TokenStore};
 use crate::http::serve::{Endpoint, serve};
@@ -65,14 +65,8 @@ impl TokenStore for RoutingStore {
         self.all.iter().find_map(|s| s.find_access(id))
     }
 
-    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
-        for s in &self.all {
-            match s.find_refresh(id) {
-                RefreshLookup::Unknown => continue,
-                found => return found,
-            }
-        }
-        RefreshLookup::Unknown
+    fn find_refresh(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
+        self.all.iter().find_map(|s| s.find_refresh(id))
     }
 
     fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {

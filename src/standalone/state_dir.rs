@@ -266,10 +266,7 @@ mod tests {
                 access_expires_at: 100,
                 refresh: None,
             };
-            store
-                .commit(Change { key: key.clone(), expect, next: Some(next), rotated_out: None })
-                .await
-                .expect("commit");
+            store.commit(Change { key: key.clone(), expect, next: Some(next) }).await.expect("commit");
             expect = Some(TokenId([n; 16]));
         }
         let log = fs::read_to_string(state.tokens_dir().join("tokens.log")).expect("log");

@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use tokio::sync::watch;
 
 use crate::core::clock::Clock;
-use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
+use crate::core::model::{Change, LivePair, SharedKey, TokenId, TokenKey};
 use crate::core::state::{Record, SnapshotCopy, TokenState};
 use crate::core::store::{StoreError, StoreFuture, TokenStore};
 use crate::metrics::Histogram;
@@ -195,7 +195,7 @@ impl Shared {
         let mut g = self.lock();
         while let Some((_, key, previous)) = g.undo.pop_back() {
             // Setting the previous pair back also restores its refresh token, which a rotation had retired.
-            g.state.apply(Record::Set { k: key, p: previous, rot: None });
+            g.state.apply(Record::Set { k: key, p: previous });
         }
         g.pending.clear();
         g.pending_records = 0;
@@ -684,7 +684,7 @@ impl TokenStore for FileStore {
         self.shared.lock().state.find_access(id)
     }
 
-    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
+    fn find_refresh(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
         self.shared.lock().state.find_refresh(id)
     }
 
@@ -747,7 +747,7 @@ mod tests {
 
     /// Commits `key(k)`'s next pair (`None` revokes it), expecting its live access token to be `expect`.
     fn set(store: &FileStore, k: u32, expect: Option<TokenId>, next: Option<LivePair>) -> StoreFuture<'_, ()> {
-        store.commit(Change { key: key(k), expect, next, rotated_out: None })
+        store.commit(Change { key: key(k), expect, next })
     }
 
     fn key(n: u32) -> TokenKey {
@@ -798,15 +798,8 @@ mod tests {
         set(&store, 1, None, Some(pair(1, 100))).await.expect("c1");
         inject(&store, Fault::FailWrite);
         // A refresh: the new pair replaces pair 1 and retires its refresh token. The write fails.
-        let rotated = pair(1, 100).refresh;
-        let failed = store
-            .commit(Change {
-                key: key(1),
-                expect: Some(TokenId([1; 16])),
-                next: Some(pair(2, 100)),
-                rotated_out: rotated,
-            })
-            .await;
+        let failed =
+            store.commit(Change { key: key(1), expect: Some(TokenId([1; 16])), next: Some(pair(2, 100)) }).await;
         assert!(
             matches!(failed, Err(StoreError::Unavailable(ref m)) if m.contains("injected write failure")),
             "{failed:?}"
@@ -815,7 +808,7 @@ mod tests {
         assert_eq!(store.pair(&key(1)), Some(pair(1, 100)));
         assert!(store.find_access(&TokenId([2; 16])).is_none());
         assert!(store.find_access(&TokenId([1; 16])).is_some());
-        assert!(matches!(store.find_refresh(&TokenId([101; 16])), RefreshLookup::Live { .. }));
+        assert!(store.find_refresh(&TokenId([101; 16])).is_some());
         assert!(!store.healthy());
         let later = set(&store, 2, None, Some(pair(3, 100))).await;
         assert!(matches!(later, Err(StoreError::Unavailable(_))), "{later:?}");

@@ -5,16 +5,18 @@
 //! usernames, scopes) are written once per batch or snapshot and referred to by number afterwards.
 //!
 //! ```text
-//! blob    := version(=1) record*
-//! record  := 1 key flags(bit0 pair, bit1 rot) [pair] [grant]     set a key's pair
-//!          | 2 key grant                                          a remembered rotated refresh token
+//! blob    := version(=2) record*
+//! record  := 1 key flags(bit0 pair) [pair]                        set a key's pair
 //!          | 3 user(u8) str(who) varint(at)                       a shared failed credential check
 //! key     := str(client) subject(0 client | 1 user str(name)) varint(n) str*n
 //! pair    := id16 scopes(0 the key's | 1 varint(n) str*n) varint(iat) varint(exp) has_refresh(u8) [grant]
-//! grant   := id16 varint(exp) chain(8 bytes, little-endian) varint(session start)
+//! grant   := id16 varint(exp) varint(generation) varint(session start)
 //! str     := varint(0) varint(len) bytes    a new string, numbered from 1 in order of appearance
 //!          | varint(n>0)                     string number n
 //! ```
+//! Version 1 blobs (written before refresh generations) are still read: their grants hold an 8-byte chain id in place
+//! of the generation (read as generation 0), a set record may carry a rotated-out grant (flags bit1), and record
+//! kind 2 is a remembered rotated token; those are read and dropped.
 //! Decoding never panics: corrupt input is an error naming the byte offset.
 
 use std::collections::HashMap;
@@ -24,7 +26,9 @@ use crate::core::model::{LivePair, RefreshGrant, Subject, TokenId, TokenKey};
 use crate::core::scope::ScopeSet;
 use crate::core::state::Record;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// The format before refresh-token generations.
+const VERSION_CHAINS: u8 = 1;
 const MAX_STRING: usize = 64 * 1024;
 const MAX_SCOPES: u64 = 4096;
 
@@ -75,22 +79,16 @@ impl Encoder {
 
     pub fn push(&mut self, record: &Record) {
         match record {
-            Record::Set { k, p, rot } => {
+            Record::Set { k, p } => {
                 self.out.push(1);
                 self.key(k);
-                self.out.push(u8::from(p.is_some()) | (u8::from(rot.is_some()) << 1));
+                self.out.push(u8::from(p.is_some()));
                 if let Some(p) = p {
                     self.pair(k, p);
                 }
-                if let Some(g) = rot {
-                    self.grant(g);
-                }
             }
-            Record::Rotated { k, rot } => {
-                self.out.push(2);
-                self.key(k);
-                self.grant(rot);
-            }
+            // Never made any more; nothing to keep of it.
+            Record::LegacyRotated {} => return,
             Record::Failed { f } => {
                 self.out.push(3);
                 self.out.push(u8::from(f.user));
@@ -167,7 +165,7 @@ impl Encoder {
     fn grant(&mut self, g: &RefreshGrant) {
         self.out.extend_from_slice(&g.id.0);
         self.varint(g.expires_at);
-        self.out.extend_from_slice(&g.chain.to_le_bytes());
+        self.varint(u64::from(g.generation));
         self.varint(g.session_started_at);
     }
 }
@@ -184,6 +182,8 @@ pub fn encode<'a>(records: impl IntoIterator<Item = &'a Record>) -> Vec<u8> {
 struct Decoder<'b> {
     input: &'b [u8],
     at: usize,
+    /// The blob's format version.
+    version: u8,
     strings: Vec<String>,
     /// The last error was the input ending (more may follow in the next chunk), not corrupt input.
     ended: bool,
@@ -274,11 +274,20 @@ impl Decoder<'_> {
 
     fn grant(&mut self) -> Decoded<RefreshGrant> {
         let (id, expires_at) = (self.id()?, self.varint()?);
-        let Some(chain) = self.input.get(self.at..self.at + 8) else { return self.end() };
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(chain);
-        self.at += 8;
-        Ok(RefreshGrant { id, expires_at, chain: u64::from_le_bytes(bytes), session_started_at: self.varint()? })
+        let generation = if self.version == VERSION_CHAINS {
+            // An 8-byte chain id, which the refresh id now stands for.
+            if self.input.get(self.at..self.at + 8).is_none() {
+                return self.end();
+            }
+            self.at += 8;
+            0
+        } else {
+            match u32::try_from(self.varint()?) {
+                Ok(generation) => generation,
+                Err(_) => return self.fail("generation out of range"),
+            }
+        };
+        Ok(RefreshGrant { id, expires_at, generation, session_started_at: self.varint()? })
     }
 
     fn pair(&mut self, k: &TokenKey) -> Decoded<LivePair> {
@@ -303,16 +312,20 @@ impl Decoder<'_> {
             1 => {
                 let k = self.key()?;
                 let flags = self.byte()?;
-                if flags > 3 {
+                let known = if self.version == VERSION_CHAINS { 3 } else { 1 };
+                if flags > known {
                     return self.fail("unknown flags");
                 }
                 let p = if flags & 1 == 1 { Some(self.pair(&k)?) } else { None };
-                let rot = if flags & 2 == 2 { Some(self.grant()?) } else { None };
-                Ok(Record::Set { k, p, rot })
+                if flags & 2 == 2 {
+                    self.grant()?; // version 1: a rotated-out refresh token, no longer kept
+                }
+                Ok(Record::Set { k, p })
             }
-            2 => {
-                let k = self.key()?;
-                Ok(Record::Rotated { k, rot: self.grant()? })
+            2 if self.version == VERSION_CHAINS => {
+                self.key()?;
+                self.grant()?;
+                Ok(Record::LegacyRotated {})
             }
             3 => {
                 let user = match self.byte()? {
@@ -355,7 +368,8 @@ pub struct ChunkDecoder {
     /// The start of a record cut off by the end of the last piece.
     carry: Vec<u8>,
     offset: usize,
-    started: bool,
+    /// The format version, once read.
+    version: Option<u8>,
 }
 
 impl ChunkDecoder {
@@ -368,12 +382,16 @@ impl ChunkDecoder {
             joined = [std::mem::take(&mut self.carry).as_slice(), piece].concat();
             &joined
         };
-        let mut d = Decoder { input, at: 0, strings: std::mem::take(&mut self.strings), ended: false };
+        let version = self.version.unwrap_or(VERSION);
+        let mut d = Decoder { input, at: 0, version, strings: std::mem::take(&mut self.strings), ended: false };
         let mut n = 0;
         let result = (|| {
-            if !self.started {
+            if self.version.is_none() {
                 match d.byte() {
-                    Ok(VERSION) => self.started = true,
+                    Ok(v @ (VERSION | VERSION_CHAINS)) => {
+                        self.version = Some(v);
+                        d.version = v;
+                    }
                     Ok(v) => return Err(format!("byte 0: unknown format version {v}")),
                     Err(_) if d.ended => return Ok(()),
                     Err(e) => return Err(e),
@@ -406,7 +424,7 @@ impl ChunkDecoder {
 
     /// Ends the blob: an error if it stopped in the middle of a record (or before the version).
     pub fn finish(self) -> Result<(), String> {
-        if !self.started {
+        if self.version.is_none() {
             return Err("byte 0: unexpected end".into());
         }
         if !self.carry.is_empty() {
@@ -438,24 +456,16 @@ mod tests {
             refresh: Some(RefreshGrant {
                 id: TokenId([2; 16]),
                 expires_at: 1_700_086_400,
-                chain: 0x0123_4567_89ab_cdef,
+                generation: 300,
                 session_started_at: 1_699_990_000,
             }),
         };
         let narrowed =
             LivePair { access_scopes: ScopeSet::parse("device_ipad").expect("scopes"), refresh: None, ..pair.clone() };
         vec![
-            Record::Set { k: k.clone(), p: Some(pair), rot: None },
-            Record::Set {
-                k: k.clone(),
-                p: Some(narrowed),
-                rot: Some(RefreshGrant { id: TokenId([3; 16]), expires_at: 9, ..Default::default() }),
-            },
-            Record::Set { k: key(None, "default"), p: None, rot: None },
-            Record::Rotated {
-                k,
-                rot: RefreshGrant { id: TokenId([4; 16]), expires_at: u64::MAX, ..Default::default() },
-            },
+            Record::Set { k: k.clone(), p: Some(pair) },
+            Record::Set { k: k.clone(), p: Some(narrowed) },
+            Record::Set { k: key(None, "default"), p: None },
             Record::Failed { f: SharedFailure { user: true, who: "shop/alice\n\u{1b}[31m".into(), at: 5 } },
         ]
     }
@@ -477,9 +487,9 @@ mod tests {
         let mut records = Vec::new();
         for i in 0..50 {
             records.extend(sample().into_iter().map(|r| match r {
-                Record::Set { mut k, p, rot } => {
+                Record::Set { mut k, p } => {
                     k.subject = Subject::User(format!("user{i}"));
-                    Record::Set { k, p, rot }
+                    Record::Set { k, p }
                 }
                 other => other,
             }));
@@ -526,7 +536,64 @@ mod tests {
         }
         assert_eq!(decode(&[]), Err("byte 0: unexpected end".into()));
         assert_eq!(decode(&[9]), Err("byte 0: unknown format version 9".into()));
-        assert!(decode(&[1, 7]).expect_err("kind").contains("byte 1: unknown record kind"));
-        assert!(decode(&[1, 1, 5]).expect_err("string").contains("unknown string number"));
+        assert!(decode(&[2, 7]).expect_err("kind").contains("byte 1: unknown record kind"));
+        assert!(decode(&[2, 1, 5]).expect_err("string").contains("unknown string number"));
+        // Kind 2 (a remembered rotated token) exists in version 1 blobs only.
+        assert!(decode(&[2, 2]).expect_err("kind").contains("byte 1: unknown record kind"));
+    }
+
+    /// Journals and snapshots written before refresh generations still load: the chain ids and the remembered
+    /// rotated tokens are read past and dropped, the live pairs kept.
+    #[test]
+    fn version_1_blobs_load_with_their_rotated_tokens_dropped() {
+        fn str_new(out: &mut Vec<u8>, s: &str) {
+            out.extend([0, s.len() as u8]);
+            out.extend(s.as_bytes());
+        }
+        // grant: id16 varint(exp = 100) chain(8) varint(session start = 5)
+        let grant = |out: &mut Vec<u8>, id: u8| {
+            out.extend([id; 16]);
+            out.push(100);
+            out.extend([0xAB; 8]);
+            out.push(5);
+        };
+        let mut blob = vec![1u8];
+        // A set record with its pair (access id 1, the key's scopes, iat 1, exp 50, a refresh grant 2) and a
+        // rotated-out grant 3 (flags 3).
+        blob.push(1);
+        str_new(&mut blob, "shop");
+        blob.push(1);
+        str_new(&mut blob, "alice");
+        blob.push(1);
+        str_new(&mut blob, "device_ipad");
+        blob.push(3);
+        blob.extend([1; 16]);
+        blob.extend([0, 1, 50, 1]);
+        grant(&mut blob, 2);
+        grant(&mut blob, 3);
+        // A remembered rotated token of the same key (strings by number).
+        blob.extend([2, 1, 1, 2, 1, 3]);
+        grant(&mut blob, 4);
+        let records = decode(&blob).expect("a version 1 blob");
+        let k = TokenKey {
+            client_id: "shop".into(),
+            subject: Subject::User("alice".into()),
+            scopes: ScopeSet::parse("device_ipad").expect("scopes"),
+        };
+        let pair = LivePair {
+            access_id: TokenId([1; 16]),
+            access_scopes: k.scopes.clone(),
+            issued_at: 1,
+            access_expires_at: 50,
+            refresh: Some(RefreshGrant { id: TokenId([2; 16]), expires_at: 100, generation: 0, session_started_at: 5 }),
+        };
+        assert_eq!(records, vec![Record::Set { k, p: Some(pair) }, Record::LegacyRotated {}]);
+        // Flags beyond a pair are refused in the current version.
+        let mut current = encode(&records[..1]);
+        // version, kind, client (6 bytes), subject (8), scopes (14), then the flags.
+        let flags_at = 1 + 1 + 6 + 8 + 14;
+        assert_eq!(current[flags_at], 1);
+        current[flags_at] = 3;
+        assert!(decode(&current).expect_err("flags").contains("unknown flags"));
     }
 }

@@ -9,6 +9,8 @@
 //! <app>-tokens-snapshot           ConfigMap: which snapshot is current
 //!     set, chunks, upto, gen      chunks 0..chunks of set 0 or 1 hold the state up to record <upto>
 //!     claim                       present while a replica is writing the next snapshot
+//!     keys, capacity              the snapshot's live token keys and the keys a full snapshot would hold at its
+//!                                 bytes per key (written with it; the controller reports them in TokenStateReady)
 //! <app>-tokens-snapshot-00 .. 31  ConfigMaps: two sets of 16 snapshot chunks (set 0: 00..15, set 1: 16..31)
 //!     gen, binaryData state       one piece of a snapshot; its gen must equal the pointer's
 //! ```
@@ -32,6 +34,10 @@ pub const CHUNKS_FIELD: &str = "chunks";
 pub const UPTO_FIELD: &str = "upto";
 pub const GEN_FIELD: &str = "gen";
 pub const CLAIM_FIELD: &str = "claim";
+pub const KEYS_FIELD: &str = "keys";
+pub const CAPACITY_FIELD: &str = "capacity";
+/// The most snapshot bytes there is room for.
+pub const SNAPSHOT_CAPACITY_BYTES: usize = CHUNK_BYTES * CHUNKS_PER_SET;
 pub const STATE_FIELD: &str = "state";
 const BATCH_PREFIX: &str = "b-";
 

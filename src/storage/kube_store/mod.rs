@@ -42,12 +42,12 @@ use serde_json::json;
 use tokio::sync::{Notify, oneshot, watch};
 
 use self::layout::{
-    CHUNKS_FIELD, CHUNKS_PER_SET, CLAIM_FIELD, EPOCH_FIELD, GEN_FIELD, SEALED_FIELD, SEGMENTS, SET_FIELD, STATE_FIELD,
-    UPTO_FIELD, batch_field, chunk_name, pointer_name, segment_name,
+    CAPACITY_FIELD, CHUNKS_FIELD, CHUNKS_PER_SET, CLAIM_FIELD, EPOCH_FIELD, GEN_FIELD, KEYS_FIELD, SEALED_FIELD,
+    SEGMENTS, SET_FIELD, STATE_FIELD, UPTO_FIELD, batch_field, chunk_name, pointer_name, segment_name,
 };
 use crate::core::clock::Clock;
 use crate::core::lockout::SharedFailure;
-use crate::core::model::{Change, LivePair, RefreshLookup, SharedKey, TokenId, TokenKey};
+use crate::core::model::{Change, LivePair, SharedKey, TokenId, TokenKey};
 use crate::core::state::{Record, TokenState};
 use crate::core::store::{StoreError, StoreFuture, TokenStore};
 use crate::metrics::Histogram;
@@ -63,6 +63,16 @@ const CLAIM_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_BATCH_RECORDS: usize = 2048;
 /// Loads retried at once when a compaction moved the state underneath the reads.
 const LOAD_ATTEMPTS: usize = 5;
+/// Snapshot bytes per live key assumed until a snapshot of at least [`MEASURED_KEYS`] keys was read or written (a
+/// user's device key with access and refresh token takes 65 to 70; BENCHMARKS.md, "Capacity").
+const DEFAULT_BYTES_PER_KEY: f64 = 72.0;
+const MEASURED_KEYS: usize = 1000;
+/// Room kept free below the snapshot's capacity: keys differ in size, and the estimate is the last snapshot's.
+const CAPACITY_MARGIN: f64 = 0.98;
+/// While the state is full, expired pairs are pruned (to make room) at most this often.
+const FULL_PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+/// A compaction that failed is tried again after 1, 2, 4 ... seconds, at most this long.
+const MAX_COMPACTION_BACKOFF: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct KubeStoreOptions {
@@ -74,6 +84,8 @@ pub struct KubeStoreOptions {
     pub commit_timeout: Duration,
     /// A claim on the snapshot pointer left unchanged this long is taken to be abandoned (its holder crashed).
     pub claim_timeout: Duration,
+    /// The most snapshot bytes there is room for ([`layout::SNAPSHOT_CAPACITY_BYTES`]; smaller in tests).
+    pub snapshot_capacity_bytes: usize,
 }
 
 impl Default for KubeStoreOptions {
@@ -83,6 +95,7 @@ impl Default for KubeStoreOptions {
             segment_bytes: 64 * 1024,
             commit_timeout: Duration::from_secs(5),
             claim_timeout: Duration::from_secs(30),
+            snapshot_capacity_bytes: layout::SNAPSHOT_CAPACITY_BYTES,
         }
     }
 }
@@ -102,6 +115,12 @@ pub struct KubeStoreMetrics {
     pub reloads: AtomicU64,
     pub journal_bytes: AtomicU64,
     pub snapshot_bytes: AtomicU64,
+    /// Live token keys in the confirmed state.
+    pub live_keys: AtomicU64,
+    /// The live keys the snapshot has room for, at the last snapshot's bytes per key.
+    pub capacity_keys: AtomicU64,
+    /// Requests refused because the state was full.
+    pub full_refusals: AtomicU64,
     /// Seconds from a remote journal write's arrival in the watch to its records being applied.
     pub watch_apply: Histogram,
     pub batches: Arc<Histogram>,
@@ -122,6 +141,9 @@ impl KubeStoreMetrics {
             reloads: AtomicU64::new(0),
             journal_bytes: AtomicU64::new(0),
             snapshot_bytes: AtomicU64::new(0),
+            live_keys: AtomicU64::new(0),
+            capacity_keys: AtomicU64::new(0),
+            full_refusals: AtomicU64::new(0),
             watch_apply: Histogram::new(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
             batches,
         }
@@ -157,6 +179,11 @@ impl KubeStoreMetrics {
             ),
             ("kubetoken_kube_remote_records_total", &self.remote_records, "Records applied from other replicas."),
             ("kubetoken_kube_reloads_total", &self.reloads, "Full state loads (start, gaps)."),
+            (
+                "kubetoken_kube_full_refusals_total",
+                &self.full_refusals,
+                "Requests for a new token key refused because the token state was at its capacity.",
+            ),
         ];
         for (name, v, help) in counters {
             let _ = writeln!(
@@ -168,11 +195,23 @@ impl KubeStoreMetrics {
         let gauges = [
             ("kubetoken_kube_journal_bytes", &self.journal_bytes, "Bytes of journal records not yet in the snapshot."),
             ("kubetoken_kube_snapshot_bytes", &self.snapshot_bytes, "Bytes of the last snapshot read or written."),
+            ("kubetoken_kube_live_keys", &self.live_keys, "Live token keys in the application's state."),
+            (
+                "kubetoken_kube_capacity_keys",
+                &self.capacity_keys,
+                "Live token keys the state has room for, at the last snapshot's bytes per key.",
+            ),
         ];
         for (name, v, help) in gauges {
             let _ =
                 writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{l}}} {}", v.load(Ordering::Relaxed));
         }
+        let used =
+            self.live_keys.load(Ordering::Relaxed) as f64 / self.capacity_keys.load(Ordering::Relaxed).max(1) as f64;
+        let _ = writeln!(
+            out,
+            "# HELP kubetoken_kube_capacity_used_ratio Live token keys over capacity (1: new keys are refused).\n# TYPE kubetoken_kube_capacity_used_ratio gauge\nkubetoken_kube_capacity_used_ratio{{{l}}} {used:.4}"
+        );
         out.push_str("# HELP kubetoken_kube_watch_apply_seconds Delay from a remote journal write arriving to it being applied.\n# TYPE kubetoken_kube_watch_apply_seconds histogram\n");
         self.watch_apply.render(out, "kubetoken_kube_watch_apply_seconds", &l);
     }
@@ -188,8 +227,8 @@ struct Pending {
 struct Overlay {
     pairs: HashMap<SharedKey, OverlayEntry>,
     access: HashMap<TokenId, SharedKey>,
-    /// Refresh id → its key, and the chain it was rotated out of (`None`: the live one).
-    refresh: HashMap<TokenId, (SharedKey, Option<u64>)>,
+    /// Refresh id → its key.
+    refresh: HashMap<TokenId, SharedKey>,
 }
 
 struct OverlayEntry {
@@ -307,6 +346,13 @@ struct Inner {
     /// [`CLAIM_RECHECK_INTERVAL`], not after every append.
     claim_checked: Option<Instant>,
     loaded: bool,
+    /// Snapshot bytes per live key, as the last snapshot of a measurable size read or written had them.
+    bytes_per_key: f64,
+    /// When expired pairs were last pruned to make room in a full state.
+    full_pruned: Option<Instant>,
+    /// No compaction before this (after failed ones), and how many failed in a row.
+    compact_after: Option<Instant>,
+    compaction_failures: u32,
 }
 
 struct Shared {
@@ -352,8 +398,52 @@ impl Shared {
         g.record_failures(&failed);
         g.publish_resolved(&self.resolved);
         self.publish_journal_bytes(g);
+        self.publish_capacity(g);
         let target = g.follow_target();
         self.follow.send_if_modified(|f| std::mem::replace(f, target) != *f);
+    }
+
+    /// Takes a change whose request gave up out of the queue and the overlay, if it was not sent yet; later
+    /// changes of its key that were decided on it fail with `Conflict` and are decided again. Returns whether it
+    /// was withdrawn (false: it is being written, or already resolved).
+    fn withdraw(&self, id: u64) -> bool {
+        let mut g = self.lock();
+        let Some(p) = g.pending.iter().position(|p| p.id == id).and_then(|at| g.pending.remove(at)) else {
+            return false;
+        };
+        let mut failed = vec![id];
+        g.recompute(&p.change.key, &mut failed);
+        g.record_failures(&failed);
+        g.publish_resolved(&self.resolved);
+        true
+    }
+
+    fn publish_capacity(&self, g: &Inner) {
+        self.metrics.live_keys.store(g.confirmed.entries() as u64, Ordering::Relaxed);
+        self.metrics.capacity_keys.store(g.capacity_keys(&self.options) as u64, Ordering::Relaxed);
+    }
+
+    /// Whether a change that adds a key must be refused because the state is at its capacity. Expired pairs are
+    /// pruned first (at most every [`FULL_PRUNE_INTERVAL`]), as a snapshot would.
+    fn full(&self, g: &mut Inner) -> Option<String> {
+        let capacity = g.capacity_keys(&self.options);
+        if g.confirmed.entries() < capacity {
+            return None;
+        }
+        if g.full_pruned.is_none_or(|t| t.elapsed() >= FULL_PRUNE_INTERVAL) {
+            g.full_pruned = Some(Instant::now());
+            let pruned = g.confirmed.prune(self.clock.now());
+            self.publish_capacity(g);
+            if pruned > 0 && g.confirmed.entries() < capacity {
+                return None;
+            }
+        }
+        Some(format!(
+            "{} live token keys, the capacity of its {} KiB snapshot at {:.0} bytes per key",
+            g.confirmed.entries(),
+            self.options.snapshot_capacity_bytes / 1024,
+            g.bytes_per_key
+        ))
     }
 
     fn publish_journal_bytes(&self, g: &Inner) {
@@ -362,6 +452,18 @@ impl Shared {
 }
 
 impl Inner {
+    /// The live keys a snapshot has room for at the measured bytes per key, less a margin.
+    fn capacity_keys(&self, options: &KubeStoreOptions) -> usize {
+        (options.snapshot_capacity_bytes as f64 * CAPACITY_MARGIN / self.bytes_per_key) as usize
+    }
+
+    /// Takes the bytes per key of a snapshot read or written, once it holds enough keys to say.
+    fn measured(&mut self, keys: usize, bytes: usize) {
+        if keys >= MEASURED_KEYS && bytes > 0 {
+            self.bytes_per_key = bytes as f64 / keys as f64;
+        }
+    }
+
     fn view_pair(&self, key: &TokenKey) -> Option<LivePair> {
         match self.overlay.pairs.get(key) {
             Some(e) => e.pair.clone(),
@@ -380,12 +482,10 @@ impl Inner {
         }
         let mut current = self.confirmed.pair(key);
         let mut any = false;
-        let mut rotated = Vec::new();
         // In-flight changes cannot fail here (the writer resolves them), but later ones may depend on them.
         for p in &self.inflight {
             if p.change.key == *key {
                 current = p.change.next.clone();
-                rotated.extend(p.change.rotated_out.map(|r| (r.id, r.chain)));
                 any = true;
             }
         }
@@ -401,7 +501,6 @@ impl Inner {
                 return false;
             }
             current = p.change.next.clone();
-            rotated.extend(p.change.rotated_out.map(|r| (r.id, r.chain)));
             any = true;
             true
         });
@@ -414,13 +513,9 @@ impl Inner {
             self.overlay.access.insert(pair.access_id, shared.clone());
             ids.push(pair.access_id);
             if let Some(r) = pair.refresh {
-                self.overlay.refresh.insert(r.id, (shared.clone(), None));
+                self.overlay.refresh.insert(r.id, shared.clone());
                 ids.push(r.id);
             }
-        }
-        for (id, chain) in rotated {
-            self.overlay.refresh.insert(id, (shared.clone(), Some(chain)));
-            ids.push(id);
         }
         self.overlay.pairs.insert(shared, OverlayEntry { pair: current, ids });
     }
@@ -441,10 +536,11 @@ impl Inner {
                         self.failures_in.push(f);
                     }
                 }
-                Record::Set { ref k, .. } | Record::Rotated { ref k, .. } => {
+                Record::Set { ref k, .. } => {
                     touched.push(k.clone());
                     self.confirmed.apply(record);
                 }
+                Record::LegacyRotated {} => {}
             }
         }
         touched
@@ -610,6 +706,10 @@ impl KubeStore {
             claim_seen: None,
             claim_checked: None,
             loaded: false,
+            bytes_per_key: DEFAULT_BYTES_PER_KEY,
+            full_pruned: None,
+            compact_after: None,
+            compaction_failures: 0,
         };
         Self {
             shared: Arc::new(Shared {
@@ -777,6 +877,8 @@ impl KubeStore {
             g.head = head;
             g.pointer = pointer;
             g.confirmed.prune(s.clock.now());
+            let keys = g.confirmed.entries();
+            g.measured(keys, snapshot_bytes);
             // Pending changes were decided on the old view: re-check them all.
             let keys: HashSet<TokenKey> = g.pending.iter().map(|p| p.change.key.clone()).collect();
             g.loaded = true;
@@ -1085,7 +1187,8 @@ impl KubeStore {
         {
             let g = s.lock();
             let rechecked_lately = g.claim_checked.is_some_and(|t| t.elapsed() < CLAIM_RECHECK_INTERVAL);
-            if g.uncompacted_segments() < COMPACT_AT_SEGMENTS || rechecked_lately {
+            let backing_off = g.compact_after.is_some_and(|t| Instant::now() < t);
+            if g.uncompacted_segments() < COMPACT_AT_SEGMENTS || rechecked_lately || backing_off {
                 return;
             }
         }
@@ -1094,8 +1197,24 @@ impl KubeStore {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = this.compact().await {
-                tracing::warn!(application = %this.shared.app, error = %e, "compaction did not complete; it is retried");
+            let result = this.compact().await;
+            {
+                let mut g = this.shared.lock();
+                match &result {
+                    Ok(()) => {
+                        g.compaction_failures = 0;
+                        g.compact_after = None;
+                    }
+                    Err(e) => {
+                        // Backs off: a compaction that cannot succeed (a state past its capacity, an API server
+                        // refusing writes) is not repeated after every append.
+                        g.compaction_failures = g.compaction_failures.saturating_add(1);
+                        let wait =
+                            Duration::from_secs(1u64 << g.compaction_failures.min(6)).min(MAX_COMPACTION_BACKOFF);
+                        g.compact_after = Some(Instant::now() + wait);
+                        tracing::warn!(application = %this.shared.app, error = %e, retry_in_s = wait.as_secs(), "compaction did not complete; it is retried");
+                    }
+                }
             }
             this.shared.compacting.store(false, Ordering::Release);
         });
@@ -1154,31 +1273,37 @@ impl KubeStore {
 
     async fn write_snapshot(&self, pointer: &PointerView, claim: &str, claimed_rv: &str) -> Result<(), String> {
         let s = &self.shared;
-        let (upto, pieces) = {
+        let capacity = s.options.snapshot_capacity_bytes.min(layout::SNAPSHOT_CAPACITY_BYTES);
+        let (upto, pieces, keys) = {
             let mut g = s.lock();
             let now = s.clock.now();
             g.confirmed.prune(now);
             let mut encoder = codec::Encoder::in_pieces(layout::CHUNK_BYTES);
             for r in g.confirmed.snapshot() {
                 encoder.push(&r);
-                if encoder.total_len() > layout::CHUNK_BYTES * CHUNKS_PER_SET {
+                if encoder.total_len() > capacity {
                     break;
                 }
             }
-            (g.applied_seq, encoder.finish_pieces())
+            (g.applied_seq, encoder.finish_pieces(), g.confirmed.entries())
         };
         if upto <= pointer.upto {
             return Err("this replica is behind the snapshot".into());
         }
         let snapshot_bytes: usize = pieces.iter().map(Vec::len).sum();
-        if pieces.len() > CHUNKS_PER_SET {
+        if snapshot_bytes > capacity || pieces.len() > CHUNKS_PER_SET {
             return Err(format!(
-                "the token state (over {} KiB) exceeds the {} snapshot chunks of {} KiB; not compacting",
+                "the token state ({keys} live keys, over {} KiB) exceeds its snapshot's {} KiB; not compacting",
                 snapshot_bytes / 1024,
-                CHUNKS_PER_SET,
-                layout::CHUNK_BYTES / 1024
+                capacity / 1024
             ));
         }
+        let capacity_keys = {
+            let mut g = s.lock();
+            g.measured(keys, snapshot_bytes);
+            s.publish_capacity(&g);
+            g.capacity_keys(&s.options)
+        };
         let set = 1 - pointer.set;
         let params = patch_params();
         // Versions read after the claim: a chunk another replica writes from now on makes one of the two fail.
@@ -1205,6 +1330,7 @@ impl KubeStore {
             "data": {
                 SET_FIELD: set.to_string(), CHUNKS_FIELD: pieces.len().to_string(), UPTO_FIELD: upto.to_string(),
                 GEN_FIELD: claim, CLAIM_FIELD: null,
+                KEYS_FIELD: keys.to_string(), CAPACITY_FIELD: capacity_keys.to_string(),
             },
         });
         let cm = s
@@ -1256,23 +1382,13 @@ impl TokenStore for KubeStore {
         g.confirmed.find_access(id).filter(|(k, _)| !g.overlay.pairs.contains_key(k))
     }
 
-    fn find_refresh(&self, id: &TokenId) -> RefreshLookup {
+    fn find_refresh(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
         let g = self.shared.lock();
-        if let Some((key, rotated)) = g.overlay.refresh.get(id) {
-            if let Some(chain) = rotated {
-                return RefreshLookup::Rotated { key: key.clone(), chain: *chain };
-            }
-            return match g.overlay.pairs.get(key).and_then(|e| e.pair.clone()) {
-                Some(pair) if pair.refresh.is_some_and(|r| r.id == *id) => {
-                    RefreshLookup::Live { key: key.clone(), pair }
-                }
-                _ => RefreshLookup::Unknown,
-            };
+        if let Some(key) = g.overlay.refresh.get(id) {
+            let pair = g.overlay.pairs.get(key)?.pair.clone()?;
+            return pair.refresh.is_some_and(|r| r.id == *id).then(|| (key.clone(), pair));
         }
-        match g.confirmed.find_refresh(id) {
-            RefreshLookup::Live { key, .. } if g.overlay.pairs.contains_key(&key) => RefreshLookup::Unknown,
-            other => other,
-        }
+        g.confirmed.find_refresh(id).filter(|(k, _)| !g.overlay.pairs.contains_key(k))
     }
 
     fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
@@ -1302,6 +1418,14 @@ impl TokenStore for KubeStore {
             if g.view_pair(&change.key).map(|p| p.access_id) != change.expect {
                 return Err(StoreError::Conflict);
             }
+            // At capacity, nothing adds a key; replacing a key's pair, and revoking, go on.
+            if change.expect.is_none()
+                && change.next.is_some()
+                && let Some(why) = s.full(&mut g)
+            {
+                s.metrics.full_refusals.fetch_add(1, Ordering::Relaxed);
+                return Err(StoreError::Full(why));
+            }
             let (tx, rx) = oneshot::channel();
             let id = g.next_id;
             g.next_id += 1;
@@ -1309,18 +1433,26 @@ impl TokenStore for KubeStore {
             g.pending.push_back(Pending { id, change, done: Some(tx) });
             let mut failed = Vec::new();
             g.recompute(&key, &mut failed);
-            Ok(rx)
+            Ok((id, rx))
         })();
         if accepted.is_ok() {
             s.wake.notify_one();
         }
         let timeout = s.options.commit_timeout + s.options.commit_timeout;
         Box::pin(async move {
-            let rx = accepted?;
-            match tokio::time::timeout(timeout, rx).await {
+            let (id, mut rx) = accepted?;
+            let late = || unavailable("the Kubernetes API did not accept the change in time");
+            match tokio::time::timeout(timeout, &mut rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(unavailable("the token state writer stopped")),
-                Err(_) => Err(unavailable("the Kubernetes API did not accept the change in time")),
+                // Still queued: withdrawn, so that nothing the client was refused is written later (a retried
+                // refresh would otherwise meet its own rotation as reuse).
+                Err(_) if s.withdraw(id) => Err(late()),
+                // Being written: the write itself is bounded by the commit timeout, and its outcome decides.
+                Err(_) => match tokio::time::timeout(s.options.commit_timeout, rx).await {
+                    Ok(Ok(result)) => result,
+                    _ => Err(late()),
+                },
             }
         })
     }

@@ -40,6 +40,7 @@ fn tiny() -> KubeStoreOptions {
         segment_bytes: 600,
         commit_timeout: Duration::from_secs(5),
         claim_timeout: Duration::from_secs(1),
+        ..KubeStoreOptions::default()
     }
 }
 
@@ -80,12 +81,7 @@ fn pair(n: usize) -> LivePair {
 /// Sets key(n)'s pair to pair(n) through `store`, deciding again on conflicts as the core does.
 async fn issue(store: &KubeStore, n: usize) {
     for _ in 0..200 {
-        let change = Change {
-            key: key(n),
-            expect: store.pair(&key(n)).map(|p| p.access_id),
-            next: Some(pair(n)),
-            rotated_out: None,
-        };
+        let change = Change { key: key(n), expect: store.pair(&key(n)).map(|p| p.access_id), next: Some(pair(n)) };
         match store.commit(change).await {
             Ok(()) => return,
             Err(StoreError::Conflict) => tokio::time::sleep(Duration::from_millis(2)).await,
@@ -200,4 +196,90 @@ async fn an_abandoned_claim_is_taken_over_and_a_compaction_that_meets_a_rival_wr
     assert_ne!(p["gen"], "", "a snapshot was switched in");
     let (fresh, _tf) = started(&api, tiny()).await;
     assert_holds(&fresh, &last, "a fresh replica").await;
+}
+
+/// A change whose request gave up while it waited for room in the journal is withdrawn: it is not in the view, it
+/// is never written later, and the same decision made again once the journal has room succeeds. (Before, it stayed
+/// queued and in the overlay: a client retrying a refresh that got 503 met its own rotation, as reuse.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_commit_timed_out_is_withdrawn_and_the_retry_is_decided_on_the_confirmed_state() {
+    let server = KubeTestServer::start();
+    let api = state_objects(&server).await;
+    // Another replica holds the snapshot claim, so no compaction frees the ring: it fills up.
+    put_claim(&api, "busy-replica").await;
+    let options = KubeStoreOptions {
+        commit_timeout: Duration::from_millis(300),
+        claim_timeout: Duration::from_secs(600),
+        ..tiny()
+    };
+    let (a, _ta) = started(&api, options).await;
+    let commit = |n: usize, next: LivePair| {
+        let change = Change { key: key(n), expect: a.pair(&key(n)).map(|p| p.access_id), next: Some(next) };
+        a.commit(change)
+    };
+    let mut n = 0;
+    loop {
+        match commit(n % 60, pair(n)).await {
+            Ok(()) => n += 1,
+            Err(StoreError::Unavailable(_)) => break,
+            Err(e) => panic!("commit {n}: {e}"),
+        }
+        assert!(n < 1000, "the journal never filled");
+    }
+    // The change that timed out is not in the view: the confirmed pair is.
+    let k = n % 60;
+    let confirmed = a.pair(&key(k));
+    assert_ne!(confirmed.as_ref(), Some(&pair(n)), "the refused change is withdrawn from the overlay");
+    assert!(a.find_access(&pair(n).access_id).is_none());
+    // Room again: the claim goes, compaction frees segments. The same decision, made again on the confirmed pair,
+    // succeeds; the withdrawn one was never written.
+    put_claim(&api, "").await;
+    let retry = LivePair { access_id: TokenId([0xEE; 16]), ..pair(n) };
+    let start = Instant::now();
+    loop {
+        let change = Change { key: key(k), expect: confirmed.as_ref().map(|p| p.access_id), next: Some(retry.clone()) };
+        match a.commit(change).await {
+            Ok(()) => break,
+            Err(StoreError::Unavailable(_)) if start.elapsed() < Duration::from_secs(20) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("the retry on the confirmed pair: {e}"),
+        }
+    }
+    a.sync().await.expect("sync");
+    let (fresh, _tf) = started(&api, tiny()).await;
+    assert_eq!(fresh.pair(&key(k)), Some(retry));
+    assert!(fresh.find_access(&pair(n).access_id).is_none(), "the withdrawn change never reached the journal");
+}
+
+/// At its capacity the state refuses a change that adds a key, at once and saying why; replacing a key's pair and
+/// revoking go on, and a revocation makes room again. The capacity and live keys are in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_refuses_new_keys_at_once_and_existing_keys_keep_working() {
+    let server = KubeTestServer::start();
+    let api = state_objects(&server).await;
+    // 3,000 bytes at the assumed 72 bytes per key: room for 40 keys.
+    let (a, _ta) = started(&api, KubeStoreOptions { snapshot_capacity_bytes: 3000, ..tiny() }).await;
+    let add = |n: usize| a.commit(Change { key: key(n), expect: None, next: Some(pair(n)) });
+    for n in 0..40 {
+        add(n).await.expect("room for 40 keys");
+    }
+    let start = Instant::now();
+    let refused = add(40).await;
+    assert!(matches!(&refused, Err(StoreError::Full(why)) if why.contains("40 live token keys")), "{refused:?}");
+    assert!(start.elapsed() < Duration::from_millis(500), "refused at once, not after a timeout");
+    assert!(a.pair(&key(40)).is_none());
+    let m = a.metrics();
+    assert_eq!(m.live_keys.load(std::sync::atomic::Ordering::Relaxed), 40);
+    assert_eq!(m.capacity_keys.load(std::sync::atomic::Ordering::Relaxed), 40);
+    assert_eq!(m.full_refusals.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // A refresh replaces a key's pair in place: still fine.
+    let replaced = LivePair { access_id: TokenId([0xAB; 16]), ..pair(3) };
+    a.commit(Change { key: key(3), expect: Some(pair(3).access_id), next: Some(replaced.clone()) })
+        .await
+        .expect("replacing a pair at capacity");
+    // A revocation too, and it makes room for one new key.
+    a.commit(Change { key: key(5), expect: Some(pair(5).access_id), next: None }).await.expect("revoking at capacity");
+    add(40).await.expect("room again after a revocation");
+    assert_eq!(a.pair(&key(3)), Some(replaced));
 }
