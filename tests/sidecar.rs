@@ -333,7 +333,7 @@ async fn under_api_latency_every_request_for_one_key_succeeds_and_batches_stay_l
             handles.into_iter().flat_map(|h| h.join().expect("thread")).collect()
         })
     };
-    let received = run(20, 10, &|_| "device_kiosk".to_string());
+    let received = run(40, 5, &|_| "device_kiosk".to_string());
     assert_eq!(received.len(), 200);
     c.server().set_latency(Duration::ZERO);
     let client = Client { id: &id, secret: &secret };
