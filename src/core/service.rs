@@ -603,68 +603,68 @@ impl TokenService {
                 if !pair.refresh_active(now) {
                     return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
                 }
-                        // The present decides, not the login: the user's roles, the declared scopes and the
-                        // grant types as they are now.
-                        let roles = match key.username() {
-                            None => app.client_roles.clone(),
-                            Some(user) => match app.users.get(user) {
-                                Some(u) => u.roles.clone(),
-                                None => return Err(OAuthError::InvalidGrant("the user no longer exists".into())),
-                            },
+                // The present decides, not the login: the user's roles, the declared scopes and the
+                // grant types as they are now.
+                let roles = match key.username() {
+                    None => app.client_roles.clone(),
+                    Some(user) => match app.users.get(user) {
+                        Some(u) => u.roles.clone(),
+                        None => return Err(OAuthError::InvalidGrant("the user no longer exists".into())),
+                    },
+                };
+                if key.username().is_some() && !app.allows(GrantType::Password) {
+                    return Err(OAuthError::InvalidGrant(
+                        "the password grant this refresh token came from is no longer enabled for this client"
+                            .into(),
+                    ));
+                }
+                let session = pair.refresh.map(|r| Session {
+                    refresh_id: r.id,
+                    generation: r.generation,
+                    // State written before sessions were recorded: the session starts with this pair.
+                    started_at: if r.session_started_at == 0 { pair.issued_at } else { r.session_started_at },
+                });
+                if let (Some(max), Some(s)) = (app.session_max, session)
+                    && now >= s.started_at.saturating_add(max)
+                {
+                    return Err(OAuthError::InvalidGrant(
+                        "the session has reached its maximum lifetime; log in again".into(),
+                    ));
+                }
+                let allowed_now = app.scopes.grant(&key.scopes, &roles);
+                let scopes = refreshed_scopes(&key.scopes, &allowed_now, requested.clone())?;
+                match app.format {
+                    // Opaque pairs are shared by every caller of the same key, refresh token included, so
+                    // refresh tokens are not rotated (a second caller's refresh is not reuse), and a
+                    // refresh while the access token is valid returns it (it does not revoke the other
+                    // caller's copy).
+                    TokenFormat::Opaque if pair.access_active(now) && pair.access_scopes == scopes => {
+                        (pair, self.store.sync(), true)
+                    }
+                    TokenFormat::Opaque => {
+                        let next = LivePair { refresh: pair.refresh, ..self.new_pair(app, scopes, now, None)? };
+                        let change =
+                            Change { key: (*key).clone(), expect: Some(pair.access_id), next: Some(next.clone()) };
+                        (next, self.store.commit(change), false)
+                    }
+                    TokenFormat::Jwt => {
+                        // Rotation: the same refresh id, the next generation; the presented one, and every
+                        // earlier one, is then reuse.
+                        let rotated = match session {
+                            Some(s) => Some(Session {
+                                generation: s.generation.checked_add(1).ok_or_else(|| {
+                                    OAuthError::InvalidGrant("the session was refreshed too often; log in again".into())
+                                })?,
+                                ..s
+                            }),
+                            None => None,
                         };
-                        if key.username().is_some() && !app.allows(GrantType::Password) {
-                            return Err(OAuthError::InvalidGrant(
-                                "the password grant this refresh token came from is no longer enabled for this client"
-                                    .into(),
-                            ));
-                        }
-                        let session = pair.refresh.map(|r| Session {
-                            refresh_id: r.id,
-                            generation: r.generation,
-                            // State written before sessions were recorded: the session starts with this pair.
-                            started_at: if r.session_started_at == 0 { pair.issued_at } else { r.session_started_at },
-                        });
-                        if let (Some(max), Some(s)) = (app.session_max, session)
-                            && now >= s.started_at.saturating_add(max)
-                        {
-                            return Err(OAuthError::InvalidGrant(
-                                "the session has reached its maximum lifetime; log in again".into(),
-                            ));
-                        }
-                        let allowed_now = app.scopes.grant(&key.scopes, &roles);
-                        let scopes = refreshed_scopes(&key.scopes, &allowed_now, requested.clone())?;
-                        match app.format {
-                            // Opaque pairs are shared by every caller of the same key, refresh token included, so
-                            // refresh tokens are not rotated (a second caller's refresh is not reuse), and a
-                            // refresh while the access token is valid returns it (it does not revoke the other
-                            // caller's copy).
-                            TokenFormat::Opaque if pair.access_active(now) && pair.access_scopes == scopes => {
-                                (pair, self.store.sync(), true)
-                            }
-                            TokenFormat::Opaque => {
-                                let next = LivePair { refresh: pair.refresh, ..self.new_pair(app, scopes, now, None)? };
-                                let change =
-                                    Change { key: (*key).clone(), expect: Some(pair.access_id), next: Some(next.clone()) };
-                                (next, self.store.commit(change), false)
-                            }
-                            TokenFormat::Jwt => {
-                                // Rotation: the same refresh id, the next generation; the presented one, and every
-                                // earlier one, is then reuse.
-                                let rotated = match session {
-                                    Some(s) => Some(Session {
-                                        generation: s.generation.checked_add(1).ok_or_else(|| {
-                                            OAuthError::InvalidGrant("the session was refreshed too often; log in again".into())
-                                        })?,
-                                        ..s
-                                    }),
-                                    None => None,
-                                };
-                                let next = self.new_pair(app, scopes, now, rotated)?;
-                                let change =
-                                    Change { key: (*key).clone(), expect: Some(pair.access_id), next: Some(next.clone()) };
-                                (next, self.store.commit(change), false)
-                            }
-                        }
+                        let next = self.new_pair(app, scopes, now, rotated)?;
+                        let change =
+                            Change { key: (*key).clone(), expect: Some(pair.access_id), next: Some(next.clone()) };
+                        (next, self.store.commit(change), false)
+                    }
+                }
             };
             let (next, durable, reused) = next_and_durable;
             let access = self.access_token(issuer, app, &key, &next)?;
