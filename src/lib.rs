@@ -10,6 +10,7 @@
 //! - [`standalone`]: wiring for `kubetoken standalone`: manifests on disk, state on disk.
 //! - [`sidecar`]: wiring for `kubetoken sidecar`: applications from the Kubernetes API, state in ConfigMaps.
 //! - [`controller`]: `kubetoken controller`, which reconciles OAuthApplications.
+//! - [`inject`]: `kubetoken inject`, which adds the sidecar to workload manifests.
 #![forbid(unsafe_code)]
 // Errors are handled, not unwrapped: a panic in a request would drop a client connection without an answer.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -18,6 +19,7 @@ pub mod api;
 pub mod controller;
 pub mod core;
 pub mod http;
+pub mod inject;
 pub mod kube_client;
 pub mod metrics;
 pub mod passwords;

@@ -34,6 +34,24 @@ enum Command {
     HashPassword(HashPasswordArgs),
     /// Print the OAuthApplication CustomResourceDefinition (crds/oauthapplications.kubetoken.io.yaml is this output).
     Crd,
+    /// Add the kubetoken sidecar to the pods of workload manifests (YAML from a file or stdin, to stdout).
+    Inject(InjectArgs),
+}
+
+#[derive(Args)]
+struct InjectArgs {
+    /// The OAuthApplication the sidecar serves.
+    #[arg(long)]
+    application: String,
+    /// The manifests (several YAML documents); `-` or none: stdin.
+    #[arg(short = 'f', long = "filename")]
+    file: Option<std::path::PathBuf>,
+    /// The sidecar image (default: this version's).
+    #[arg(long)]
+    image: Option<String>,
+    /// The Secret with client_id and client_secret for the app's containers (default: <application>-credentials).
+    #[arg(long)]
+    credentials_secret: Option<String>,
 }
 
 #[derive(Args)]
@@ -303,6 +321,32 @@ fn sidecar(args: SidecarArgs) -> Result<(), String> {
     }))
 }
 
+fn inject(args: InjectArgs) -> Result<(), String> {
+    use std::io::Read;
+    let mut opts = kubetoken::inject::InjectOptions::new(&args.application);
+    if let Some(image) = args.image {
+        opts.image = image;
+    }
+    if let Some(secret) = args.credentials_secret {
+        opts.credentials_secret = secret;
+    }
+    let (input, source) = match &args.file {
+        Some(path) if path.as_os_str() != "-" => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("inject: cannot read {}: {e}", path.display()))?;
+            (text, path.display().to_string())
+        }
+        _ => {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).map_err(|e| format!("inject: cannot read stdin: {e}"))?;
+            (text, "stdin".to_string())
+        }
+    };
+    let out = kubetoken::inject::inject_yaml(&input, &opts).map_err(|e| format!("inject: {source}: {e}"))?;
+    print!("{out}");
+    Ok(())
+}
+
 fn controller(args: ControllerArgs) -> Result<(), String> {
     use kubetoken::controller::leader::LeaseConfig;
     use std::time::Duration;
@@ -363,6 +407,7 @@ fn main() -> ExitCode {
         Command::Controller(args) => controller(args),
         Command::HashPassword(args) => hash_password(args),
         Command::Crd => kubetoken::api::crd_yaml().map(|yaml| print!("{yaml}")),
+        Command::Inject(args) => inject(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -289,6 +289,61 @@ async fn concurrent_requests_for_one_key_over_two_replicas_end_with_one_live_tok
     );
 }
 
+/// From the first request after its port binds, a starting sidecar answers 503 `temporarily_unavailable` with
+/// `Retry-After` until it can issue tokens, then 200: never 401 `invalid_client`, which a client takes as wrong
+/// credentials. Readiness means "can answer token requests": with the users Secret deleted the sidecar keeps
+/// serving what it built, and `/readyz` stays 200 while it issues tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_sidecar_answers_503_never_401_and_stays_ready_while_it_serves() {
+    let (c, _controller, id, secret) = cluster("sc-start", "JWT").await;
+    let s = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
+    let client = Client { id: &id, secret: &secret };
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let r = client.token(&s, &[("grant_type", "client_credentials"), ("scope", "device_kiosk")]);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "while starting: {} {}", r.status, r.body);
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert_eq!(r.json()["error"], "temporarily_unavailable", "{}", r.body);
+        seen.push(r.status);
+        assert!(started.elapsed() < Duration::from_secs(30), "never served");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("{} answers of 503 before the first token, {:?} after the port bound", seen.len(), started.elapsed());
+    // The same during start-up for introspection and revocation (a second sidecar, probed as it starts).
+    let t = SidecarProcess::start(&c.kubeconfig, &c.namespace, &["shop"], &[]);
+    loop {
+        let r = post_form(&t.url("/oauth2/introspect"), Some(client.creds()), &[("token", "x")]);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!((r.status, r.header("retry-after")), (503, Some("1")), "{}", r.body);
+        let r = post_form(&t.url("/oauth2/revoke"), Some(client.creds()), &[("token", "x")]);
+        assert!(r.status == 503 || r.status == 200, "{} {}", r.status, r.body);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t.wait_ready().await;
+
+    // The users Secret goes: the sidecar keeps serving the users it has, and stays ready.
+    c.secrets().delete("shop-users", &Default::default()).await.expect("delete users");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ready = ureq::get(&s.url("/readyz")).call().map(|r| r.status()).unwrap_or_else(|e| match e {
+        ureq::Error::Status(code, _) => code,
+        other => panic!("{other}"),
+    });
+    assert_eq!(ready, 200, "ready while serving");
+    assert_eq!(client.password(&s, "alice", "alice-pw", "device_ipad").status, 200, "still issuing tokens");
+
+    // SIGTERM (the kubelet stopping a native sidecar once a Job's containers exited): exit 0.
+    let mut s = s;
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(s.child.id().to_string()).status();
+    let status = s.child.wait().expect("wait");
+    assert!(status.success(), "the sidecar exits 0 on SIGTERM: {status:?}");
+}
+
 /// Write requests (PATCH, PUT, POST) the replicas made to the application's state ConfigMaps.
 fn state_writes(c: &Cluster) -> usize {
     c.server()

@@ -225,6 +225,9 @@ pub struct TokenService {
     rng: SystemRandom,
     passwords: Arc<dyn PasswordVerifier>,
     key_locks: Box<[std::sync::Mutex<()>]>,
+    /// Some application this service will serve is not loaded yet (a sidecar starting): a client it does not know
+    /// may be one of that application's, so it is told to come back (503), not that its credentials are wrong.
+    loading: std::sync::atomic::AtomicBool,
 }
 
 fn store_error(e: StoreError) -> OAuthError {
@@ -274,7 +277,13 @@ impl TokenService {
             rng: SystemRandom::new(),
             passwords: config.passwords,
             key_locks: (0..64).map(|_| std::sync::Mutex::new(())).collect(),
+            loading: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether applications are still to be loaded (see `loading`); false by default.
+    pub fn set_loading(&self, loading: bool) {
+        self.loading.store(loading, std::sync::atomic::Ordering::Release);
     }
 
     /// The applications as they are now.
@@ -328,6 +337,10 @@ impl TokenService {
         self.absorb_shared_failures();
         let now = self.clock.now();
         let registry = self.registry();
+        if self.loading.load(std::sync::atomic::Ordering::Acquire) && registry.get(&creds.client_id).is_none() {
+            // Not counted toward the lockout: nothing was checked.
+            return Err(OAuthError::TemporarilyUnavailable("the application is still loading; retry shortly".into()));
+        }
         let app = registry.get(&creds.client_id).filter(|app| app.secret_matches(&creds.client_secret)).cloned();
         if let Some(secs) = self.client_lockout.locked(&creds.client_id, now)
             && app.is_none()

@@ -1197,3 +1197,30 @@ async fn a_request_that_keeps_losing_the_race_for_its_key_is_retried_until_its_d
 async fn f_active(service: &TokenService, token: &str) -> bool {
     matches!(service.introspect(&client("shop"), token).await, Ok(Introspection::Active(_)))
 }
+
+/// While applications are still loading (a sidecar starting), a client the service does not know yet gets 503
+/// `temporarily_unavailable`, never 401 `invalid_client` (which clients take as wrong credentials), and those
+/// requests do not count toward the client lockout. A known client with a wrong secret is still 401.
+#[tokio::test]
+async fn while_applications_load_an_unknown_client_is_told_to_retry_and_nothing_counts_toward_lockout() {
+    let f = fixture(TokenFormat::Jwt);
+    let loaded = f.service.registry();
+    f.service.set_registry(Registry::default());
+    f.service.set_loading(true);
+    let grant = || Grant::ClientCredentials { scope: None };
+    for _ in 0..10 {
+        let err = f.service.token(&client("shop"), grant()).await.expect_err("still loading");
+        assert_eq!(err.code(), "temporarily_unavailable", "{err}");
+        let err = f.service.introspect(&client("shop"), "x").await.expect_err("still loading");
+        assert_eq!(err.code(), "temporarily_unavailable");
+    }
+    // Loaded: the same client authenticates (ten 503s did not lock it: the lockout allows 3 failures).
+    f.service.set_registry(Registry::from_shared(loaded.apps().cloned()).expect("registry"));
+    f.service.set_loading(false);
+    f.service.token(&client("shop"), grant()).await.expect("loaded: a token");
+    let wrong = ClientCredentials { client_id: "shop".into(), client_secret: "wrong".into() };
+    assert_eq!(f.service.token(&wrong, grant()).await.expect_err("wrong secret").code(), "invalid_client");
+    // An unknown client once everything is loaded: 401.
+    let unknown = ClientCredentials { client_id: "nobody".into(), client_secret: "s3cret".into() };
+    assert_eq!(f.service.token(&unknown, grant()).await.expect_err("unknown").code(), "invalid_client");
+}

@@ -111,12 +111,22 @@ struct Extras {
 }
 
 impl ServerExtras for Extras {
+    /// Not ready only while the sidecar cannot answer token requests: an application not served yet, or its token
+    /// state not loaded. A problem the controller reports while the application is served (a Secret briefly
+    /// unreadable, the application not Ready for a moment) leaves it ready: it keeps issuing tokens, and taking the
+    /// pod out of its Service would take the app with it.
     fn not_ready(&self) -> Option<String> {
         let reasons: Vec<String> = self
             .apps
             .iter()
             .filter_map(|(name, sources, store)| {
-                let why = sources.not_ready().or_else(|| (!store.loaded()).then(|| "token state not loaded".into()))?;
+                let why = if !store.loaded() {
+                    "token state not loaded".to_string()
+                } else if !sources.serving() {
+                    sources.not_ready().unwrap_or_else(|| "not loaded yet".into())
+                } else {
+                    return None;
+                };
                 Some(format!("{name}: {why}"))
             })
             .collect();
@@ -130,7 +140,7 @@ impl ServerExtras for Extras {
             let synced = sources.not_ready().is_none() && store.loaded();
             let _ = writeln!(out, "kubetoken_sidecar_cache_synced{{application=\"{name}\"}} {}", u8::from(synced));
         }
-        out.push_str("# HELP kubetoken_sidecar_live_entries Live token pairs and remembered rotated refresh tokens.\n# TYPE kubetoken_sidecar_live_entries gauge\n");
+        out.push_str("# HELP kubetoken_sidecar_live_entries Live token pairs (one per live token key).\n# TYPE kubetoken_sidecar_live_entries gauge\n");
         for (name, _, store) in &self.apps {
             let _ = writeln!(out, "kubetoken_sidecar_live_entries{{application=\"{name}\"}} {}", store.entries());
         }
@@ -174,6 +184,9 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
         clock.clone(),
         crate::passwords::service_config(issuer, opts.policies),
     ));
+    // Until every application is loaded, an unknown client may be one of theirs: 503, not 401.
+    service.set_loading(true);
+    let expected = apps.len();
 
     let mut tasks = Vec::new();
     let snapshots: Arc<Mutex<HashMap<String, AppSnapshot>>> = Arc::default();
@@ -189,6 +202,11 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
             clock.clone(),
         );
         tasks.push(tokio::spawn(async move {
+            // An application is served only with its token state loaded, so that no request is answered from an
+            // empty state (introspection: inactive; refresh: unknown) while it loads.
+            while !store.loaded() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             sources
                 .run(clock, move |snapshot| {
                     let mut all = snapshots.lock().unwrap_or_else(|p| p.into_inner());
@@ -205,6 +223,7 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
                         Ok(registry) => service.set_registry(registry),
                         Err(e) => tracing::error!(error = %e, "applications conflict; keeping the previous set"),
                     }
+                    service.set_loading(all.len() < expected);
                 })
                 .await;
         }));

@@ -114,6 +114,8 @@ pub struct AppSources {
     notify: Arc<Notify>,
     /// Why the application cannot be served now; `None` once it is built and Ready.
     status: Mutex<Option<String>>,
+    /// The application is being served (built and handed out at least once, and not gone since).
+    serving: std::sync::atomic::AtomicBool,
 }
 
 fn text(data: Option<&std::collections::BTreeMap<String, ByteString>>, key: &str) -> Option<String> {
@@ -132,11 +134,17 @@ impl AppSources {
             name: name.to_string(),
             notify: Arc::new(Notify::new()),
             status: Mutex::new(Some("waiting for the first watch results".into())),
+            serving: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     pub fn not_ready(&self) -> Option<String> {
         lock(&self.status).clone()
+    }
+
+    /// Whether the application is being served: requests for it are answered, whatever [`Self::not_ready`] says.
+    pub fn serving(&self) -> bool {
+        self.serving.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn set_status(&self, status: Option<String>) {
@@ -193,6 +201,7 @@ impl AppSources {
                 Ok((built, ready, expiry)) if ready || served => {
                     on_change(Some(AppSnapshot { app: Arc::new(built) }));
                     served = true;
+                    self.serving.store(true, std::sync::atomic::Ordering::Release);
                     self.set_status(
                         (!ready).then(|| "the OAuthApplication is not Ready (see its conditions)".to_string()),
                     );
@@ -208,6 +217,7 @@ impl AppSources {
                     if served && why.contains("not found") && why.starts_with("OAuthApplication") {
                         on_change(None);
                         served = false;
+                        self.serving.store(false, std::sync::atomic::Ordering::Release);
                     }
                     self.set_status(Some(why));
                     None
