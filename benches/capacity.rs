@@ -11,11 +11,15 @@
 //! `cargo test --bench capacity -- --smoke` (CI): 2,000 keys, three hours; asserts that refreshing leaves the state
 //! as large as it was.
 
+// The shared benchmark code; this benchmark uses its application configuration only.
+#[allow(dead_code)]
+mod support;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kubetoken::core::app::{Application, ApplicationConfig, GrantType, PasswordDigest, Registry, TokenFormat, User};
+use kubetoken::core::app::{Application, ApplicationConfig, GrantType, PasswordDigest, Registry, User};
 use kubetoken::core::clock::{ManualClock, UnixTime};
 use kubetoken::core::model::{LivePair, RefreshGrant, Subject, TokenId, TokenKey};
 use kubetoken::core::scope::{ScopePolicy, ScopeSet};
@@ -28,7 +32,6 @@ use kubetoken::storage::kube_store::{codec, layout};
 
 const T0: UnixTime = 1_800_000_000;
 const DEVICES: usize = 5;
-const TOKEN_SECRET: [u8; 32] = [7; 32];
 
 fn rss_bytes() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -100,22 +103,10 @@ fn main() {
             .expect("parse"),
     );
     let app = Application::new(ApplicationConfig {
-        name: "default/shop".into(),
-        client_id: "shop".into(),
-        client_secrets: vec!["shop-secret".into()],
         grant_types: vec![GrantType::Password, GrantType::RefreshToken],
-        format: TokenFormat::Jwt,
-        access_ttl: 3600,
-        refresh_ttl: 86_400,
-        session_max: None,
-        max_keys_per_user: 100,
-        audience: vec![],
-        client_roles: vec![],
         scopes: ScopePolicy::new([("orders:read".to_string(), vec!["customer".to_string()])]),
         users: user_table,
-        signer,
-        verification_keys: vec![],
-        token_secrets: vec![TOKEN_SECRET.to_vec()],
+        ..support::app_config("shop", "shop-secret", signer)
     });
     let clock = Arc::new(ManualClock::new(T0));
     let store = Arc::new(MemoryStore::default());
@@ -126,7 +117,7 @@ fn main() {
         kubetoken::passwords::service_config("http://127.0.0.1:8080", Default::default()),
     );
     let creds = ClientCredentials { client_id: "shop".into(), client_secret: "shop-secret".into() };
-    let strings = OpaqueTokens::new(&[TOKEN_SECRET]);
+    let strings = OpaqueTokens::new(&[support::TOKEN_SECRET]);
     // Every key's current refresh token, in memory allocated before the baseline so that it is not counted.
     let mut tokens: Vec<String> = (0..keys).map(|_| String::with_capacity(64)).collect();
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");

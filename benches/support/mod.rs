@@ -1,5 +1,6 @@
-//! What the in-process benchmarks share: one client_credentials application (`bench` / `bench-secret`, scope
-//! `orders:read`, JWT access tokens) and the token service serving it from a given store.
+//! What the in-process benchmarks share: an application's configuration at the defaults, one client_credentials
+//! application (`bench` / `bench-secret`, scope `orders:read`, JWT access tokens) and the token service serving it
+//! from a given store.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,13 +12,14 @@ use kubetoken::core::service::{ClientCredentials, TokenService};
 use kubetoken::core::signing::SigningKey;
 use kubetoken::core::store::TokenStore;
 
-/// The token service of the `bench` application, signing with `key`, its state in `store`.
-pub fn client_credentials_service(key: Arc<SigningKey>, store: Arc<dyn TokenStore>) -> TokenService {
-    let app = Application::new(ApplicationConfig {
-        name: "default/bench".into(),
-        client_id: "bench".into(),
-        client_secrets: vec!["bench-secret".into()],
-        grant_types: vec![GrantType::ClientCredentials],
+/// An application `client_id` (secret `client_secret`) with the default lifetimes (1 h access, 24 h refresh),
+/// signing with `signer`, its token strings tagged with a fixed secret; no grant types, scopes or users yet.
+pub fn app_config(client_id: &str, client_secret: &str, signer: Arc<SigningKey>) -> ApplicationConfig {
+    ApplicationConfig {
+        name: format!("default/{client_id}"),
+        client_id: client_id.into(),
+        client_secrets: vec![client_secret.into()],
+        grant_types: vec![],
         format: TokenFormat::Jwt,
         access_ttl: 3600,
         refresh_ttl: 86_400,
@@ -25,11 +27,23 @@ pub fn client_credentials_service(key: Arc<SigningKey>, store: Arc<dyn TokenStor
         max_keys_per_user: 100,
         audience: vec![],
         client_roles: vec![],
-        scopes: ScopePolicy::new([("orders:read".to_string(), vec![])]),
+        scopes: ScopePolicy::new([]),
         users: HashMap::new(),
-        signer: key,
+        signer,
         verification_keys: vec![],
-        token_secrets: vec![vec![7u8; 32]],
+        token_secrets: vec![TOKEN_SECRET.to_vec()],
+    }
+}
+
+/// The secret that tags the benchmarks' opaque and refresh token strings.
+pub const TOKEN_SECRET: [u8; 32] = [7; 32];
+
+/// The token service of the `bench` application, signing with `key`, its state in `store`.
+pub fn client_credentials_service(key: Arc<SigningKey>, store: Arc<dyn TokenStore>) -> TokenService {
+    let app = Application::new(ApplicationConfig {
+        grant_types: vec![GrantType::ClientCredentials],
+        scopes: ScopePolicy::new([("orders:read".to_string(), vec![])]),
+        ..app_config("bench", "bench-secret", key)
     });
     TokenService::new(
         Registry::new(vec![app]).expect("registry"),
