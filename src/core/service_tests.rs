@@ -1224,3 +1224,43 @@ async fn while_applications_load_an_unknown_client_is_told_to_retry_and_nothing_
     let unknown = ClientCredentials { client_id: "nobody".into(), client_secret: "s3cret".into() };
     assert_eq!(f.service.token(&unknown, grant()).await.expect_err("unknown").code(), "invalid_client");
 }
+
+/// A store at its capacity refuses a new key: the client gets `temporarily_unavailable` (503 on the wire) saying
+/// the application's token state is full, at once; a refresh of an existing login still works.
+#[tokio::test]
+async fn a_full_store_refuses_new_logins_with_a_description_and_existing_sessions_refresh() {
+    struct FullStore(MemoryStore);
+    impl StoreWrapper for FullStore {
+        fn inner(&self) -> &dyn TokenStore {
+            &self.0
+        }
+        fn wrap_commit(&self, change: Change) -> crate::core::store::StoreFuture<'_, ()> {
+            let adds_key = change.expect.is_none() && change.next.is_some();
+            let full = adds_key && self.0.with_state(|s| s.entries()) >= 1;
+            let result = if full {
+                Err(StoreError::Full("1 live token keys, the capacity".into()))
+            } else {
+                self.0.with_state(|s| s.commit(change)).map_err(StoreError::from)
+            };
+            Box::pin(async move { result })
+        }
+    }
+    let clock = Arc::new(ManualClock::new(T0));
+    let registry = Registry::new(vec![app("shop", TokenFormat::Jwt, ALL)]).expect("registry");
+    let config = crate::passwords::service_config("https://issuer.test", ServicePolicies::default());
+    let service = TokenService::new(registry, Arc::new(FullStore(MemoryStore::default())), clock, config);
+    let login = |device: &str| Grant::Password {
+        username: "alice".into(),
+        password: "alice-pw".into(),
+        scope: Some(device.into()),
+    };
+    let first = service.token(&client("shop"), login("device_ipad")).await.expect("room for one key");
+    let err = service.token(&client("shop"), login("device_iphone")).await.expect_err("full");
+    assert_eq!(err.code(), "temporarily_unavailable");
+    assert!(err.description().contains("token state is full"), "{err}");
+    // The same key again (a new login on the iPad) replaces its pair in place, and a refresh rotates in place.
+    let again = service.token(&client("shop"), login("device_ipad")).await.expect("same key");
+    let r = again.refresh_token.expect("refresh token");
+    service.token(&client("shop"), refresh_grant(&r)).await.expect("refresh while full");
+    assert_ne!(first.access_token, again.access_token);
+}
