@@ -59,6 +59,10 @@ struct ControllerArgs {
     /// Watch only this namespace (repeat for several; default: all namespaces).
     #[arg(long = "namespace")]
     namespaces: Vec<String>,
+    /// Keep a Role and RoleBinding for the sidecar of each application that sets spec.sidecar.serviceAccountName
+    /// (needs RBAC to manage Roles and RoleBindings); `false` where the cluster forbids the controller to grant.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    manage_sidecar_rbac: bool,
     /// Compete for the leader Lease; `false` only with a single replica.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
@@ -372,6 +376,7 @@ fn controller(args: ControllerArgs) -> Result<(), String> {
             retirement_margin: args.key_retirement_margin,
         },
         namespaces: args.namespaces,
+        manage_sidecar_rbac: args.manage_sidecar_rbac,
         leader_election: args.leader_election,
         listen: args.listen,
         tls: args.tls.files(),

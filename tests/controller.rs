@@ -590,3 +590,56 @@ async fn the_token_state_condition_warns_near_capacity_and_turns_false_when_full
     .await;
     assert!(reasons.iter().any(|r| r == "TokenStateNearCapacity"), "{reasons:?}");
 }
+
+/// With `spec.sidecar.serviceAccountName`, the controller keeps a Role and RoleBinding (owned by the application)
+/// granting that ServiceAccount exactly the sidecar's access, by resource name: no Helm upgrade per application. A
+/// hand edit of the Role is undone at the next reconcile; an unowned Role of the same name is reported, not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_naming_its_sidecar_service_account_gets_a_role_and_binding_for_it() {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let c = Cluster::new("sidecar-rbac").await;
+    let _controller = c.controller("c1");
+    let spec = json!({"grantTypes": ["client_credentials"], "sidecar": {"serviceAccountName": "shop-app"}});
+    let app = c.create_app("shop", spec).await;
+    let app = c.ready(&app.name_any()).await;
+    assert_eq!(condition(&app, "SidecarAccessReady").map(|c| c.0), Some("True".into()));
+    let roles: Api<Role> = Api::namespaced(c.client.clone(), &c.namespace);
+    let bindings: Api<RoleBinding> = Api::namespaced(c.client.clone(), &c.namespace);
+    let role = roles.get("shop-kubetoken-sidecar").await.expect("role");
+    let uid = app.uid().expect("uid");
+    assert!(role.owner_references().iter().any(|o| o.uid == uid), "owned by the application");
+    let expected = kubetoken::controller::sidecar_access::rules("shop", "shop-credentials", None);
+    assert_eq!(role.rules.as_ref(), Some(&expected));
+    let binding = bindings.get("shop-kubetoken-sidecar").await.expect("binding");
+    assert_eq!(binding.role_ref.name, "shop-kubetoken-sidecar");
+    let subject = &binding.subjects.as_ref().expect("subjects")[0];
+    assert_eq!((subject.kind.as_str(), subject.name.as_str()), ("ServiceAccount", "shop-app"));
+    assert_eq!(subject.namespace.as_deref(), Some(c.namespace.as_str()));
+
+    // A hand edit (a rule dropped) is undone once the application is reconciled again.
+    let mut edited = role.clone();
+    edited.rules.as_mut().expect("rules").pop();
+    roles.replace("shop-kubetoken-sidecar", &PostParams::default(), &edited).await.expect("edit");
+    let touch = json!({"metadata": {"annotations": {"test/touch": "1"}}});
+    c.apps().patch("shop", &PatchParams::default(), &Patch::Merge(&touch)).await.expect("touch");
+    eventually("the Role is restored", Duration::from_secs(20), || async {
+        (roles.get("shop-kubetoken-sidecar").await.ok()?.rules.as_ref() == Some(&expected)).then_some(())
+    })
+    .await;
+
+    // Another application whose Role name is taken by an object it does not own: reported, the object untouched.
+    let foreign = Role {
+        metadata: kube::api::ObjectMeta { name: Some("kiosk-kubetoken-sidecar".into()), ..Default::default() },
+        rules: Some(vec![]),
+    };
+    roles.create(&PostParams::default(), &foreign).await.expect("foreign role");
+    let spec = json!({"grantTypes": ["client_credentials"], "sidecar": {"serviceAccountName": "kiosk"}});
+    c.create_app("kiosk", spec).await;
+    let kiosk = eventually("the conflict is reported", Duration::from_secs(20), || async {
+        let app = c.apps().get("kiosk").await.ok()?;
+        (condition(&app, "SidecarAccessReady")?.1 == "NameConflict").then_some(app)
+    })
+    .await;
+    assert_eq!(condition(&kiosk, "SidecarAccessReady").map(|c| c.0), Some("False".into()));
+    assert_eq!(roles.get("kiosk-kubetoken-sidecar").await.expect("role").rules, Some(vec![]), "not overwritten");
+}

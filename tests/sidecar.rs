@@ -826,3 +826,38 @@ fn a_sidecar_asked_for_plaintext_off_the_loopback_refuses_before_touching_the_cl
     assert!(!out.status.success());
     assert!(stderr.contains("not a loopback address") && stderr.contains("--behind-tls-proxy"), "{stderr}");
 }
+
+/// The Role the controller keeps for `spec.sidecar.serviceAccountName` allows everything a sidecar does: the RBAC
+/// audit of a sidecar's requests (logins, a refresh, introspection, revocation) passes against it, as it does
+/// against the chart's Role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_role_the_controller_keeps_allows_everything_the_sidecar_does() {
+    let (c, _controller, id, secret) = cluster("sc-role", "JWT").await;
+    let patch = json!({"spec": {"sidecar": {"serviceAccountName": "shop"}}});
+    c.apps().patch("shop", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch");
+    let roles: kube::Api<k8s_openapi::api::rbac::v1::Role> = kube::Api::namespaced(c.client.clone(), &c.namespace);
+    let role = eventually("the sidecar Role", Duration::from_secs(20), || async {
+        roles.get_opt("shop-kubetoken-sidecar").await.ok().flatten()
+    })
+    .await;
+    let s = replica(&c, &[]).await;
+    let client = Client { id: &id, secret: &secret };
+    let login = client.ok_password(&s, "alice", "alice-pw", "device_ipad");
+    let refreshed =
+        client.token(&s, &[("grant_type", "refresh_token"), ("refresh_token", &field(&login, "refresh_token"))]);
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    assert!(client.active(&s, &refreshed.field("access_token")));
+    let revoked =
+        post_form(&s.url("/oauth2/revoke"), Some(client.creds()), &[("token", &refreshed.field("access_token"))]);
+    assert_eq!(revoked.status, 200);
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    let mut yaml = serde_json::to_value(&role).expect("role");
+    yaml["kind"] = json!("Role");
+    std::fs::write(file.path(), serde_yaml::to_string(&yaml).expect("yaml")).expect("write");
+    let rules = common::rbac::rules(file.path());
+    let requests = c.server().requests();
+    let made = requests.iter().filter(|r| r.user_agent.starts_with("kubetoken-sidecar/")).count();
+    assert!(made > 10, "the sidecar made its requests: {made}");
+    let bad = common::rbac::violations(&requests, "kubetoken-sidecar/", &rules);
+    assert!(bad.is_empty(), "the controller's Role does not allow: {bad:?}");
+}

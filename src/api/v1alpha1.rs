@@ -83,6 +83,18 @@ pub struct OAuthApplicationSpec {
     /// Where the client credentials live (keys `client_id`, `client_secret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsSpec>,
+    /// The sidecar's access: with `serviceAccountName`, the controller keeps a Role and RoleBinding granting that
+    /// ServiceAccount exactly what the sidecar needs for this application (unless its installation turned that off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    /// The ServiceAccount of the pods that run this application's sidecar.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 253))]
+    pub service_account_name: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq, Hash)]
@@ -309,6 +321,20 @@ impl OAuthApplicationSpec {
         }
         if self.grant_types.is_empty() {
             return Err(field("spec.grantTypes", "must list at least one grant type"));
+        }
+        if let Some(sidecar) = &self.sidecar {
+            let name = &sidecar.service_account_name;
+            let ok = !name.is_empty()
+                && name.len() <= 253
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+                && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+            if !ok {
+                return Err(field(
+                    "spec.sidecar.serviceAccountName",
+                    "must be a ServiceAccount name: lowercase letters, digits, '-' and '.', at most 253",
+                ));
+            }
         }
         for (i, g) in self.grant_types.iter().enumerate() {
             if self.grant_types[..i].contains(g) {

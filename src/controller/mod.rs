@@ -11,6 +11,7 @@ pub mod leader;
 pub mod metrics;
 pub mod offset_clock;
 pub mod reconcile;
+pub mod sidecar_access;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -48,6 +49,9 @@ pub struct ControllerOptions {
     /// The reconciler's clock (key rotation, secret grace periods). Leader election always uses the wall clock.
     pub clock: Arc<dyn crate::core::clock::Clock>,
     pub key_timing: self::reconcile::KeyTiming,
+    /// Keep a Role and RoleBinding for the sidecar of each application that names its ServiceAccount
+    /// (`spec.sidecar.serviceAccountName`); off where the cluster forbids the controller to grant access.
+    pub manage_sidecar_rbac: bool,
 }
 
 struct Health {
@@ -145,6 +149,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
         ),
         metrics: metrics.clone(),
         failures: self::reconcile::Backoff::default(),
+        manage_sidecar_rbac: opts.manage_sidecar_rbac,
     });
     // One controller per watched namespace (RBAC then needs only Roles there), or one over all namespaces.
     type Apis = (Api<OAuthApplication>, Api<Secret>, Api<ConfigMap>);

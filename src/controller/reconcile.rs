@@ -77,6 +77,8 @@ pub struct Context {
     pub metrics: Arc<ControllerMetrics>,
     /// Consecutive failures per application, for exponential backoff.
     pub failures: Backoff,
+    /// See [`super::ControllerOptions::manage_sidecar_rbac`].
+    pub manage_sidecar_rbac: bool,
 }
 
 fn now_time(now: UnixTime) -> Time {
@@ -605,6 +607,97 @@ async fn reconcile_token_state(
     Ok(Outcome { finding, recheck_in })
 }
 
+/// With `spec.sidecar.serviceAccountName`: a Role granting that ServiceAccount exactly what the sidecar needs for
+/// this application, and its RoleBinding, both owned by the application (gone with it). Replaced when they drift
+/// (a spec change renaming a Secret, a hand edit); never written when another owner has the name.
+async fn reconcile_sidecar_access(
+    app: &OAuthApplication,
+    ctx: &Context,
+    ns: &str,
+    owner: &OwnerReference,
+) -> Result<Option<Outcome>, ReconcileError> {
+    const TYPE: &str = "SidecarAccessReady";
+    let Some(sidecar) = &app.spec.sidecar else { return Ok(None) };
+    if !ctx.manage_sidecar_rbac {
+        return Ok(Some(Outcome {
+            finding: Finding {
+                gates_ready: false,
+                ..Finding::failed(
+                    TYPE,
+                    "NotManaged",
+                    "this installation does not let the controller grant the sidecar's access: grant it through the \
+                     chart's sidecar.namespaces values",
+                )
+            },
+            recheck_in: None,
+        }));
+    }
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding, RoleRef, Subject};
+    let app_name = app.name_any();
+    let name = super::sidecar_access::role_name(&app_name);
+    let credentials = app
+        .spec
+        .credentials
+        .as_ref()
+        .and_then(|c| c.secret_name.clone())
+        .unwrap_or_else(|| format!("{app_name}-credentials"));
+    let users = app.spec.users.as_ref().map(|u| u.secret_ref.name.as_str());
+    let rules = super::sidecar_access::rules(&app_name, &credentials, users);
+    let role_ref = RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: name.clone() };
+    let subjects = vec![Subject {
+        kind: "ServiceAccount".into(),
+        name: sidecar.service_account_name.clone(),
+        namespace: Some(ns.to_string()),
+        ..Subject::default()
+    }];
+    let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
+    let roles: Api<Role> = Api::namespaced(ctx.client.clone(), ns);
+    // A sidecar lacking access is reported, but does not make the application un-Ready: its RBAC may come from
+    // elsewhere (the chart's values).
+    let conflict = |kind: &str| {
+        let mut outcome = name_conflict(TYPE, kind, &name);
+        outcome.finding.gates_ready = false;
+        Some(outcome)
+    };
+    match roles.get_opt(&name).await? {
+        Some(existing) if !owned_by(&existing.metadata, &owner.uid) => return Ok(conflict("Role")),
+        Some(existing) if existing.rules.as_ref() == Some(&rules) => {}
+        Some(existing) => {
+            let role = Role { metadata: existing.metadata, rules: Some(rules) };
+            roles.replace(&name, &params, &role).await?;
+        }
+        None => {
+            let role = Role { metadata: child_meta(app, &name, owner), rules: Some(rules) };
+            roles.create(&params, &role).await?;
+        }
+    }
+    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
+    match bindings.get_opt(&name).await? {
+        Some(existing) if !owned_by(&existing.metadata, &owner.uid) => return Ok(conflict("RoleBinding")),
+        // The role reference cannot change in place; the subject can.
+        Some(existing) if existing.role_ref == role_ref && existing.subjects.as_ref() == Some(&subjects) => {}
+        Some(existing) => {
+            let binding = RoleBinding { metadata: existing.metadata, role_ref, subjects: Some(subjects) };
+            bindings.replace(&name, &params, &binding).await?;
+        }
+        None => {
+            let binding = RoleBinding { metadata: child_meta(app, &name, owner), role_ref, subjects: Some(subjects) };
+            bindings.create(&params, &binding).await?;
+        }
+    }
+    Ok(Some(Outcome {
+        finding: Finding::ok(
+            TYPE,
+            "Granted",
+            format!(
+                "Role and RoleBinding {name} grant ServiceAccount {} what the sidecar needs",
+                sidecar.service_account_name
+            ),
+        ),
+        recheck_in: None,
+    }))
+}
+
 async fn check_users(app: &OAuthApplication, secrets: &Api<Secret>) -> Result<Outcome, ReconcileError> {
     const TYPE: &str = "UsersReady";
     let Some(users) = &app.spec.users else {
@@ -684,7 +777,9 @@ async fn reconcile_inner(app: &OAuthApplication, ctx: &Context) -> Result<Action
         let users = check_users(app, &secrets).await?;
         let token_secrets = reconcile_token_secrets(app, &secrets, &owner).await?;
         let token_state = reconcile_token_state(app, &config_maps, &owner).await?;
-        vec![credentials, signing, published, users, token_secrets, token_state]
+        let mut outcomes = vec![credentials, signing, published, users, token_secrets, token_state];
+        outcomes.extend(reconcile_sidecar_access(app, ctx, &ns, &owner).await?);
+        outcomes
     };
     let findings: Vec<Finding> = findings_and_recheck.iter().map(|o| o.finding.clone()).collect();
     let ready = status::ready(&findings);

@@ -66,4 +66,17 @@ app.kubernetes.io/component: sidecar
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if .Values.controller.manageSidecarRbac }}
+{{- /*
+The sidecar Roles it keeps (spec.sidecar.serviceAccountName) and their RoleBindings. Kubernetes lets it grant only
+what it holds: the sidecar patches its token-state ConfigMaps, so the controller holds patch on ConfigMaps too
+(it already replaces them).
+*/}}
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["patch"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "create", "update"]
+{{- end }}
 {{- end }}
