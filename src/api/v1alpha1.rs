@@ -287,6 +287,12 @@ pub struct FieldError {
 }
 
 impl OAuthApplicationSpec {
+    /// The Secret with the client credentials of the application `app`: `spec.credentials.secretName`, else
+    /// `<app>-credentials`.
+    pub fn credentials_secret_name(&self, app: &str) -> String {
+        self.credentials.as_ref().and_then(|c| c.secret_name.clone()).unwrap_or_else(|| format!("{app}-credentials"))
+    }
+
     pub fn access_lifetime_secs(&self) -> Result<u64, FieldError> {
         parse_duration(&self.access_token_lifetime).map_err(|e| field("spec.accessTokenLifetime", e))
     }

@@ -162,7 +162,7 @@ async fn reconcile_credentials(
 ) -> Result<Outcome, ReconcileError> {
     const TYPE: &str = "CredentialsReady";
     let spec = app.spec.credentials.as_ref();
-    let name = spec.and_then(|c| c.secret_name.clone()).unwrap_or_else(|| format!("{}-credentials", app.name_any()));
+    let name = app.spec.credentials_secret_name(&app.name_any());
     let grace = spec
         .and_then(|c| c.rotation_grace_period.as_deref())
         .and_then(|g| parse_duration(g).ok())
@@ -635,12 +635,7 @@ async fn reconcile_sidecar_access(
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding, RoleRef, Subject};
     let app_name = app.name_any();
     let name = super::sidecar_access::role_name(&app_name);
-    let credentials = app
-        .spec
-        .credentials
-        .as_ref()
-        .and_then(|c| c.secret_name.clone())
-        .unwrap_or_else(|| format!("{app_name}-credentials"));
+    let credentials = app.spec.credentials_secret_name(&app_name);
     let users = app.spec.users.as_ref().map(|u| u.secret_ref.name.as_str());
     let rules = super::sidecar_access::rules(&app_name, &credentials, users);
     let role_ref = RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: name.clone() };

@@ -169,12 +169,7 @@ impl AppSources {
             let (app_synced, app) = app_watch.get();
             if let Some(app) = &app {
                 let name = app.name_any();
-                let credentials = app
-                    .spec
-                    .credentials
-                    .as_ref()
-                    .and_then(|c| c.secret_name.clone())
-                    .unwrap_or_else(|| format!("{name}-credentials"));
+                let credentials = app.spec.credentials_secret_name(&name);
                 let users = app.spec.users.as_ref().map(|u| u.secret_ref.name.clone());
                 let ensure = |slot: &mut Option<Watched<Secret>>, wanted: Option<String>| match wanted {
                     Some(w) if slot.as_ref().map(|s| s.name.as_str()) != Some(w.as_str()) => {
