@@ -1,5 +1,6 @@
 //! What token state costs per live key at the default lifetimes, and how many keys the ConfigMap store holds:
-//! `cargo bench --bench capacity` (150,000 keys; `--keys N` for another count).
+//! `cargo bench --bench capacity` (150,000 keys; `--keys N` for another count, `--per-hour N` for N refreshes of
+//! every key per hour instead of one, 0 for none).
 //!
 //! Seeds the keys as password logins leave them (one per user and device: 30,000 users with five devices each, an
 //! access and a refresh token), then simulates a day in which every key refreshes hourly through the token service
@@ -92,6 +93,8 @@ fn main() {
         .and_then(|i| args.get(i + 1)?.parse().ok())
         .unwrap_or(if smoke { 2_000 } else { 150_000 });
     let hours = if smoke { 3 } else { 24 };
+    let per_hour: u64 =
+        args.iter().position(|a| a == "--per-hour").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(1);
     let users = keys.div_ceil(DEVICES);
 
     // The application: users with a (cheap) bcrypt hash each, refresh allowed, the default lifetimes.
@@ -156,25 +159,28 @@ fn main() {
     let seeded_bytes = seeded.bytes;
     let start = Instant::now();
     let mut last = seeded;
-    for hour in 1..=hours {
-        clock.advance(3600);
+    let rounds = hours * per_hour as usize;
+    for round in 1..=rounds {
+        clock.advance(3600 / per_hour);
         for t in tokens.iter_mut() {
             let grant = Grant::RefreshToken { refresh_token: std::mem::take(t), scope: None };
             let issued = runtime.block_on(service.token(&creds, grant)).expect("refresh");
             *t = issued.refresh_token.expect("a rotated refresh token");
         }
-        last = measure();
-        if hour % 6 == 0 || hour == hours {
-            report(&format!("{hour} h of hourly refreshes"), keys, &last);
+        let hour = round as u64 / per_hour;
+        if (round as u64).is_multiple_of(per_hour) && (hour.is_multiple_of(6) || hour == hours as u64) {
+            last = measure();
+            report(&format!("{hour} h of refreshes, {per_hour} per hour"), keys, &last);
         }
     }
-    let refreshes = keys * hours;
+    let refreshes = keys * rounds;
     println!(
         "\n{refreshes} refreshes in {:.1} s ({:.0}/s on one core)",
         start.elapsed().as_secs_f64(),
         refreshes as f64 / start.elapsed().as_secs_f64()
     );
     assert_eq!(last.entries, keys, "one entry per key, however often it refreshed");
-    // A generation takes a second byte only from the 128th rotation on; times keep their size.
+    // A generation takes a second byte only from the 128th rotation on, a third from the 16,384th; times keep their
+    // size.
     assert!(last.bytes <= seeded_bytes + keys, "the state grew: {seeded_bytes} bytes seeded, {} after", last.bytes);
 }

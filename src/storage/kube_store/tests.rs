@@ -283,3 +283,86 @@ async fn a_full_state_refuses_new_keys_at_once_and_existing_keys_keep_working() 
     add(40).await.expect("room again after a revocation");
     assert_eq!(a.pair(&key(3)), Some(replaced));
 }
+
+/// Through the token service: a refresh whose commit timed out (the journal full) answers 503, and the same refresh
+/// token presented again once the store has room succeeds. Before, the timed-out rotation stayed queued, was written
+/// later, and the retry met it as reuse: `invalid_grant` and the login revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_timed_out_succeeds_when_retried_once_the_store_recovers() {
+    use crate::core::app::{Application, ApplicationConfig, GrantType, PasswordDigest, Registry, TokenFormat, User};
+    use crate::core::scope::ScopePolicy;
+    use crate::core::service::{ClientCredentials, Grant, TokenService};
+    use crate::core::signing::{Algorithm, SigningKey};
+
+    let server = KubeTestServer::start();
+    let api = state_objects(&server).await;
+    let options = KubeStoreOptions {
+        commit_timeout: Duration::from_millis(300),
+        claim_timeout: Duration::from_secs(600),
+        ..tiny()
+    };
+    let (store, _task) = started(&api, options).await;
+    let signer = Arc::new(
+        SigningKey::from_pkcs8(Algorithm::EdDSA, &SigningKey::generate_pkcs8(Algorithm::EdDSA).expect("key"))
+            .expect("parse"),
+    );
+    let digest = PasswordDigest::parse(&bcrypt::hash("pw", 4).expect("hash")).expect("digest");
+    let app = Application::new(ApplicationConfig {
+        name: "apps/shop".into(),
+        client_id: "shop-client".into(),
+        client_secrets: vec!["s3cret".into()],
+        grant_types: vec![GrantType::Password, GrantType::RefreshToken],
+        format: TokenFormat::Jwt,
+        access_ttl: 3600,
+        refresh_ttl: 86_400,
+        session_max: None,
+        max_keys_per_user: 100,
+        audience: vec![],
+        client_roles: vec![],
+        scopes: ScopePolicy::new([]),
+        users: HashMap::from([("alice".to_string(), User { digest, roles: vec![] })]),
+        signer,
+        verification_keys: vec![],
+        token_secrets: vec![vec![7; 32]],
+    });
+    let service = TokenService::new(
+        Registry::new(vec![app]).expect("registry"),
+        Arc::new(store.clone()),
+        Arc::new(SystemClock),
+        crate::passwords::service_config("https://issuer.test", Default::default()),
+    );
+    let creds = ClientCredentials { client_id: "shop-client".into(), client_secret: "s3cret".into() };
+    let login = Grant::Password { username: "alice".into(), password: "pw".into(), scope: Some("device_ipad".into()) };
+    let refresh_token = service.token(&creds, login).await.expect("login").refresh_token.expect("refresh token");
+    let refresh = || Grant::RefreshToken { refresh_token: refresh_token.clone(), scope: None };
+
+    // Another replica holds the snapshot claim: the ring fills up, and the refresh's commit times out.
+    put_claim(&api, "busy-replica").await;
+    let mut n = 0;
+    loop {
+        let change =
+            Change { key: key(n % 60), expect: store.pair(&key(n % 60)).map(|p| p.access_id), next: Some(pair(n)) };
+        match store.commit(change).await {
+            Ok(()) => n += 1,
+            Err(StoreError::Unavailable(_)) => break,
+            Err(e) => panic!("commit {n}: {e}"),
+        }
+        assert!(n < 1000, "the journal never filled");
+    }
+    let err = service.token(&creds, refresh()).await.expect_err("the journal is full");
+    assert_eq!(err.code(), "temporarily_unavailable", "{err}");
+
+    // Room again: the client retries the same refresh token, and gets its tokens.
+    put_claim(&api, "").await;
+    let start = Instant::now();
+    let refreshed = loop {
+        match service.token(&creds, refresh()).await {
+            Ok(t) => break t,
+            Err(e) if e.code() == "temporarily_unavailable" && start.elapsed() < Duration::from_secs(20) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("the retried refresh: {e}"),
+        }
+    };
+    assert!(refreshed.refresh_token.is_some_and(|r| r != refresh_token), "rotated once");
+}
