@@ -902,6 +902,31 @@ mod tests {
         assert_eq!(store.shared.lock().state.entries(), 1);
     }
 
+    /// Refresh rotation keeps no state in the file store either: a login rotated 120 times is one entry in memory,
+    /// one record after compaction, and reopened it still knows the current generation of its refresh id.
+    #[tokio::test]
+    async fn rotations_keep_one_entry_in_memory_and_one_record_after_compaction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(10));
+        let store = open(dir.path(), clock.clone(), 50);
+        let mut current = pair(1, 1000);
+        set(&store, 1, None, Some(current.clone())).await.expect("login");
+        for generation in 1..=120u32 {
+            let refresh = current.refresh.map(|r| RefreshGrant { generation, ..r });
+            let next = LivePair { access_id: TokenId([(generation % 200) as u8 + 2; 16]), refresh, ..current.clone() };
+            set(&store, 1, Some(current.access_id), Some(next.clone())).await.expect("rotate");
+            current = next;
+            assert_eq!(store.shared.lock().state.entries(), 1);
+        }
+        drop(store);
+        let lines = fs::read_to_string(dir.path().join(LOG_FILE)).expect("log").lines().count();
+        assert!(lines < 50, "the log was compacted to the live state: {lines} lines");
+        let store = open(dir.path(), clock, 50);
+        assert_eq!(store.shared.lock().state.entries(), 1);
+        let (_, found) = store.find_refresh(&TokenId([101; 16])).expect("the login's refresh id");
+        assert_eq!(found.refresh.map(|r| r.generation), Some(120));
+    }
+
     /// Compaction runs on the writer thread while other commits keep arriving: none is lost or reordered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn compaction_while_commits_keep_arriving_loses_nothing() {
