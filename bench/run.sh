@@ -157,6 +157,9 @@ wait_for() { # wait_for FILE PREFIX → prints the URL after PREFIX
 
 start_kubetoken() { # start_kubetoken CPUS WORKERS [EXTRA ARGS...]
   rm -rf "$work/state"
+  # Emptied here, not only by the redirection below: that happens in the background child, and wait_for could
+  # otherwise read the previous server's banner (its port, now closed) before the child truncates the file.
+  : >"$work/server.out"
   taskset -c "$1" "$bin" standalone --manifests "$work/manifests" --state-dir "$work/state" \
     --listen 127.0.0.1:0 --worker-threads "$2" "${@:3}" >"$work/server.out" 2>"$work/server.err" &
   server_pid=$!
@@ -167,6 +170,7 @@ start_kubetoken() { # start_kubetoken CPUS WORKERS [EXTRA ARGS...]
 start_peer() { # start_peer ALG
   local port
   port=$(free_port)
+  : >"$work/server.out" # see start_kubetoken
   ALG=$1 PORT=$port taskset -c "$server_cpu" "$node" "$root/bench/peer/server.mjs" >"$work/server.out" 2>"$work/server.err" &
   server_pid=$!
   base=$(wait_for "$work/server.out" "peer listening on ") || { cat "$work/server.err" >&2; exit 1; }
