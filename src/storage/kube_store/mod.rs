@@ -64,7 +64,7 @@ const MAX_BATCH_RECORDS: usize = 2048;
 /// Loads retried at once when a compaction moved the state underneath the reads.
 const LOAD_ATTEMPTS: usize = 5;
 /// Snapshot bytes per live key assumed until a snapshot of at least [`MEASURED_KEYS`] keys was read or written (a
-/// user's device key with access and refresh token takes 65 to 70; BENCHMARKS.md, "Capacity").
+/// user's device key with access and refresh token takes 69 to 71; BENCHMARKS.md, "Capacity").
 const DEFAULT_BYTES_PER_KEY: f64 = 72.0;
 const MEASURED_KEYS: usize = 1000;
 /// Room kept free below the snapshot's capacity: keys differ in size, and the estimate is the last snapshot's.
@@ -1210,7 +1210,7 @@ impl KubeStore {
                         // refusing writes) is not repeated after every append.
                         g.compaction_failures = g.compaction_failures.saturating_add(1);
                         let wait =
-                            Duration::from_secs(1u64 << g.compaction_failures.min(6)).min(MAX_COMPACTION_BACKOFF);
+                            Duration::from_secs(1u64 << (g.compaction_failures - 1).min(6)).min(MAX_COMPACTION_BACKOFF);
                         g.compact_after = Some(Instant::now() + wait);
                         tracing::warn!(application = %this.shared.app, error = %e, retry_in_s = wait.as_secs(), "compaction did not complete; it is retried");
                     }
