@@ -316,6 +316,13 @@ impl PointerView {
     }
 }
 
+/// What became of a change whose request gave up waiting.
+enum Withdrawal {
+    Withdrawn,
+    BeingWritten,
+    Resolved,
+}
+
 struct Inner {
     confirmed: TokenState,
     overlay: Overlay,
@@ -323,6 +330,8 @@ struct Inner {
     pending: VecDeque<Pending>,
     /// Being written now.
     inflight: Vec<Pending>,
+    /// Ids in `inflight` whose requests gave up: if the write hands them back to the queue, they are dropped.
+    withdrawn_inflight: HashSet<u64>,
     /// Failed credential checks to share with the other replicas (with the next batch; best effort).
     failures_out: Vec<SharedFailure>,
     /// In the batch being written now.
@@ -404,18 +413,23 @@ impl Shared {
     }
 
     /// Takes a change whose request gave up out of the queue and the overlay, if it was not sent yet; later
-    /// changes of its key that were decided on it fail with `Conflict` and are decided again. Returns whether it
-    /// was withdrawn (false: it is being written, or already resolved).
-    fn withdraw(&self, id: u64) -> bool {
+    /// changes of its key that were decided on it fail with `Conflict` and are decided again. A change being
+    /// written is marked instead: the write's outcome decides it, and if the write hands it back to the queue
+    /// (a conflict, a full journal) it is dropped there, never sent later.
+    fn withdraw(&self, id: u64) -> Withdrawal {
         let mut g = self.lock();
-        let Some(p) = g.pending.iter().position(|p| p.id == id).and_then(|at| g.pending.remove(at)) else {
-            return false;
-        };
-        let mut failed = vec![id];
-        g.recompute(&p.change.key, &mut failed);
-        g.record_failures(&failed);
-        g.publish_resolved(&self.resolved);
-        true
+        if let Some(p) = g.pending.iter().position(|p| p.id == id).and_then(|at| g.pending.remove(at)) {
+            let mut failed = vec![id];
+            g.recompute(&p.change.key, &mut failed);
+            g.record_failures(&failed);
+            g.publish_resolved(&self.resolved);
+            return Withdrawal::Withdrawn;
+        }
+        if g.inflight.iter().any(|p| p.id == id) {
+            g.withdrawn_inflight.insert(id);
+            return Withdrawal::BeingWritten;
+        }
+        Withdrawal::Resolved
     }
 
     fn publish_capacity(&self, g: &Inner) {
@@ -693,6 +707,7 @@ impl KubeStore {
             overlay: Overlay::default(),
             pending: VecDeque::new(),
             inflight: Vec::new(),
+            withdrawn_inflight: HashSet::new(),
             failures_out: Vec::new(),
             failures_inflight: Vec::new(),
             failures_in: Vec::new(),
@@ -1027,8 +1042,13 @@ impl KubeStore {
     fn requeue_inflight(&self) {
         let mut g = self.shared.lock();
         let batch = std::mem::take(&mut g.inflight);
+        let withdrawn = std::mem::take(&mut g.withdrawn_inflight);
+        let (gave_up, batch): (Vec<Pending>, Vec<Pending>) = batch.into_iter().partition(|p| withdrawn.contains(&p.id));
         for p in batch.into_iter().rev() {
             g.pending.push_front(p);
+        }
+        if !gave_up.is_empty() {
+            self.fail(&mut g, gave_up, "the Kubernetes API did not accept the change in time");
         }
         let failures = std::mem::take(&mut g.failures_inflight);
         g.failures_out.extend(failures);
@@ -1085,6 +1105,7 @@ impl KubeStore {
                 g.segments[plan.index] = view;
                 g.head = plan.index;
                 let done: Vec<Pending> = std::mem::take(&mut g.inflight);
+                g.withdrawn_inflight.clear();
                 let keys: HashSet<TokenKey> = done.iter().map(|p| p.change.key.clone()).collect();
                 for mut p in done {
                     if let Some(tx) = p.done.take() {
@@ -1156,6 +1177,7 @@ impl KubeStore {
         // Shared failures are best effort: a lost one costs the attacker nothing extra beyond one batch.
         g.failures_inflight.clear();
         let batch = std::mem::take(&mut g.inflight);
+        g.withdrawn_inflight.clear();
         self.fail(&mut g, batch, reason);
     }
 
@@ -1445,13 +1467,18 @@ impl TokenStore for KubeStore {
             match tokio::time::timeout(timeout, &mut rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(unavailable("the token state writer stopped")),
-                // Still queued: withdrawn, so that nothing the client was refused is written later (a retried
-                // refresh would otherwise meet its own rotation as reuse).
-                Err(_) if s.withdraw(id) => Err(late()),
-                // Being written: the write itself is bounded by the commit timeout, and its outcome decides.
-                Err(_) => match tokio::time::timeout(s.options.commit_timeout, rx).await {
-                    Ok(Ok(result)) => result,
-                    _ => Err(late()),
+                Err(_) => match s.withdraw(id) {
+                    // Still queued: withdrawn, so that nothing the client was refused is written later (a retried
+                    // refresh would otherwise meet its own rotation as reuse).
+                    Withdrawal::Withdrawn => Err(late()),
+                    // Being written (the write is bounded by the commit timeout) or just resolved: the write's
+                    // outcome decides, and a write that hands the change back drops it. The bound is a backstop.
+                    Withdrawal::BeingWritten | Withdrawal::Resolved => {
+                        match tokio::time::timeout(timeout + timeout, rx).await {
+                            Ok(Ok(result)) => result,
+                            _ => Err(late()),
+                        }
+                    }
                 },
             }
         })
