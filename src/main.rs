@@ -92,6 +92,54 @@ struct ControllerArgs {
     /// Tests only: shift the reconciler's clock by the number of seconds in this file (read at every use).
     #[arg(long, hide = true)]
     clock_offset_file: Option<PathBuf>,
+    #[command(flatten)]
+    webhook: WebhookArgs,
+}
+
+/// The admission webhook that injects the sidecar into pods labelled `kubetoken.io/inject: <application>`.
+#[derive(Args)]
+struct WebhookArgs {
+    /// Serve the webhook (HTTPS) on this address; every replica serves it. Off when absent.
+    #[arg(long)]
+    webhook_listen: Option<SocketAddr>,
+    /// The webhook Service (in the controller's namespace): the managed certificate's DNS names.
+    #[arg(long, default_value = "kubetoken-webhook")]
+    webhook_service: String,
+    /// The MutatingWebhookConfiguration whose caBundle the controller keeps (managed certificates).
+    #[arg(long, default_value = "kubetoken")]
+    webhook_configuration: String,
+    /// The Secret (in the controller's namespace) holding the managed CA and serving certificate.
+    #[arg(long, default_value = "kubetoken-webhook-tls")]
+    webhook_secret: String,
+    /// A certificate kept by someone else (cert-manager), instead of the managed one; the caBundle is then theirs
+    /// to set too. Reloaded when the file changes.
+    #[arg(long, requires = "webhook_tls_key")]
+    webhook_tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "webhook_tls_cert")]
+    webhook_tls_key: Option<PathBuf>,
+    /// The image of the sidecar the webhook injects (default: this version's).
+    #[arg(long)]
+    sidecar_image: Option<String>,
+}
+
+impl WebhookArgs {
+    fn options(self, namespace: &str) -> Option<kubetoken::controller::webhook::WebhookOptions> {
+        use kubetoken::controller::webhook::{WebhookCerts, WebhookOptions};
+        let certs = match (self.webhook_tls_cert, self.webhook_tls_key) {
+            (Some(cert), Some(key)) => WebhookCerts::Files(kubetoken::http::tls::TlsFiles { cert, key }),
+            _ => WebhookCerts::Managed {
+                namespace: namespace.to_string(),
+                secret: self.webhook_secret,
+                configuration: self.webhook_configuration,
+                service: self.webhook_service,
+            },
+        };
+        Some(WebhookOptions {
+            listen: self.webhook_listen?,
+            certs,
+            sidecar_image: self.sidecar_image.unwrap_or_else(kubetoken::inject::default_image),
+        })
+    }
 }
 
 /// What the token endpoint of standalone mode and the sidecar share.
@@ -361,6 +409,8 @@ fn controller(args: ControllerArgs) -> Result<(), String> {
     let lease_namespace =
         args.lease_namespace.or_else(|| std::env::var("POD_NAMESPACE").ok()).unwrap_or_else(|| "default".into());
     let lease_duration = Duration::from_secs(args.lease_duration);
+    // The webhook's Secret lives next to the Lease, in the controller's own namespace.
+    let webhook = args.webhook.options(&lease_namespace);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -377,6 +427,7 @@ fn controller(args: ControllerArgs) -> Result<(), String> {
         },
         namespaces: args.namespaces,
         manage_sidecar_rbac: args.manage_sidecar_rbac,
+        webhook,
         leader_election: args.leader_election,
         listen: args.listen,
         tls: args.tls.files(),

@@ -153,6 +153,10 @@ fn the_chart_lints_and_every_rendered_manifest_validates_for_the_oldest_and_newe
         "CKV_K8S_9",
         // A NetworkPolicy depends on the cluster's CNI and its API server address; left to the operator.
         "CKV2_K8S_6",
+        // The controller keeps the caBundle of its own MutatingWebhookConfiguration: get and update of that one
+        // object, by resourceNames (which this check does not read), as cert-manager's CA injector needs for every
+        // configuration. webhook.certManager.enabled renders no such rule.
+        "CKV_K8S_155",
     ];
     checkov(renders.path(), &skipped);
 }
@@ -220,6 +224,10 @@ fn the_values_schema_refuses_wrong_values_with_a_clear_message() {
         ("replicas=2", "Additional property replicas is not allowed"),
         ("image.pullPolicy=Sometimes", "image.pullPolicy must be one of the following"),
         ("leaderElection.leaseDuration=15", "leaderElection.leaseDuration: Invalid type"),
+        // The API server would accept up to 30 s; a pod's creation should not wait that long.
+        ("webhook.timeoutSeconds=10", "webhook.timeoutSeconds: Must be less than or equal to 5"),
+        ("webhook.failurePolicy=Sometimes", "webhook.failurePolicy must be one of the following"),
+        ("webhook.certManager.enabled=true", "needs webhook.certManager.issuerRef.name"),
     ] {
         let out = helm(&["template", "x", chart, "--kube-version", "1.33.0", "--set", set]);
         assert!(!out.status.success(), "{set} was accepted");
@@ -257,7 +265,7 @@ fn kubelet_command(deployment: &Value, container: &str, pod_name: &str, kubeconf
         })
         .collect();
     assert_probes_reach_the_pod(c, container, &args);
-    for flag in ["--listen", "--health-listen"] {
+    for flag in ["--listen", "--health-listen", "--webhook-listen"] {
         match args.iter().position(|a| a == flag) {
             Some(i) => args[i + 1] = "127.0.0.1:0".into(),
             None if flag == "--listen" => args.extend([flag.into(), "127.0.0.1:0".into()]),
@@ -439,4 +447,167 @@ async fn helm_install_wires_the_controller_and_the_example_sidecar_serves_a_devi
             .get_object("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/oauthapplications.kubetoken.io")
             .is_some()
     );
+}
+
+/// A labelled Pod created by a controller or kubectl, as the API server would see it.
+fn pod(name: &str, labels: Value) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"containers": [{"name": "app", "image": "shop:1", "env": [{"name": "MODE", "value": "prod"}]}]},
+    }))
+    .expect("pod")
+}
+
+/// The whole webhook path, through the chart: `helm install` renders the MutatingWebhookConfiguration, its Service and
+/// RBAC; two controller replicas run as the chart's Deployment says; the controller makes the webhook's certificate
+/// and the configuration's caBundle; the test API server calls the webhook on Pod CREATE as kube-apiserver does
+/// (TLS verified against the caBundle, the selectors, the failure policy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_injects_labelled_pods_at_every_replica_and_an_outage_refuses_only_them() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, PostParams};
+
+    let server = kube_test_server::KubeTestServer::start();
+    let kubeconfig = server.kubeconfig_path().to_path_buf();
+    let with_kubeconfig = |program: &str, args: &[&str]| {
+        let out = Command::new(program).args(args).env("KUBECONFIG", &kubeconfig).current_dir(root()).output();
+        let out = out.unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(out.status.success(), "{program} {args:?}: {}{}", text(&out.stdout), text(&out.stderr));
+    };
+    let chart = chart();
+    with_kubeconfig(
+        "helm",
+        &["install", "kubetoken", chart.to_str().expect("path"), "-n", "kubetoken-system", "--create-namespace"],
+    );
+    with_kubeconfig("kubectl", &["apply", "--validate=false", "-f", "examples/"]);
+    let deployment =
+        server.get_object("/apis/apps/v1/namespaces/kubetoken-system/deployments/kubetoken").expect("deployment");
+    let replicas: Vec<common::cluster::ControllerProcess> = ["kubetoken-7d9f-aaaaa", "kubetoken-7d9f-bbbbb"]
+        .iter()
+        .map(|pod| {
+            common::cluster::ControllerProcess::spawn(kubelet_command(&deployment, "controller", pod, &kubeconfig))
+        })
+        .collect();
+    let webhook_addr = |c: &common::cluster::ControllerProcess| -> std::net::SocketAddr {
+        let url = c.webhook.as_deref().expect("every replica serves the webhook");
+        url.strip_prefix("https://").expect("https").parse().expect("address")
+    };
+    // Ready: the application reconciled, the configuration carries the controller's CA, both replicas ready.
+    common::cluster::eventually(
+        "shop Ready and the webhook's caBundle set",
+        std::time::Duration::from_secs(60),
+        || async {
+            let app = server.get_object("/apis/kubetoken.io/v1alpha1/namespaces/default/oauthapplications/shop")?;
+            let ready =
+                app["status"]["conditions"].as_array()?.iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
+            let config =
+                server.get_object("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/kubetoken")?;
+            let bundle = config["webhooks"][0]["clientConfig"]["caBundle"].as_str().is_some_and(|b| !b.is_empty());
+            let replicas_ready = replicas
+                .iter()
+                .all(|r| ureq::get(&format!("{}/readyz", r.health)).call().is_ok_and(|resp| resp.status() == 200));
+            (ready && bundle && replicas_ready).then_some(())
+        },
+    )
+    .await;
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig"),
+            &Default::default(),
+        )
+        .await
+        .expect("config"),
+    )
+    .expect("client");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let created = |p: Pod| -> Value { serde_json::to_value(p).expect("json") };
+
+    // Each replica answers: the leader and the standby alike.
+    for (i, replica) in replicas.iter().enumerate() {
+        server.set_service_address("kubetoken-system", "kubetoken-webhook", webhook_addr(replica));
+        let name = format!("shop-app-{i}");
+        let labelled = pod(&name, serde_json::json!({"kubetoken.io/inject": "shop"}));
+        let p = pods.create(&PostParams::default(), &labelled).await;
+        let p = created(p.unwrap_or_else(|e| panic!("{name}: {e}")));
+        let spec = &p["spec"];
+        assert_eq!(spec["initContainers"][0]["name"], "kubetoken", "{name}: the sidecar is injected: {spec}");
+        assert_eq!(spec["initContainers"][0]["restartPolicy"], "Always", "a native sidecar");
+        assert_eq!(
+            spec["initContainers"][0]["image"],
+            deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+        );
+        assert_eq!(spec["automountServiceAccountToken"], false);
+        let env = &spec["containers"][0]["env"];
+        assert_eq!(env[0]["name"], "MODE", "the app's own environment stays");
+        assert_eq!(env[1]["valueFrom"]["secretKeyRef"]["name"], "shop-credentials");
+        // What the webhook made is what `kubetoken inject` makes of the same pod.
+        let plain =
+            serde_yaml::to_string(&pod(&name, serde_json::json!({"kubetoken.io/inject": "shop"}))).expect("yaml");
+        let mut expected: Value = serde_yaml::from_str(
+            &kubetoken::inject::inject_yaml(
+                &plain,
+                &kubetoken::inject::InjectOptions {
+                    image: spec["initContainers"][0]["image"].as_str().expect("image").to_string(),
+                    ..kubetoken::inject::InjectOptions::new("shop")
+                },
+            )
+            .expect("inject"),
+        )
+        .expect("parse");
+        assert_eq!(spec["initContainers"], expected["spec"]["initContainers"].take());
+        assert_eq!(spec["volumes"], expected["spec"]["volumes"].take());
+    }
+    let webhook = webhook_addr(&replicas[0]);
+    server.set_service_address("kubetoken-system", "kubetoken-webhook", webhook);
+
+    // Pods that did not opt in are none of its business.
+    let plain = created(
+        pods.create(&PostParams::default(), &pod("plain", serde_json::json!({"app": "x"}))).await.expect("plain"),
+    );
+    assert!(plain["spec"]["initContainers"].is_null(), "an unlabelled pod is left alone");
+    // A label naming no application: refused, with the reason.
+    let err = pods
+        .create(&PostParams::default(), &pod("typo", serde_json::json!({"kubetoken.io/inject": "shpo"})))
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("shpo") && err.to_string().contains("does not exist"), "{err}");
+    // kube-system is excluded: a labelled pod there is created as it is, and the leader reports it.
+    let system: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    let stray = pod("stray", serde_json::json!({"kubetoken.io/inject": "shop"}));
+    let stray = created(system.create(&PostParams::default(), &stray).await.expect("kube-system pod"));
+    assert!(stray["spec"]["initContainers"].is_null(), "kube-system is never sent to the webhook");
+    common::cluster::eventually("the stray pod is reported", std::time::Duration::from_secs(30), || async {
+        let gauge =
+            replicas.iter().filter_map(|r| r.metric("kubetoken_controller_pods_without_sidecar")).fold(0.0, f64::max);
+        let events = server.list_objects("/apis/events.k8s.io/v1/namespaces/kube-system/events");
+        let event = events.iter().any(|e| e["reason"] == "PodWithoutSidecar" && e["regarding"]["name"] == "stray");
+        (gauge == 1.0 && event).then_some(())
+    })
+    .await;
+    let injected: f64 =
+        replicas.iter().filter_map(|r| r.metric("kubetoken_controller_admissions_total{outcome=\"injected\"}")).sum();
+    assert_eq!(injected, 2.0, "one injection per replica");
+
+    // Both within the RBAC the chart renders.
+    let (controller_requests, _) = common::rbac::assert_least_privilege(&server.requests());
+    assert!(controller_requests > 0);
+
+    // An outage (no replica answers): labelled pods are refused, never created without their sidecar; the rest of
+    // the cluster's pods are created as usual.
+    drop(replicas);
+    let err = pods
+        .create(&PostParams::default(), &pod("during-outage", serde_json::json!({"kubetoken.io/inject": "shop"})))
+        .await
+        .expect_err("refused while the webhook is down");
+    assert!(err.to_string().contains("inject.kubetoken.io"), "{err}");
+    assert!(pods.get_opt("during-outage").await.expect("get").is_none(), "nothing was created");
+    pods.create(&PostParams::default(), &pod("unlabelled-during-outage", serde_json::json!({"app": "x"})))
+        .await
+        .expect("unlabelled pods are unaffected");
+
+    // Uninstalling removes the configuration, and with it (its owner) the Secret the controller made.
+    with_kubeconfig("helm", &["uninstall", "kubetoken", "-n", "kubetoken-system"]);
+    assert!(server.get_object("/api/v1/namespaces/kubetoken-system/secrets/kubetoken-webhook-tls").is_none());
 }

@@ -14,6 +14,9 @@ pub struct ControllerMetrics {
     errors: AtomicU64,
     duration: Histogram,
     leader: AtomicBool,
+    admissions_injected: AtomicU64,
+    admissions_refused: AtomicU64,
+    pods_without_sidecar: AtomicU64,
 }
 
 impl Default for ControllerMetrics {
@@ -23,6 +26,9 @@ impl Default for ControllerMetrics {
             errors: AtomicU64::new(0),
             duration: Histogram::new(DURATION_BOUNDS),
             leader: AtomicBool::new(false),
+            admissions_injected: AtomicU64::new(0),
+            admissions_refused: AtomicU64::new(0),
+            pods_without_sidecar: AtomicU64::new(0),
         }
     }
 }
@@ -42,6 +48,16 @@ impl ControllerMetrics {
 
     pub fn is_leader(&self) -> bool {
         self.leader.load(Ordering::Relaxed)
+    }
+
+    /// An admission review answered with a sidecar (`injected`) or a refusal (`refused`).
+    pub fn count_admission(&self, outcome: &str) {
+        let counter = if outcome == "injected" { &self.admissions_injected } else { &self.admissions_refused };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_pods_without_sidecar(&self, n: u64) {
+        self.pods_without_sidecar.store(n, Ordering::Relaxed);
     }
 
     pub fn reconciles(&self) -> u64 {
@@ -64,6 +80,25 @@ impl ControllerMetrics {
         out.push_str("# HELP kubetoken_controller_leader Whether this replica holds the leader Lease.\n");
         out.push_str("# TYPE kubetoken_controller_leader gauge\n");
         let _ = writeln!(out, "kubetoken_controller_leader {}", u8::from(self.is_leader()));
+        out.push_str("# HELP kubetoken_controller_admissions_total Pods the admission webhook injected or refused.\n");
+        out.push_str("# TYPE kubetoken_controller_admissions_total counter\n");
+        for (outcome, n) in [("injected", &self.admissions_injected), ("refused", &self.admissions_refused)] {
+            let _ = writeln!(
+                out,
+                "kubetoken_controller_admissions_total{{outcome=\"{outcome}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP kubetoken_controller_pods_without_sidecar Pods labelled kubetoken.io/inject that run without the \
+             sidecar (created while the webhook was not called); the leader counts them.\n",
+        );
+        out.push_str("# TYPE kubetoken_controller_pods_without_sidecar gauge\n");
+        let _ = writeln!(
+            out,
+            "kubetoken_controller_pods_without_sidecar {}",
+            self.pods_without_sidecar.load(Ordering::Relaxed)
+        );
         out
     }
 }

@@ -5,7 +5,10 @@
 //! - [`status`]: conditions, pure.
 //! - [`leader`]: Lease-based leader election.
 //! - [`metrics`]: reconcile counters, durations and the leader gauge.
+//! - [`webhook`]: the mutating admission webhook that injects the sidecar (every replica serves it).
+//! - [`injection_audit`]: labelled pods running without the sidecar (the leader reports them).
 
+pub mod injection_audit;
 pub mod keys;
 pub mod leader;
 pub mod metrics;
@@ -13,6 +16,7 @@ pub mod offset_clock;
 pub mod reconcile;
 pub mod sidecar_access;
 pub mod status;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,12 +56,17 @@ pub struct ControllerOptions {
     /// Keep a Role and RoleBinding for the sidecar of each application that names its ServiceAccount
     /// (`spec.sidecar.serviceAccountName`); off where the cluster forbids the controller to grant access.
     pub manage_sidecar_rbac: bool,
+    /// Serve the admission webhook (every replica).
+    pub webhook: Option<self::webhook::WebhookOptions>,
 }
 
 struct Health {
     metrics: Arc<ControllerMetrics>,
     /// Set once the first list of OAuthApplications succeeded (leader) or the Lease was read (standby).
     ready: watch::Receiver<bool>,
+    /// Set once the webhook serves a certificate (always set without a webhook): the webhook Service routes only
+    /// to replicas that can answer it.
+    webhook_ready: watch::Receiver<bool>,
 }
 
 fn health_router(health: Arc<Health>) -> Router {
@@ -66,7 +75,7 @@ fn health_router(health: Arc<Health>) -> Router {
         .route(
             "/readyz",
             get(|State(h): State<Arc<Health>>| async move {
-                if *h.ready.borrow() {
+                if *h.ready.borrow() && *h.webhook_ready.borrow() {
                     (StatusCode::OK, "ready")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "not ready")
@@ -92,7 +101,16 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
     let tls = crate::http::serve::tls_config(opts.tls.as_ref())?;
     let listener = crate::http::serve::ServeListener::bind(opts.listen, tls).await?;
     let url = listener.url();
-    let health = Arc::new(Health { metrics: metrics.clone(), ready: ready_rx });
+    let webhook_ready = match opts.webhook.clone() {
+        Some(webhook) => {
+            let (url, ready) =
+                self::webhook::start(client.clone(), webhook, opts.clock.clone(), metrics.clone()).await?;
+            println!("kubetoken controller webhook on {url}");
+            ready
+        }
+        None => watch::channel(true).1,
+    };
+    let health = Arc::new(Health { metrics: metrics.clone(), ready: ready_rx, webhook_ready });
     tokio::spawn(async move {
         let limits = crate::http::serve::ConnectionLimits::default();
         if let Err(e) = crate::http::serve::serve(listener, health_router(health), limits, std::future::pending()).await
@@ -167,6 +185,21 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
             })
             .collect()
     };
+    // Labelled pods without the sidecar: reported by the leader only (one event per pod, not one per replica).
+    let pod_scopes: Vec<Api<k8s_openapi::api::core::v1::Pod>> = if opts.namespaces.is_empty() {
+        vec![Api::all(client.clone())]
+    } else {
+        opts.namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
+    };
+    let audit = tokio::spawn(self::injection_audit::run(
+        pod_scopes,
+        client.clone(),
+        Recorder::new(
+            client.clone(),
+            Reporter { controller: MANAGER.into(), instance: Some(opts.lease.identity.clone()) },
+        ),
+        metrics.clone(),
+    ));
     let children = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}=kubetoken"));
     let (stop_tx, stop_rx) = watch::channel(false);
     let lost_leadership = async move {
@@ -202,6 +235,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
     // Let in-flight reconciles finish, then stop writing before anyone else may lead.
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    audit.abort();
     elector.abort();
     metrics.set_leader(false);
     if lost {

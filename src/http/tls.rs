@@ -48,16 +48,62 @@ fn parse_pair(
     key_pem: &[u8],
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, String> {
+    parse_pem(cert_pem, key_pem, provider).map_err(|e| match e {
+        PemError::Chain(e) => format!("{}: {e}", files.cert.display()),
+        PemError::Key(e) => format!("{}: {e}", files.key.display()),
+        PemError::Pair(e) => {
+            format!("{} and {} do not make a usable pair: {e}", files.cert.display(), files.key.display())
+        }
+    })
+}
+
+enum PemError {
+    Chain(String),
+    Key(String),
+    Pair(String),
+}
+
+fn parse_pem(cert_pem: &[u8], key_pem: &[u8], provider: &CryptoProvider) -> Result<CertifiedKey, PemError> {
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", files.cert.display()))?;
+        .map_err(|e| PemError::Chain(format!("not a PEM certificate chain: {e}")))?;
     if chain.is_empty() {
-        return Err(format!("{}: no CERTIFICATE in the file", files.cert.display()));
+        return Err(PemError::Chain("no CERTIFICATE in it".into()));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("{}: not a PEM private key: {e}", files.key.display()))?;
-    CertifiedKey::from_der(chain, key, provider)
-        .map_err(|e| format!("{} and {} do not make a usable pair: {e}", files.cert.display(), files.key.display()))
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| PemError::Key(format!("not a PEM private key: {e}")))?;
+    CertifiedKey::from_der(chain, key, provider).map_err(|e| PemError::Pair(e.to_string()))
+}
+
+/// A certificate chain and key in PEM (e.g. from a Secret), ready to serve.
+pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, String> {
+    parse_pem(cert_pem, key_pem, &provider()).map_err(|e| match e {
+        PemError::Chain(e) => format!("certificate: {e}"),
+        PemError::Key(e) => format!("key: {e}"),
+        PemError::Pair(e) => format!("the certificate and key do not make a usable pair: {e}"),
+    })
+}
+
+/// A certificate set by its owner (e.g. read from a Secret) rather than read from files; none until the first set.
+#[derive(Debug, Default)]
+pub struct SwappableCert {
+    current: RwLock<Option<Arc<CertifiedKey>>>,
+}
+
+impl SwappableCert {
+    pub fn set(&self, key: CertifiedKey) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(key));
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+}
+
+impl ResolvesServerCert for SwappableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 impl ReloadingCert {
@@ -137,11 +183,16 @@ impl ResolvesServerCert for ReloadingCert {
 
 /// TLS 1.2 and 1.3 (all rustls speaks), HTTP/1.1 by ALPN, the certificate from `cert`.
 pub fn server_config(cert: Arc<ReloadingCert>) -> Result<Arc<ServerConfig>, String> {
-    let mut config = ServerConfig::builder_with_provider(cert.provider.clone())
+    server_config_with(cert)
+}
+
+/// The same with any certificate source.
+pub fn server_config_with(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<ServerConfig>, String> {
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| format!("TLS configuration: {e}"))?
         .with_no_client_auth()
-        .with_cert_resolver(cert);
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -181,6 +181,8 @@ where
 pub struct ControllerProcess {
     pub child: Child,
     pub health: String,
+    /// The admission webhook's URL (`https://127.0.0.1:PORT`), when the controller serves one.
+    pub webhook: Option<String>,
 }
 
 impl ControllerProcess {
@@ -214,9 +216,11 @@ impl ControllerProcess {
     /// Runs `cmd` (a `kubetoken controller` command line) and waits until it serves its health port.
     pub fn spawn(mut cmd: Command) -> Self {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn controller");
-        let health = read_banner(&mut child, "kubetoken controller health on ")
-            .unwrap_or_else(|| panic!("controller exited before serving health"));
-        Self { child, health }
+        let (health, earlier) = read_banner_after(&mut child, "kubetoken controller health on ");
+        let health = health.unwrap_or_else(|| panic!("controller exited before serving health"));
+        let webhook =
+            earlier.iter().find_map(|l| l.strip_prefix("kubetoken controller webhook on ")).map(str::to_string);
+        Self { child, health, webhook }
     }
 
     pub fn metric(&self, name: &str) -> Option<f64> {
@@ -245,12 +249,7 @@ pub fn b64(s: &str) -> String {
 }
 
 /// Reads `child`'s stdout until a line starts with `prefix` and returns the rest of that line (`None` when the
-/// process ends first); the output after it is drained in the background.
-fn read_banner(child: &mut Child, prefix: &str) -> Option<String> {
-    read_banner_after(child, prefix).0
-}
-
-/// [`read_banner`], also returning the lines printed before the banner.
+/// process ends first) and the lines printed before it; the output after it is drained in the background.
 fn read_banner_after(child: &mut Child, prefix: &str) -> (Option<String>, Vec<String>) {
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut earlier = Vec::new();

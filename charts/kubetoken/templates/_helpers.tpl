@@ -66,6 +66,9 @@ app.kubernetes.io/component: sidecar
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
 {{- if .Values.controller.manageSidecarRbac }}
 {{- /*
 The sidecar Roles it keeps (spec.sidecar.serviceAccountName) and their RoleBindings. Kubernetes lets it grant only

@@ -31,6 +31,11 @@ impl ApiError {
         Self::new(404, "NotFound", format!("{qualified} \"{name}\" not found"))
     }
 
+    /// kube-apiserver's `NewInternalError`: 500, `Internal error occurred: ...`.
+    pub(crate) fn internal(message: impl std::fmt::Display) -> Self {
+        Self::new(500, "InternalError", format!("Internal error occurred: {message}"))
+    }
+
     pub(crate) fn no_route() -> Self {
         Self::new(404, "NotFound", "the server could not find the requested resource")
     }

@@ -1,5 +1,6 @@
 //! The HTTP surface: routing, discovery, the REST verbs, watch streams, Table output, fault injection.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,9 +15,12 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::RequestRecord;
+use crate::admission::{CreateRequest, WebhookCall, admit_create};
 use crate::error::ApiError;
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{DeleteOptions, PatchKind, Propagation, State, Sub, WatchFilter, WatchStart, meta_str};
+use crate::store::{
+    DeleteOptions, PatchKind, Propagation, State, Sub, WatchFilter, WatchStart, apply_config, meta_mut, meta_str,
+};
 use crate::types::ResourceType;
 use crate::util::{human_age, parse_rfc3339, unix_now};
 
@@ -40,6 +44,9 @@ pub(crate) struct Shared {
     pub faults: Mutex<Faults>,
     pub requests: Mutex<Vec<RequestRecord>>,
     pub addr: SocketAddr,
+    /// Where webhooks' `clientConfig.service` (namespace, name) are reached.
+    pub service_addresses: Mutex<HashMap<(String, String), SocketAddr>>,
+    pub webhook_calls: Mutex<Vec<WebhookCall>>,
 }
 
 impl Shared {
@@ -53,6 +60,25 @@ impl Shared {
 
     pub(crate) fn requests(&self) -> MutexGuard<'_, Vec<RequestRecord>> {
         self.requests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn service_addresses(&self) -> MutexGuard<'_, HashMap<(String, String), SocketAddr>> {
+        self.service_addresses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn service_address(&self, namespace: &str, name: &str) -> Option<SocketAddr> {
+        self.service_addresses().get(&(namespace.to_string(), name.to_string())).copied()
+    }
+
+    pub(crate) fn webhook_calls(&self) -> MutexGuard<'_, Vec<WebhookCall>> {
+        self.webhook_calls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn record_webhook_call(&self, call: WebhookCall) {
+        let mut calls = self.webhook_calls();
+        if calls.len() < MAX_RECORDED_REQUESTS {
+            calls.push(call);
+        }
     }
 }
 
@@ -283,7 +309,7 @@ async fn respond(shared: Arc<Shared>, req: Request) -> Response {
                 &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
             )
         }
-        Route::Resource(rp) => match handle_resource(&shared, &method, &rp, &query, &headers, &body) {
+        Route::Resource(rp) => match handle_resource(&shared, &method, &rp, &query, &headers, &body).await {
             Ok(resp) => resp,
             Err(e) => error_response(&e),
         },
@@ -383,7 +409,7 @@ fn selectors(rt: &ResourceType, query: &Query) -> Result<(LabelSelector, FieldSe
     Ok((labels, fields))
 }
 
-fn handle_resource(
+async fn handle_resource(
     shared: &Arc<Shared>,
     method: &Method,
     rp: &ResourcePath,
@@ -434,6 +460,15 @@ fn handle_resource(
         }
         (Method::POST, None) => {
             let obj = parse_body(headers, body)?;
+            let mut options = json!({"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"});
+            if let Some(manager) = query.get("fieldManager") {
+                options["fieldManager"] = json!(manager);
+            }
+            if query.dry_run() {
+                options["dryRun"] = json!(["All"]);
+            }
+            let request = CreateRequest { rt: &rt, namespace: ns, dry_run: query.dry_run(), options };
+            let obj = admit_create(shared, &request, obj).await?;
             let created = shared.state().create(&rt, ns, obj, query.dry_run())?;
             Ok(json_response(201, &created))
         }
@@ -468,7 +503,25 @@ fn handle_resource(
                     ));
                 }
             };
-            let (obj, created) = shared.state().patch(&rt, ns, name, &kind, body, sub, query.dry_run())?;
+            // A server-side apply that creates the object is a CREATE for admission.
+            let admitted = match &kind {
+                PatchKind::Apply { manager } if sub == Sub::Main && shared.state().peek(&rt, ns, name).is_none() => {
+                    let mut config = apply_config(&rt, name, body)?;
+                    meta_mut(&mut config).insert("name".into(), json!(name));
+                    let mut options =
+                        json!({"kind": "PatchOptions", "apiVersion": "meta.k8s.io/v1", "fieldManager": manager});
+                    if query.flag("force") {
+                        options["force"] = json!(true);
+                    }
+                    if query.dry_run() {
+                        options["dryRun"] = json!(["All"]);
+                    }
+                    let request = CreateRequest { rt: &rt, namespace: ns, dry_run: query.dry_run(), options };
+                    Some(admit_create(shared, &request, config).await?)
+                }
+                _ => None,
+            };
+            let (obj, created) = shared.state().patch(&rt, ns, name, &kind, body, sub, query.dry_run(), admitted)?;
             Ok(json_response(if created { 201 } else { 200 }, &obj))
         }
         (Method::DELETE, Some(name)) if sub == Sub::Main => {
@@ -648,6 +701,13 @@ fn to_table(rt: &ResourceType, items: &[Value], rv: Option<u64>, query: &Query) 
                     o.pointer("/status/phase").cloned().unwrap_or(Value::Null),
                     json!(age(o)),
                 ]
+            }),
+        ),
+        ("admissionregistration.k8s.io", "mutatingwebhookconfigurations" | "validatingwebhookconfigurations") => (
+            vec![name_col, col("Webhooks", "integer", ""), col("Age", "string", "")],
+            Box::new(move |o| {
+                let webhooks = o.get("webhooks").and_then(Value::as_array).map_or(0, Vec::len);
+                vec![json!(meta_str(o, "name")), json!(webhooks), json!(age(o))]
             }),
         ),
         ("coordination.k8s.io", "leases") => (

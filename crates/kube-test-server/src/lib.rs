@@ -5,11 +5,14 @@
 //! and `kubectl` can use. Secrets, configmaps, events, namespaces, leases, CustomResourceDefinitions and the custom
 //! resources they define are served with the semantics controllers depend on: resourceVersion conflicts,
 //! generation, the status subresource, finalizers, owner-reference garbage collection, selectors, watches with
-//! bookmarks and `410 Gone`, server-side apply. Faults can be injected: failing requests, latency, closed watches.
+//! bookmarks and `410 Gone`, server-side apply. Mutating admission webhooks (MutatingWebhookConfigurations) are
+//! called over HTTPS on CREATE; [`KubeTestServer::set_service_address`] says where a webhook's Service is. Faults
+//! can be injected: failing requests, latency, closed watches.
 //!
 //! See the crate's README for what is deliberately left out.
 #![forbid(unsafe_code)]
 
+mod admission;
 mod error;
 mod http;
 mod protobuf;
@@ -26,6 +29,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub use crate::admission::{WebhookCall, WebhookOutcome};
 pub use crate::error::ApiError;
 use crate::http::{Faults, Route, Shared, parse_path};
 use crate::store::{DeleteOptions, State};
@@ -83,6 +87,8 @@ impl KubeTestServer {
             faults: Mutex::new(Faults::default()),
             requests: Mutex::new(Vec::new()),
             addr,
+            service_addresses: Mutex::new(Default::default()),
+            webhook_calls: Mutex::new(Vec::new()),
         });
         let dir = tempfile::Builder::new().prefix("kube-test-server-").tempdir()?;
         let kubeconfig_path = dir.path().join("kubeconfig");
@@ -225,7 +231,30 @@ impl KubeTestServer {
         state.list(&rt, rp.namespace.as_deref(), &Default::default(), &Default::default())
     }
 
-    /// Creates an object as a POST to `collection_path` would (e.g. to seed a test).
+    /// Routes calls of admission webhooks whose `clientConfig.service` is `namespace/name` to `addr` (whatever the
+    /// service port). The TLS server name stays `NAME.NAMESPACE.svc`. Without an address, calls to that service
+    /// fail as when it has no endpoints (then the webhook's `failurePolicy` decides).
+    pub fn set_service_address(&self, namespace: &str, name: &str, addr: SocketAddr) {
+        self.shared.service_addresses().insert((namespace.to_string(), name.to_string()), addr);
+    }
+
+    /// Forgets the address of `namespace/name`: webhook calls to that service fail again (a webhook outage).
+    pub fn clear_service_address(&self, namespace: &str, name: &str) {
+        self.shared.service_addresses().remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// Every mutating webhook call made so far (at most 100,000 are kept), in order.
+    pub fn webhook_calls(&self) -> Vec<WebhookCall> {
+        self.shared.webhook_calls().clone()
+    }
+
+    /// Forgets the recorded webhook calls.
+    pub fn clear_webhook_calls(&self) {
+        self.shared.webhook_calls().clear();
+    }
+
+    /// Creates an object as a POST to `collection_path` would (e.g. to seed a test), but without admission: no
+    /// webhook is called (as if it were written to etcd directly).
     pub fn create_object(&self, collection_path: &str, object: Value) -> Result<Value, ApiError> {
         let Route::Resource(rp) = parse_path(collection_path) else { return Err(ApiError::no_route()) };
         let mut state = self.shared.state();

@@ -29,8 +29,82 @@ impl LabelSelector {
         Ok(Self(reqs))
     }
 
+    /// A `metav1.LabelSelector` as JSON (`matchLabels`, `matchExpressions` with `In`, `NotIn`, `Exists`,
+    /// `DoesNotExist`), as webhook configurations carry them. Null or `{}` selects everything.
+    pub(crate) fn from_json(selector: &Value) -> Result<Self, String> {
+        let Some(sel) = selector.as_object() else {
+            return if selector.is_null() { Ok(Self::default()) } else { Err("must be an object".into()) };
+        };
+        let mut reqs = Vec::new();
+        match sel.get("matchLabels") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(labels)) => {
+                for (k, v) in labels {
+                    let Some(v) = v.as_str() else { return Err(format!("matchLabels.{k}: must be a string")) };
+                    reqs.push(LabelReq::Eq(check_key(k)?, check_value(v)?));
+                }
+            }
+            Some(_) => return Err("matchLabels: must be a map of strings".into()),
+        }
+        match sel.get("matchExpressions") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(exprs)) => {
+                for (i, e) in exprs.iter().enumerate() {
+                    let key = check_key(e.get("key").and_then(Value::as_str).unwrap_or_default())
+                        .map_err(|err| format!("matchExpressions[{i}].key: {err}"))?;
+                    let values = match e.get("values") {
+                        None | Some(Value::Null) => Vec::new(),
+                        Some(Value::Array(vs)) => vs
+                            .iter()
+                            .map(|v| v.as_str().ok_or_else(|| "must be a string".to_string()).and_then(check_value))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|err| format!("matchExpressions[{i}].values: {err}"))?,
+                        Some(_) => return Err(format!("matchExpressions[{i}].values: must be a list of strings")),
+                    };
+                    let op = e.get("operator").and_then(Value::as_str).unwrap_or_default();
+                    let req = match op {
+                        "In" | "NotIn" if values.is_empty() => {
+                            return Err(format!(
+                                "matchExpressions[{i}].values: Required value: must be specified when `operator` is \
+                                 'In' or 'NotIn'"
+                            ));
+                        }
+                        "Exists" | "DoesNotExist" if !values.is_empty() => {
+                            return Err(format!(
+                                "matchExpressions[{i}].values: Forbidden: may not be specified when `operator` is \
+                                 'Exists' or 'DoesNotExist'"
+                            ));
+                        }
+                        "In" => LabelReq::In(key, values),
+                        "NotIn" => LabelReq::NotIn(key, values),
+                        "Exists" => LabelReq::Exists(key),
+                        "DoesNotExist" => LabelReq::NotExists(key),
+                        other => {
+                            return Err(format!(
+                                "matchExpressions[{i}].operator: Unsupported value: {other:?}: supported values: \
+                                 \"In\", \"NotIn\", \"Exists\", \"DoesNotExist\""
+                            ));
+                        }
+                    };
+                    reqs.push(req);
+                }
+            }
+            Some(_) => return Err("matchExpressions: must be a list".into()),
+        }
+        Ok(Self(reqs))
+    }
+
+    /// Whether the selector selects everything.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub(crate) fn matches(&self, obj: &Value) -> bool {
-        let labels = obj.pointer("/metadata/labels").and_then(Value::as_object);
+        self.matches_labels(obj.pointer("/metadata/labels").and_then(Value::as_object))
+    }
+
+    /// Matches a label map (absent: no labels).
+    pub(crate) fn matches_labels(&self, labels: Option<&serde_json::Map<String, Value>>) -> bool {
         let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
         self.0.iter().all(|r| match r {
             LabelReq::Eq(k, v) => get(k) == Some(v.as_str()),
@@ -185,6 +259,31 @@ mod tests {
         assert!(LabelSelector::parse("app in (a").is_err());
         assert!(LabelSelector::parse("app of (a)").is_err());
         assert!(LabelSelector::parse("a b").is_err());
+    }
+
+    #[test]
+    fn label_selectors_as_json() {
+        let o = obj(json!({"app": "web", "tier": "front"}));
+        let m = |s: Value| LabelSelector::from_json(&s).unwrap().matches(&o);
+        assert!(m(Value::Null));
+        assert!(m(json!({})));
+        assert!(m(json!({"matchLabels": {"app": "web"}})));
+        assert!(!m(json!({"matchLabels": {"app": "db"}})));
+        assert!(m(json!({"matchExpressions": [{"key": "app", "operator": "In", "values": ["web", "db"]}]})));
+        assert!(!m(json!({"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["web"]}]})));
+        assert!(m(json!({"matchExpressions": [{"key": "tier", "operator": "Exists"}]})));
+        assert!(!m(json!({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]})));
+        assert!(m(json!({"matchExpressions": [{"key": "nope", "operator": "DoesNotExist"}]})));
+        assert!(!m(json!({"matchLabels": {"app": "web"}, "matchExpressions": [{"key": "x", "operator": "Exists"}]})));
+        assert!(LabelSelector::from_json(&json!({"matchExpressions": [{"key": "a", "operator": "In"}]})).is_err());
+        assert!(
+            LabelSelector::from_json(
+                &json!({"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]})
+            )
+            .is_err()
+        );
+        assert!(LabelSelector::from_json(&json!({"matchExpressions": [{"key": "a", "operator": "Gt"}]})).is_err());
+        assert!(LabelSelector::from_json(&json!("x")).is_err());
     }
 
     #[test]

@@ -10,11 +10,14 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::error::ApiError;
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::types::{GroupResource, Registry, ResourceType, crd_status, types_from_crd};
+use crate::types::{ADMISSION_GROUP, GroupResource, Registry, ResourceType, crd_status, types_from_crd};
 use crate::util::{leaf_paths, new_uid, now_rfc3339, prune_empty, random_suffix, remove_path, strategic_merge};
 
 /// How many watch events are retained for watches that resume from a resourceVersion.
 pub(crate) const HISTORY_LIMIT: usize = 1000;
+
+/// The label every Namespace carries, its name.
+pub(crate) const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// (namespace or "" for cluster-scoped, name)
 pub(crate) type ObjKey = (String, String);
@@ -155,7 +158,7 @@ pub(crate) fn meta_str<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
     obj.get("metadata").and_then(|m| m.get(key)).and_then(Value::as_str)
 }
 
-fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
+pub(crate) fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
     if !obj.get("metadata").is_some_and(Value::is_object) {
         obj["metadata"] = json!({});
     }
@@ -208,7 +211,7 @@ fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1].is_ascii_alphanumeric()
 }
 
-fn is_dns_subdomain(s: &str) -> bool {
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
@@ -278,6 +281,92 @@ fn check_type(rt: &ResourceType, obj: &mut Value) -> Result<(), ApiError> {
     }
     obj["apiVersion"] = json!(rt.api_version());
     Ok(())
+}
+
+/// Strategic merge of a list whose patchMergeKey is `name` (a webhook configuration's `webhooks`, which kubectl
+/// apply and controllers patch entry by entry): entries are merged into the entry of the same name or appended;
+/// `$patch: delete` removes one. Takes the list (and its `$setElementOrder`) out of `patch`.
+fn merge_list_by_name(target: &mut Value, patch: &mut Value, field: &str) {
+    let Some(p) = patch.as_object_mut() else { return };
+    p.remove(&format!("$setElementOrder/{field}"));
+    if !p.get(field).is_some_and(Value::is_array) {
+        return;
+    }
+    let Some(Value::Array(items)) = p.remove(field) else { return };
+    let mut list = target.get(field).and_then(Value::as_array).cloned().unwrap_or_default();
+    for item in items {
+        let name = item.get("name").and_then(Value::as_str);
+        let pos = name.and_then(|n| list.iter().position(|x| x.get("name").and_then(Value::as_str) == Some(n)));
+        match (item.get("$patch").and_then(Value::as_str), pos) {
+            (Some("delete"), Some(i)) => {
+                list.remove(i);
+            }
+            (Some("delete"), None) => {}
+            (_, Some(i)) => strategic_merge(&mut list[i], &item),
+            (_, None) => {
+                let mut new = Value::Null;
+                strategic_merge(&mut new, &item);
+                list.push(new);
+            }
+        }
+    }
+    if target.is_object() {
+        target[field] = Value::Array(list);
+    }
+}
+
+/// A server-side apply body: parsed (YAML or JSON), its kind checked, its name (if any) the URL's.
+pub(crate) fn apply_config(rt: &ResourceType, name: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let mut config: Value =
+        serde_yaml::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid apply configuration: {e}")))?;
+    check_type(rt, &mut config)?;
+    match meta_str(&config, "name") {
+        Some(n) if n != name => Err(ApiError::bad_request(format!(
+            "the name of the object ({n}) does not match the name on the URL ({name})"
+        ))),
+        _ => Ok(config),
+    }
+}
+
+/// The namespace a created object goes to: the URL's, which the body may repeat but not contradict.
+fn create_namespace(rt: &ResourceType, ns: Option<&str>, obj: &Value) -> Result<String, ApiError> {
+    if !rt.namespaced {
+        return Ok(String::new());
+    }
+    let url_ns = ns.unwrap_or_default();
+    match meta_str(obj, "namespace") {
+        Some(body_ns) if !body_ns.is_empty() && body_ns != url_ns => Err(ApiError::bad_request(
+            "the namespace of the provided object does not match the namespace sent on the request",
+        )),
+        _ => Ok(url_ns.to_string()),
+    }
+}
+
+/// A created object as mutating admission sees it, like kube-apiserver's: decoded and defaulted (kind and
+/// apiVersion checked, the URL's namespace set), but not yet named from `generateName`, without uid,
+/// creationTimestamp or resourceVersion (those come when it is stored).
+pub(crate) fn prepare_create(rt: &ResourceType, ns: Option<&str>, mut obj: Value) -> Result<Value, ApiError> {
+    check_type(rt, &mut obj)?;
+    let namespace = create_namespace(rt, ns, &obj)?;
+    if rt.namespaced {
+        meta_mut(&mut obj).insert("namespace".into(), json!(namespace));
+    }
+    if rt.is_namespace() {
+        namespace_name_label(&mut obj);
+    }
+    Ok(obj)
+}
+
+/// Every Namespace carries `kubernetes.io/metadata.name: <name>` (Kubernetes' defaulting; it can't be changed).
+fn namespace_name_label(obj: &mut Value) {
+    let Some(name) = meta_str(obj, "name").filter(|n| !n.is_empty()).map(String::from) else { return };
+    let meta = meta_mut(obj);
+    if !meta.get("labels").is_some_and(Value::is_object) {
+        meta.insert("labels".into(), json!({}));
+    }
+    if let Some(Value::Object(labels)) = meta.get_mut("labels") {
+        labels.insert(NAMESPACE_NAME_LABEL.into(), json!(name));
+    }
 }
 
 /// Drops what the server never stores and empty metadata collections (Go's `omitempty`).
@@ -415,8 +504,14 @@ impl State {
         if rt.is_secret() || (rt.group.is_empty() && rt.plural == "configmaps") {
             check_data_size(rt, obj)?;
         }
-        if rt.is_namespace() && obj.pointer("/status/phase").is_none() {
-            obj["status"] = json!({"phase": "Active"});
+        if rt.is_namespace() {
+            if obj.pointer("/status/phase").is_none() {
+                obj["status"] = json!({"phase": "Active"});
+            }
+            namespace_name_label(obj);
+        }
+        if rt.is_webhook_configuration() {
+            crate::admission::default_and_validate_configuration(rt, obj)?;
         }
         if rt.is_crd() {
             types_from_crd(obj)?;
@@ -464,19 +559,7 @@ impl State {
     ) -> Result<Value, ApiError> {
         check_type(rt, &mut obj)?;
         let gr = rt.group_resource();
-        let namespace = if rt.namespaced {
-            let url_ns = ns.unwrap_or_default();
-            match meta_str(&obj, "namespace") {
-                Some(body_ns) if !body_ns.is_empty() && body_ns != url_ns => {
-                    return Err(ApiError::bad_request(
-                        "the namespace of the provided object does not match the namespace sent on the request",
-                    ));
-                }
-                _ => url_ns.to_string(),
-            }
-        } else {
-            String::new()
-        };
+        let namespace = create_namespace(rt, ns, &obj)?;
         let mut name = meta_str(&obj, "name").unwrap_or_default().to_string();
         if name.is_empty() {
             let prefix = meta_str(&obj, "generateName").unwrap_or_default().to_string();
@@ -699,6 +782,7 @@ impl State {
         body: &[u8],
         sub: Sub,
         dry_run: bool,
+        admitted: Option<Value>,
     ) -> Result<(Value, bool), ApiError> {
         let gr = rt.group_resource();
         let key = Self::key_for(rt, ns, name);
@@ -708,17 +792,7 @@ impl State {
         };
         match kind {
             PatchKind::Apply { manager } => {
-                let mut config: Value = serde_yaml::from_slice(body)
-                    .map_err(|e| ApiError::bad_request(format!("invalid apply configuration: {e}")))?;
-                check_type(rt, &mut config)?;
-                match meta_str(&config, "name") {
-                    Some(n) if n != name => {
-                        return Err(ApiError::bad_request(format!(
-                            "the name of the object ({n}) does not match the name on the URL ({name})"
-                        )));
-                    }
-                    _ => {}
-                }
+                let mut config = apply_config(rt, name, body)?;
                 let is_status = sub == Sub::Status;
                 let paths = Self::applied_paths(rt, &config, sub);
                 let Some(existing) = existing else {
@@ -726,7 +800,8 @@ impl State {
                         return Err(ApiError::not_found(&rt.qualified(), name));
                     }
                     meta_mut(&mut config).insert("name".into(), json!(name));
-                    let created = self.create(rt, ns, config, dry_run)?;
+                    // What mutating admission made of the configuration, when the caller ran it.
+                    let created = self.create(rt, ns, admitted.unwrap_or(config), dry_run)?;
                     if !dry_run && let Some(uid) = meta_str(&created, "uid") {
                         self.applied.entry(uid.to_string()).or_default().insert((manager.clone(), false), paths);
                     }
@@ -763,7 +838,13 @@ impl State {
                 let mut candidate = existing.clone();
                 match kind {
                     PatchKind::Merge => json_patch::merge(&mut candidate, &parse_json(body)?),
-                    PatchKind::Strategic => strategic_merge(&mut candidate, &parse_json(body)?),
+                    PatchKind::Strategic => {
+                        let mut patch = parse_json(body)?;
+                        if rt.is_webhook_configuration() {
+                            merge_list_by_name(&mut candidate, &mut patch, "webhooks");
+                        }
+                        strategic_merge(&mut candidate, &patch)
+                    }
                     PatchKind::Json => {
                         let ops: json_patch::Patch = serde_json::from_slice(body)
                             .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
@@ -778,6 +859,27 @@ impl State {
                 Ok((self.write_existing(rt, key, existing, candidate, sub, dry_run)?, false))
             }
         }
+    }
+
+    /// The stored MutatingWebhookConfigurations, by name.
+    pub(crate) fn mutating_webhook_configurations(&self) -> Vec<Value> {
+        self.objects
+            .get(&GroupResource::new(ADMISSION_GROUP, "mutatingwebhookconfigurations"))
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A namespace's labels, as webhooks' namespaceSelectors see them: a namespace that has no object (yet) still
+    /// has `kubernetes.io/metadata.name`.
+    pub(crate) fn namespace_labels(&self, ns: &str) -> Map<String, Value> {
+        let mut labels = self
+            .stored(&GroupResource::new("", "namespaces"), &(String::new(), ns.to_string()))
+            .and_then(|o| o.pointer("/metadata/labels"))
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL.into(), json!(ns));
+        labels
     }
 
     /// The fields an apply configuration owns (lists are atomic); identity fields are never owned.

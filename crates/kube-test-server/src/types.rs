@@ -78,6 +78,12 @@ impl ResourceType {
         self.group.is_empty() && self.plural == "secrets"
     }
 
+    /// MutatingWebhookConfiguration or ValidatingWebhookConfiguration.
+    pub(crate) fn is_webhook_configuration(&self) -> bool {
+        self.group == ADMISSION_GROUP
+            && matches!(self.plural.as_str(), "mutatingwebhookconfigurations" | "validatingwebhookconfigurations")
+    }
+
     /// The discovery entries (`APIResource`) for this type and its status subresource.
     pub(crate) fn discovery_entries(&self) -> Vec<Value> {
         let verbs = if self.is_namespace() {
@@ -141,6 +147,15 @@ fn builtin(
         crd: None,
     })
 }
+
+fn with_generation(t: Arc<ResourceType>) -> Arc<ResourceType> {
+    let mut t = Arc::unwrap_or_clone(t);
+    t.has_generation = true;
+    Arc::new(t)
+}
+
+/// The group of the webhook configurations.
+pub(crate) const ADMISSION_GROUP: &str = "admissionregistration.k8s.io";
 
 const CORE_EVENT_FIELDS: &[&str] = &[
     "involvedObject.kind",
@@ -213,6 +228,28 @@ impl Registry {
                 &[],
                 false,
             ),
+            // Mutating webhooks are called on CREATE (admission.rs); validating ones are only stored. Like
+            // Kubernetes, both carry a generation.
+            with_generation(builtin(
+                ADMISSION_GROUP,
+                "mutatingwebhookconfigurations",
+                "mutatingwebhookconfiguration",
+                "MutatingWebhookConfiguration",
+                &[],
+                false,
+                &[],
+                false,
+            )),
+            with_generation(builtin(
+                ADMISSION_GROUP,
+                "validatingwebhookconfigurations",
+                "validatingwebhookconfiguration",
+                "ValidatingWebhookConfiguration",
+                &[],
+                false,
+                &[],
+                false,
+            )),
             builtin(
                 "apiextensions.k8s.io",
                 "customresourcedefinitions",

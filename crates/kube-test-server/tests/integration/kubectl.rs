@@ -173,3 +173,72 @@ fn kubectl_get_apply_label_patch_delete() {
     k.ok(&["delete", "-f", crd.to_str().unwrap()]);
     assert!(k.fails(&["get", "oauthapplications"]).contains("oauthapplications"));
 }
+
+fn webhook_configuration(timeout: u32, ca_bundle: &str) -> String {
+    format!(
+        r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata:
+  name: kubetoken
+webhooks:
+- name: inject.kubetoken.io
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  timeoutSeconds: {timeout}
+  clientConfig:
+    caBundle: {ca_bundle}
+    service: {{namespace: kubetoken, name: kubetoken-webhook, path: /mutate}}
+  rules:
+  - {{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods]}}
+  objectSelector:
+    matchExpressions: [{{key: kubetoken.io/inject, operator: Exists}}]
+- name: other.kubetoken.io
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  clientConfig:
+    url: https://127.0.0.1:1/other
+  rules:
+  - {{operations: [CREATE], apiGroups: [apps], apiVersions: [v1], resources: [deployments]}}
+"#
+    )
+}
+
+#[test]
+fn kubectl_applies_and_lists_webhook_configurations() {
+    let server = KubeTestServer::start();
+    let k = Kubectl { server: &server, cache: tempfile::tempdir().unwrap() };
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("webhook.yaml");
+    let path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/kubetoken";
+
+    let resources = k.ok(&["api-resources", "--api-group=admissionregistration.k8s.io"]);
+    assert!(resources.contains("mutatingwebhookconfigurations"), "{resources}");
+    assert!(resources.contains("validatingwebhookconfigurations"), "{resources}");
+
+    std::fs::write(&manifest, webhook_configuration(5, "QUJD")).unwrap();
+    let out = k.ok(&["apply", "--validate=false", "-f", manifest.to_str().unwrap()]);
+    assert!(out.contains("created"), "{out}");
+    // Client-side apply of a change: a strategic merge patch of one webhook (merged by name).
+    std::fs::write(&manifest, webhook_configuration(7, "REVG")).unwrap();
+    let out = k.ok(&["apply", "--validate=false", "-f", manifest.to_str().unwrap()]);
+    assert!(out.contains("configured"), "{out}");
+    let stored = server.get_object(path).unwrap();
+    let hooks = stored["webhooks"].as_array().unwrap();
+    assert_eq!(hooks.len(), 2);
+    assert_eq!(
+        (hooks[0]["timeoutSeconds"].as_i64(), hooks[0]["clientConfig"]["caBundle"].as_str()),
+        (Some(7), Some("REVG"))
+    );
+    assert_eq!(hooks[0]["failurePolicy"], "Fail", "defaults survive the patch");
+    assert_eq!(hooks[1]["name"], "other.kubetoken.io");
+    assert_eq!(stored["metadata"]["generation"], 2);
+
+    let table = k.ok(&["get", "mutatingwebhookconfigurations"]);
+    assert!(table.contains("WEBHOOKS") && table.contains("kubetoken"), "{table}");
+    // A merge patch, as `kubectl patch --type=merge` sends it, replaces the list.
+    k.ok(&["patch", "mutatingwebhookconfiguration", "kubetoken", "--type=merge", "-p", r#"{"webhooks": []}"#]);
+    assert_eq!(server.get_object(path).unwrap().get("webhooks").and_then(|w| w.as_array()).map_or(0, Vec::len), 0);
+    k.ok(&["delete", "mutatingwebhookconfiguration", "kubetoken"]);
+    assert!(server.get_object(path).is_none());
+}

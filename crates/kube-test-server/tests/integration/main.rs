@@ -2,6 +2,7 @@
 //!
 //! Every test starts its own server (they are cheap), so tests run in parallel and never see each other's objects.
 
+mod admission;
 mod crud;
 mod discovery;
 mod faults;

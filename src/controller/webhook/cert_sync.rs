@@ -1,0 +1,218 @@
+//! Controller-managed webhook TLS, the Kubernetes side: every replica keeps the Secret (created once, renewed per
+//! [`super::certs`]), the MutatingWebhookConfiguration's `caBundle` and its own served certificate in step. All
+//! replicas may do it at once: creation is decided by the API server (409 AlreadyExists), updates carry the
+//! resourceVersion they were decided on (409 Conflict: decided again at the next pass).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, PostParams};
+use tokio::sync::watch;
+
+use super::certs::{CertError, WebhookCerts};
+use crate::controller::reconcile::MANAGED_BY_LABEL;
+use crate::core::clock::Clock;
+use crate::http::tls::SwappableCert;
+
+/// How often a replica looks at the Secret and the configuration (renewals happen weeks ahead; another replica's
+/// renewal reaches this one within this).
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(30);
+const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{0}")]
+    Cert(#[from] CertError),
+    #[error("the Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error(
+        "the Secret {0} exists and is not kubetoken's (no {MANAGED_BY_LABEL}=kubetoken label): not overwritten; \
+         delete it or choose another name"
+    )]
+    NotOurs(String),
+    #[error("the Secret {0} changed meanwhile; decided again at the next pass")]
+    Conflict(String),
+    #[error("the MutatingWebhookConfiguration {0} does not exist: nothing calls the webhook (the chart creates it)")]
+    NoConfiguration(String),
+}
+
+pub struct CertSync {
+    pub secrets: Api<Secret>,
+    pub configurations: Api<MutatingWebhookConfiguration>,
+    pub secret_name: String,
+    pub configuration_name: String,
+    pub dns_names: Vec<String>,
+    pub clock: Arc<dyn Clock>,
+    pub served: Arc<SwappableCert>,
+}
+
+fn is_ours(secret: &Secret) -> bool {
+    secret.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL)).is_some_and(|v| v == "kubetoken")
+}
+
+fn owned_by(secret: &Secret, owner: &OwnerReference) -> bool {
+    secret.metadata.owner_references.iter().flatten().any(|o| o.uid == owner.uid)
+}
+
+fn data_bytes(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
+    secret.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect()
+}
+
+impl CertSync {
+    /// The Secret, owned by the configuration: uninstalling the chart (which deletes the configuration) deletes it.
+    fn secret(&self, certs: &WebhookCerts, resource_version: Option<String>, owner: &OwnerReference) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(self.secret_name.clone()),
+                labels: Some(BTreeMap::from([(MANAGED_BY_LABEL.to_string(), "kubetoken".to_string())])),
+                owner_references: Some(vec![owner.clone()]),
+                resource_version,
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(certs.to_data().into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))).collect()),
+            ..Secret::default()
+        }
+    }
+
+    /// The certificates as stored (created if there are none), and the Secret's resourceVersion.
+    async fn stored(&self, owner: &OwnerReference) -> Result<(WebhookCerts, Option<String>), SyncError> {
+        let now = self.clock.now();
+        match self.secrets.get_opt(&self.secret_name).await? {
+            Some(secret) if !is_ours(&secret) => Err(SyncError::NotOurs(self.secret_name.clone())),
+            Some(secret) => match WebhookCerts::from_data(&data_bytes(&secret)) {
+                Ok(certs) if owned_by(&secret, owner) => Ok((certs, secret.metadata.resource_version)),
+                Ok(certs) => {
+                    // The configuration was made again (a reinstall): the Secret follows its new owner.
+                    let written = self
+                        .secrets
+                        .replace(
+                            &self.secret_name,
+                            &PostParams::default(),
+                            &self.secret(&certs, secret.metadata.resource_version, owner),
+                        )
+                        .await
+                        .map_err(|e| self.conflict_or(e))?;
+                    Ok((certs, written.metadata.resource_version))
+                }
+                Err(e) => {
+                    // Ours but unusable (edited by hand, truncated): made again; the bundle follows.
+                    tracing::warn!(secret = %self.secret_name, error = %e, "webhook certificates unusable; making new ones");
+                    let certs = WebhookCerts::generate(&self.dns_names, now)?;
+                    let written = self
+                        .secrets
+                        .replace(
+                            &self.secret_name,
+                            &PostParams::default(),
+                            &self.secret(&certs, secret.metadata.resource_version, owner),
+                        )
+                        .await
+                        .map_err(|e| self.conflict_or(e))?;
+                    Ok((certs, written.metadata.resource_version))
+                }
+            },
+            None => {
+                let certs = WebhookCerts::generate(&self.dns_names, now)?;
+                match self.secrets.create(&PostParams::default(), &self.secret(&certs, None, owner)).await {
+                    Ok(written) => {
+                        tracing::info!(secret = %self.secret_name, "webhook CA and serving certificate created");
+                        Ok((certs, written.metadata.resource_version))
+                    }
+                    // Another replica created it first: use theirs.
+                    Err(kube::Error::Api(e)) if e.code == 409 => Err(SyncError::Conflict(self.secret_name.clone())),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    fn conflict_or(&self, e: kube::Error) -> SyncError {
+        match e {
+            kube::Error::Api(ref r) if r.code == 409 => SyncError::Conflict(self.secret_name.clone()),
+            e => SyncError::Api(e),
+        }
+    }
+
+    /// Whether every webhook of the configuration trusts `ca_pem`.
+    fn trusts(configuration: &MutatingWebhookConfiguration, ca_pem: &str) -> bool {
+        let webhooks = configuration.webhooks.as_deref().unwrap_or_default();
+        !webhooks.is_empty()
+            && webhooks.iter().all(|w| {
+                w.client_config.ca_bundle.as_ref().is_some_and(|b| String::from_utf8_lossy(&b.0).contains(ca_pem))
+            })
+    }
+
+    /// One pass: the Secret renewed if due, the configuration's bundle brought up to date, the served
+    /// certificate replaced if it changed.
+    pub async fn sync_once(&self) -> Result<(), SyncError> {
+        let Some(configuration) = self.configurations.get_opt(&self.configuration_name).await? else {
+            return Err(SyncError::NoConfiguration(self.configuration_name.clone()));
+        };
+        let owner = OwnerReference {
+            api_version: "admissionregistration.k8s.io/v1".into(),
+            kind: "MutatingWebhookConfiguration".into(),
+            name: self.configuration_name.clone(),
+            uid: configuration.metadata.uid.clone().unwrap_or_default(),
+            ..OwnerReference::default()
+        };
+        let (mut certs, resource_version) = self.stored(&owner).await?;
+        let now = self.clock.now();
+        let ca_published = Self::trusts(&configuration, &certs.ca.cert_pem);
+        if let Some(next) = certs.plan(&self.dns_names, now, ca_published)? {
+            self.secrets
+                .replace(&self.secret_name, &PostParams::default(), &self.secret(&next, resource_version, &owner))
+                .await
+                .map_err(|e| self.conflict_or(e))?;
+            tracing::info!(secret = %self.secret_name, "webhook certificates renewed");
+            certs = next;
+        }
+        let bundle = certs.ca_bundle(now);
+        let mut configuration = configuration;
+        let mut changed = false;
+        for webhook in configuration.webhooks.iter_mut().flatten() {
+            let current = webhook.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice());
+            if current != Some(bundle.as_bytes()) {
+                webhook.client_config.ca_bundle = Some(ByteString(bundle.clone().into_bytes()));
+                changed = true;
+            }
+        }
+        if changed {
+            // Carries the resourceVersion read: a concurrent edit makes this a 409, retried at the next pass.
+            self.configurations.replace(&self.configuration_name, &PostParams::default(), &configuration).await?;
+            tracing::info!(configuration = %self.configuration_name, "webhook caBundle updated");
+        }
+        let key = crate::http::tls::certified_key(certs.serving.cert_pem.as_bytes(), certs.serving.key_pem.as_bytes())
+            .map_err(|e| SyncError::Cert(CertError::Stored(e)))?;
+        self.served.set(key);
+        Ok(())
+    }
+
+    /// Syncs every [`SYNC_INTERVAL`] (sooner after a failure); `ready` turns true once a certificate is served.
+    pub async fn run(self, ready: watch::Sender<bool>) {
+        loop {
+            let wait = match self.sync_once().await {
+                Ok(()) => {
+                    ready.send_if_modified(|r| !std::mem::replace(r, true));
+                    SYNC_INTERVAL
+                }
+                Err(SyncError::Conflict(_)) => Duration::from_millis(100),
+                Err(e @ SyncError::NoConfiguration(_)) => {
+                    // Nothing calls the webhook: not a reason to keep the replica out of its Services.
+                    tracing::warn!(error = %e, "webhook certificate not made");
+                    ready.send_if_modified(|r| !std::mem::replace(r, true));
+                    RETRY_INTERVAL * 5
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook certificate sync failed");
+                    RETRY_INTERVAL
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
