@@ -64,6 +64,14 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_string()
 }
 
+/// Runs `program` (helm, kubectl) against the cluster of `kubeconfig` from the repository root; its stdout.
+fn run_against(kubeconfig: &Path, program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).env("KUBECONFIG", kubeconfig).current_dir(root()).output();
+    let out = out.unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}{}", text(&out.stdout), text(&out.stderr));
+    text(&out.stdout)
+}
+
 fn helm(args: &[&str]) -> Output {
     run("helm", args)
 }
@@ -331,12 +339,7 @@ fn assert_probes_reach_the_pod(c: &Value, container: &str, args: &[String]) {
 async fn helm_install_wires_the_controller_and_the_example_sidecar_serves_a_device_token() {
     let server = kube_test_server::KubeTestServer::start();
     let kubeconfig = server.kubeconfig_path().to_path_buf();
-    let with_kubeconfig = |program: &str, args: &[&str]| {
-        let out = Command::new(program).args(args).env("KUBECONFIG", &kubeconfig).current_dir(root()).output();
-        let out = out.unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-        assert!(out.status.success(), "{program} {args:?}: {}{}", text(&out.stdout), text(&out.stderr));
-        text(&out.stdout)
-    };
+    let with_kubeconfig = |program: &str, args: &[&str]| run_against(&kubeconfig, program, args);
     let chart = chart();
     let chart = chart.to_str().expect("path");
     let install = ["-n", "kubetoken-system", "-f", "deploy/sidecar-values.yaml"];
@@ -472,9 +475,7 @@ async fn the_webhook_injects_labelled_pods_at_every_replica_and_an_outage_refuse
     let server = kube_test_server::KubeTestServer::start();
     let kubeconfig = server.kubeconfig_path().to_path_buf();
     let with_kubeconfig = |program: &str, args: &[&str]| {
-        let out = Command::new(program).args(args).env("KUBECONFIG", &kubeconfig).current_dir(root()).output();
-        let out = out.unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-        assert!(out.status.success(), "{program} {args:?}: {}{}", text(&out.stdout), text(&out.stderr));
+        run_against(&kubeconfig, program, args);
     };
     let chart = chart();
     with_kubeconfig(

@@ -85,37 +85,28 @@ impl CertSync {
         let now = self.clock.now();
         match self.secrets.get_opt(&self.secret_name).await? {
             Some(secret) if !is_ours(&secret) => Err(SyncError::NotOurs(self.secret_name.clone())),
-            Some(secret) => match WebhookCerts::from_data(&data_bytes(&secret)) {
-                Ok(certs) if owned_by(&secret, owner) => Ok((certs, secret.metadata.resource_version)),
-                Ok(certs) => {
+            Some(secret) => {
+                let certs = match WebhookCerts::from_data(&data_bytes(&secret)) {
+                    Ok(certs) if owned_by(&secret, owner) => return Ok((certs, secret.metadata.resource_version)),
                     // The configuration was made again (a reinstall): the Secret follows its new owner.
-                    let written = self
-                        .secrets
-                        .replace(
-                            &self.secret_name,
-                            &PostParams::default(),
-                            &self.secret(&certs, secret.metadata.resource_version, owner),
-                        )
-                        .await
-                        .map_err(|e| self.conflict_or(e))?;
-                    Ok((certs, written.metadata.resource_version))
-                }
-                Err(e) => {
-                    // Ours but unusable (edited by hand, truncated): made again; the bundle follows.
-                    tracing::warn!(secret = %self.secret_name, error = %e, "webhook certificates unusable; making new ones");
-                    let certs = WebhookCerts::generate(&self.dns_names, now)?;
-                    let written = self
-                        .secrets
-                        .replace(
-                            &self.secret_name,
-                            &PostParams::default(),
-                            &self.secret(&certs, secret.metadata.resource_version, owner),
-                        )
-                        .await
-                        .map_err(|e| self.conflict_or(e))?;
-                    Ok((certs, written.metadata.resource_version))
-                }
-            },
+                    Ok(certs) => certs,
+                    Err(e) => {
+                        // Ours but unusable (edited by hand, truncated): made again; the bundle follows.
+                        tracing::warn!(secret = %self.secret_name, error = %e, "webhook certificates unusable; making new ones");
+                        WebhookCerts::generate(&self.dns_names, now)?
+                    }
+                };
+                let written = self
+                    .secrets
+                    .replace(
+                        &self.secret_name,
+                        &PostParams::default(),
+                        &self.secret(&certs, secret.metadata.resource_version, owner),
+                    )
+                    .await
+                    .map_err(|e| self.conflict_or(e))?;
+                Ok((certs, written.metadata.resource_version))
+            }
             None => {
                 let certs = WebhookCerts::generate(&self.dns_names, now)?;
                 match self.secrets.create(&PostParams::default(), &self.secret(&certs, None, owner)).await {
@@ -214,5 +205,136 @@ impl CertSync {
             };
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube_test_server::KubeTestServer;
+    use serde_json::json;
+
+    use super::*;
+    use crate::controller::webhook::certs::{CA_RENEW_BEFORE, SERVING_LIFETIME, SERVING_RENEW_BEFORE};
+    use crate::core::clock::ManualClock;
+
+    const NS: &str = "kubetoken-system";
+
+    async fn client(server: &KubeTestServer) -> kube::Client {
+        let kc = kube::config::Kubeconfig::read_from(server.kubeconfig_path()).expect("kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
+        kube::Client::try_from(config).expect("client")
+    }
+
+    fn configuration() -> MutatingWebhookConfiguration {
+        serde_json::from_value(json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "kubetoken"},
+            "webhooks": [{
+                "name": "inject.kubetoken.io",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "clientConfig": {"service": {"name": "kubetoken-webhook", "namespace": NS, "path": "/mutate-pods"}},
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            }],
+        }))
+        .expect("configuration")
+    }
+
+    fn sync(client: &kube::Client, clock: Arc<ManualClock>) -> (CertSync, Arc<SwappableCert>) {
+        let served = Arc::new(SwappableCert::default());
+        let sync = CertSync {
+            secrets: Api::namespaced(client.clone(), NS),
+            configurations: Api::all(client.clone()),
+            secret_name: "kubetoken-webhook-tls".into(),
+            configuration_name: "kubetoken".into(),
+            dns_names: vec![format!("kubetoken-webhook.{NS}.svc")],
+            clock,
+            served: served.clone(),
+        };
+        (sync, served)
+    }
+
+    async fn stored(client: &kube::Client) -> (WebhookCerts, String) {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+        let secret = secrets.get("kubetoken-webhook-tls").await.expect("secret");
+        let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        let configuration = configurations.get("kubetoken").await.expect("configuration");
+        let bundle = configuration.webhooks.expect("webhooks")[0].client_config.ca_bundle.clone().expect("caBundle");
+        (WebhookCerts::from_data(&data_bytes(&secret)).expect("certs"), String::from_utf8(bundle.0).expect("pem"))
+    }
+
+    /// Two replicas over five years of passes: one Secret made once, owned by the configuration; the serving
+    /// certificate renewed ahead of expiry; a new CA published before it signs; both replicas serving throughout.
+    #[tokio::test]
+    async fn replicas_share_one_secret_and_renew_it_ahead_of_expiry() {
+        let server = KubeTestServer::start();
+        let client = client(&server).await;
+        let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        let made = configurations.create(&PostParams::default(), &configuration()).await.expect("create");
+        let start = 1_800_000_000;
+        let clock = Arc::new(ManualClock::new(start));
+        let (a, served_a) = sync(&client, clock.clone());
+        let (b, served_b) = sync(&client, clock.clone());
+        assert!(!served_a.is_set());
+        a.sync_once().await.expect("first pass");
+        // The second replica finds the first one's Secret (or loses the creation race and reads it next pass).
+        if let Err(e) = b.sync_once().await {
+            assert!(matches!(e, SyncError::Conflict(_)), "{e}");
+            b.sync_once().await.expect("second pass");
+        }
+        assert!(served_a.is_set() && served_b.is_set(), "both replicas serve");
+        let (first, bundle) = stored(&client).await;
+        assert_eq!(bundle, first.ca_bundle(start), "the configuration trusts the CA");
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+        let secret = secrets.get("kubetoken-webhook-tls").await.expect("secret");
+        assert_eq!(secret.metadata.owner_references.expect("owner")[0].uid, made.metadata.uid.expect("uid"));
+
+        // Nothing to do until the serving certificate is due.
+        clock.advance(SERVING_LIFETIME - SERVING_RENEW_BEFORE - 60);
+        a.sync_once().await.expect("pass");
+        assert_eq!(stored(&client).await.0, first, "not due yet: unchanged");
+        clock.advance(120);
+        a.sync_once().await.expect("pass");
+        let (renewed, bundle) = stored(&client).await;
+        assert_ne!(renewed.serving, first.serving, "renewed ahead of expiry");
+        assert_eq!(renewed.ca, first.ca);
+        assert_eq!(bundle, first.ca_bundle(start), "the bundle did not need to change");
+        b.sync_once().await.expect("the other replica picks it up");
+
+        // A year before the CA expires: the new CA joins the bundle, then signs.
+        let to_ca_renewal = first.ca.not_after - CA_RENEW_BEFORE + 60 - clock.now();
+        clock.advance(to_ca_renewal);
+        a.sync_once().await.expect("pass");
+        let (rotated, bundle) = stored(&client).await;
+        assert_ne!(rotated.ca, first.ca);
+        assert!(bundle.contains(&first.ca.cert_pem) && bundle.contains(&rotated.ca.cert_pem), "both trusted");
+        a.sync_once().await.expect("pass");
+        let (moved, _) = stored(&client).await;
+        assert_eq!(moved.serving.issuer_created, moved.ca.created, "the serving certificate moved to the new CA");
+    }
+
+    #[tokio::test]
+    async fn a_secret_that_is_not_kubetokens_is_never_overwritten() {
+        let server = KubeTestServer::start();
+        let client = client(&server).await;
+        let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        let (a, served) = sync(&client, Arc::new(ManualClock::new(1_800_000_000)));
+        // No configuration yet: nothing is made.
+        assert!(matches!(a.sync_once().await, Err(SyncError::NoConfiguration(_))));
+        configurations.create(&PostParams::default(), &configuration()).await.expect("create");
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+        let theirs: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "kubetoken-webhook-tls"},
+            "stringData": {"tls.crt": "someone else's"},
+        }))
+        .expect("secret");
+        secrets.create(&PostParams::default(), &theirs).await.expect("create");
+        let err = a.sync_once().await.expect_err("refused");
+        assert!(matches!(err, SyncError::NotOurs(_)), "{err}");
+        assert!(err.to_string().contains("not overwritten"), "{err}");
+        let after = secrets.get("kubetoken-webhook-tls").await.expect("secret");
+        assert_eq!(after.data.expect("data")["tls.crt"].0, b"someone else's", "left as it was");
+        assert!(!served.is_set());
     }
 }
