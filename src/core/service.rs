@@ -13,7 +13,7 @@ use super::lockout::{Lockout, LockoutPolicy, SharedFailure};
 use super::model::{Change, LivePair, RefreshGrant, SharedKey, Subject, TokenId, TokenKey};
 use super::scope::ScopeSet;
 use super::signing::{self, SigningKey};
-use super::store::{StoreError, TokenStore};
+use super::store::{Lookup, StoreError, TokenStore};
 use super::tokens::{AccessClaims, JtiOnly, TokenKind};
 
 /// How long a request keeps deciding again while other requests change its key first (the order the store accepted
@@ -228,6 +228,28 @@ pub struct TokenService {
     /// Some application this service will serve is not loaded yet (a sidecar starting): a client it does not know
     /// may be one of that application's, so it is told to come back (503), not that its credentials are wrong.
     loading: std::sync::atomic::AtomicBool,
+}
+
+/// The pair a presented token names, before any store is read.
+enum Located {
+    Access(TokenId),
+    Refresh(TokenId, u32),
+}
+
+/// Which pair `token` would belong to: a JWT of this application (signature checked), or a tagged opaque access or
+/// refresh token. `None`: not this application's token.
+fn locate_id(app: &Application, token: &str) -> Option<Located> {
+    if token.contains('.') {
+        let header = token.split('.').next()?;
+        let key = app.verification_key(header)?;
+        let claims: JtiOnly = key.verify_jwt(token)?;
+        return Some(Located::Access(TokenId::from_b64(&claims.jti)?));
+    }
+    if let Some(id) = app.tokens.decode(TokenKind::Access, token) {
+        return Some(Located::Access(id));
+    }
+    let (id, generation) = app.tokens.decode_refresh(token)?;
+    Some(Located::Refresh(id, generation))
 }
 
 fn store_error(e: StoreError) -> OAuthError {
@@ -547,6 +569,9 @@ impl TokenService {
     ) -> Result<IssuedTokens, OAuthError> {
         let key = &key;
         retry_conflicts(&*self.clock, || async move {
+            if let Err(e) = self.store.prepare(Lookup::Key(key)).await {
+                return Attempt::after(e);
+            }
             let now = self.clock.now();
             let (pair, durable, reused) = {
                 let _key_lock = self.key_lock(key);
@@ -589,6 +614,9 @@ impl TokenService {
             app.tokens.decode_refresh(token).ok_or_else(|| OAuthError::InvalidGrant(INVALID_REFRESH.into()))?;
         let requested = &requested;
         retry_conflicts(&*self.clock, || async move {
+            if let Err(e) = self.store.prepare(Lookup::Refresh(&id)).await {
+                return Attempt::after(e);
+            }
             let now = self.clock.now();
             let Some((key, pair)) = self.store.find_refresh(&id) else {
                 return Err(OAuthError::InvalidGrant(INVALID_REFRESH.into()));
@@ -697,6 +725,10 @@ impl TokenService {
         // One eviction per attempt, until the user is within the cap; a failure ends it (logged), and so does
         // running out of attempts (the cap is restored at the next login).
         let _ = retry_conflicts(&*self.clock, || async move {
+            let lookup = Lookup::User { client_id: &app.client_id, username: user };
+            if let Err(e) = self.store.prepare(lookup).await {
+                return Attempt::after(e);
+            }
             let mut pairs = self.store.user_pairs(&app.client_id, user);
             if pairs.len() <= app.max_keys_per_user {
                 return Ok(Attempt::Done(()));
@@ -726,6 +758,9 @@ impl TokenService {
     /// login's pair for the same key is not the reused token's business.
     async fn revoke_login(&self, key: &TokenKey, refresh_id: TokenId) -> Result<(), OAuthError> {
         retry_conflicts(&*self.clock, || async move {
+            if let Err(e) = self.store.prepare(Lookup::Key(key)).await {
+                return Attempt::after(e);
+            }
             let Some(current) = self.store.pair(key) else { return Ok(Attempt::Done(())) };
             if current.refresh.map(|r| r.id) != Some(refresh_id) {
                 return Ok(Attempt::Done(()));
@@ -740,23 +775,27 @@ impl TokenService {
     }
 
     /// Finds the live pair `token` belongs to, if it is a current token of that pair.
-    fn locate(&self, app: &Application, token: &str) -> Option<(SharedKey, LivePair, TokenKind)> {
-        if token.contains('.') {
-            let header = token.split('.').next()?;
-            let key = app.verification_key(header)?;
-            let claims: JtiOnly = key.verify_jwt(token)?;
-            let (k, p) = self.store.find_access(&TokenId::from_b64(&claims.jti)?)?;
-            return Some((k, p, TokenKind::Access));
+    async fn locate(
+        &self,
+        app: &Application,
+        token: &str,
+    ) -> Result<Option<(SharedKey, LivePair, TokenKind)>, StoreError> {
+        match locate_id(app, token) {
+            None => Ok(None),
+            Some(Located::Access(id)) => {
+                self.store.prepare(Lookup::Access(&id)).await?;
+                Ok(self.store.find_access(&id).map(|(k, p)| (k, p, TokenKind::Access)))
+            }
+            // Only the current generation of a login's refresh token is active; earlier ones were rotated out.
+            Some(Located::Refresh(id, generation)) => {
+                self.store.prepare(Lookup::Refresh(&id)).await?;
+                Ok(self
+                    .store
+                    .find_refresh(&id)
+                    .filter(|(_, p)| p.refresh.is_some_and(|r| r.generation == generation))
+                    .map(|(k, p)| (k, p, TokenKind::Refresh)))
+            }
         }
-        if let Some(id) = app.tokens.decode(TokenKind::Access, token) {
-            let (k, p) = self.store.find_access(&id)?;
-            return Some((k, p, TokenKind::Access));
-        }
-        // Only the current generation of a login's refresh token is active; earlier ones were rotated out.
-        let (id, generation) = app.tokens.decode_refresh(token)?;
-        let (k, p) =
-            self.store.find_refresh(&id).filter(|(_, p)| p.refresh.is_some_and(|r| r.generation == generation))?;
-        Some((k, p, TokenKind::Refresh))
     }
 
     /// RFC 7009. Revoking either token of a pair revokes both. Unknown tokens and other clients' tokens are
@@ -764,7 +803,11 @@ impl TokenService {
     pub async fn revoke(&self, creds: &ClientCredentials, token: &str) -> Result<bool, OAuthError> {
         let app = &self.authenticate_client(creds)?;
         retry_conflicts(&*self.clock, || async move {
-            let Some((key, pair, _)) = self.locate(app, token) else {
+            let located = match self.locate(app, token).await {
+                Ok(located) => located,
+                Err(e) => return Attempt::after(e),
+            };
+            let Some((key, pair, _)) = located else {
                 // The token may be gone only in memory: superseded or revoked by a change still waiting for its
                 // fsync. Answer once that change is durable, or a crash could bring back a token answered revoked.
                 // (A conflict: a change this lookup saw was not stored after all; look again.)
@@ -800,7 +843,9 @@ impl TokenService {
     ) -> Result<Introspection, OAuthError> {
         let app = self.authenticate_client(creds)?;
         let now = self.clock.now();
-        let Some((key, pair, kind)) = self.locate(&app, token) else { return Ok(Introspection::Inactive) };
+        let Some((key, pair, kind)) = self.locate(&app, token).await.map_err(store_error)? else {
+            return Ok(Introspection::Inactive);
+        };
         if key.client_id != app.client_id {
             return Ok(Introspection::Inactive);
         }

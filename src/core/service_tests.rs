@@ -8,7 +8,7 @@ use crate::core::app::{ApplicationConfig, PasswordDigest, User};
 use crate::core::clock::ManualClock;
 use crate::core::scope::ScopePolicy;
 use crate::core::signing::SigningKey;
-use crate::core::store::{MemoryStore, StoreWrapper};
+use crate::core::store::{ColdStore, MemoryStore, StoreWrapper};
 
 const T0: UnixTime = 1_800_000_000;
 
@@ -100,10 +100,16 @@ const ALL: &[GrantType] = &[GrantType::Password, GrantType::ClientCredentials, G
 struct Fixture {
     service: TokenService,
     clock: Arc<ManualClock>,
-    store: Arc<MemoryStore>,
+    /// Reads answer only what the service prepared first: every path of these tests prepares its reads, as a store
+    /// with a bounded cache needs.
+    store: Arc<ColdStore>,
 }
 
 fn fixture(format: TokenFormat) -> Fixture {
+    fixture_with(format, ColdStore::forgetful())
+}
+
+fn fixture_with(format: TokenFormat, store: ColdStore) -> Fixture {
     let clock = Arc::new(ManualClock::new(T0));
     let registry = Registry::new(vec![
         app("shop", format, ALL),
@@ -111,7 +117,7 @@ fn fixture(format: TokenFormat) -> Fixture {
         app("cc-only", format, &[GrantType::ClientCredentials]),
     ])
     .expect("registry");
-    let store = Arc::new(MemoryStore::default());
+    let store = Arc::new(store);
     let service = TokenService::new(
         registry,
         store.clone(),
@@ -448,7 +454,7 @@ async fn introspection_reports_rfc7662_fields() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_for_one_key_all_succeed_and_leave_exactly_one_live_token() {
-    let f = Arc::new(fixture(TokenFormat::Jwt));
+    let f = Arc::new(fixture_with(TokenFormat::Jwt, ColdStore::default()));
     let mut handles = Vec::new();
     for _ in 0..256 {
         let f = f.clone();
@@ -1081,7 +1087,7 @@ async fn a_new_device_past_the_cap_revokes_the_least_recently_issued_key_of_that
     shop.max_keys_per_user = 3;
     let service = TokenService::new(
         Registry::new(vec![shop]).expect("registry"),
-        Arc::new(MemoryStore::default()),
+        Arc::new(ColdStore::forgetful()),
         clock.clone(),
         crate::passwords::service_config("https://issuer.test", ServicePolicies::default()),
     );

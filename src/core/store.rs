@@ -1,8 +1,10 @@
 //! The storage port. The core decides; a store makes one key's change atomic, durable and visible.
 //!
-//! Reads come from the store's current view (in memory for every adapter). A change is a compare-and-set on one
-//! key ([`Change::expect`]); `commit` resolves only once the change is durable, so no token reaches a client before
-//! the revocation of its predecessor would survive a crash.
+//! Reads come from the store's current view, synchronously. A store whose view is not all in memory (a database
+//! behind a bounded cache) fetches what a request will read in [`TokenStore::prepare`], which the core calls before
+//! every read; stores that hold their whole view in memory (file log, ConfigMaps) need not do anything there. A
+//! change is a compare-and-set on one key ([`Change::expect`]); `commit` resolves only once the change is durable, so
+//! no token reaches a client before the revocation of its predecessor would survive a crash.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,7 +35,26 @@ impl From<Conflict> for StoreError {
     }
 }
 
+/// What a request is about to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    /// [`TokenStore::pair`] of this key.
+    Key(&'a TokenKey),
+    /// [`TokenStore::find_access`] of this id.
+    Access(&'a TokenId),
+    /// [`TokenStore::find_refresh`] of this id.
+    Refresh(&'a TokenId),
+    /// [`TokenStore::user_pairs`] of this user of this client.
+    User { client_id: &'a str, username: &'a str },
+}
+
 pub trait TokenStore: Send + Sync {
+    /// Makes what `lookup` names current in the view the read methods answer from (the core calls it before each
+    /// read of a decision). Nothing to do for a store whose whole view is in memory.
+    fn prepare<'a>(&'a self, lookup: Lookup<'a>) -> StoreFuture<'a, ()> {
+        let _ = lookup;
+        Box::pin(std::future::ready(Ok(())))
+    }
     fn pair(&self, key: &TokenKey) -> Option<LivePair>;
     fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)>;
     /// The key and pair whose refresh token has the id `id`, whatever its generation (the core compares them).
@@ -78,6 +99,9 @@ pub(crate) trait StoreWrapper: Send + Sync {
 
 #[cfg(test)]
 impl<W: StoreWrapper> TokenStore for W {
+    fn prepare<'a>(&'a self, lookup: Lookup<'a>) -> StoreFuture<'a, ()> {
+        self.inner().prepare(lookup)
+    }
     fn pair(&self, key: &TokenKey) -> Option<LivePair> {
         self.wrap_pair(key)
     }
@@ -145,5 +169,82 @@ impl TokenStore for MemoryStore {
     }
     fn sync(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+/// For tests: a store whose reads answer only what was prepared, as a store with a cold cache would, so that a
+/// path of the core that reads without preparing finds nothing (and its test fails). A forgetful one also forgets
+/// everything prepared at each commit and sync (strictest for sequential tests: a read after a write must prepare
+/// again); the default one remembers (for concurrent tests, where another request's write must not unprepare).
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct ColdStore {
+    pub inner: MemoryStore,
+    prepared: Mutex<PreparedLookups>,
+    forgetful: bool,
+}
+
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct PreparedLookups {
+    keys: std::collections::HashSet<TokenKey>,
+    access: std::collections::HashSet<TokenId>,
+    refresh: std::collections::HashSet<TokenId>,
+    users: std::collections::HashSet<(String, String)>,
+}
+
+#[cfg(test)]
+impl ColdStore {
+    fn prepared<T>(&self, f: impl FnOnce(&PreparedLookups) -> T) -> T {
+        f(&self.prepared.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn forgetful() -> Self {
+        Self { forgetful: true, ..Self::default() }
+    }
+
+    pub fn with_state<T>(&self, f: impl FnOnce(&mut TokenState) -> T) -> T {
+        self.inner.with_state(f)
+    }
+
+    fn forget(&self) {
+        if self.forgetful {
+            *self.prepared.lock().unwrap_or_else(|p| p.into_inner()) = PreparedLookups::default();
+        }
+    }
+}
+
+#[cfg(test)]
+impl TokenStore for ColdStore {
+    fn prepare<'a>(&'a self, lookup: Lookup<'a>) -> StoreFuture<'a, ()> {
+        let mut p = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
+        match lookup {
+            Lookup::Key(k) => p.keys.insert(k.clone()),
+            Lookup::Access(id) => p.access.insert(*id),
+            Lookup::Refresh(id) => p.refresh.insert(*id),
+            Lookup::User { client_id, username } => p.users.insert((client_id.into(), username.into())),
+        };
+        Box::pin(std::future::ready(Ok(())))
+    }
+    fn pair(&self, key: &TokenKey) -> Option<LivePair> {
+        self.prepared(|p| p.keys.contains(key)).then(|| self.inner.pair(key)).flatten()
+    }
+    fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
+        self.prepared(|p| p.access.contains(id)).then(|| self.inner.find_access(id)).flatten()
+    }
+    fn find_refresh(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
+        self.prepared(|p| p.refresh.contains(id)).then(|| self.inner.find_refresh(id)).flatten()
+    }
+    fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
+        let prepared = self.prepared(|p| p.users.contains(&(client_id.to_string(), username.to_string())));
+        if prepared { self.inner.user_pairs(client_id, username) } else { Vec::new() }
+    }
+    fn commit(&self, change: Change) -> StoreFuture<'_, ()> {
+        self.forget();
+        self.inner.commit(change)
+    }
+    fn sync(&self) -> StoreFuture<'_, ()> {
+        self.forget();
+        self.inner.sync()
     }
 }

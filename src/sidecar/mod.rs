@@ -19,7 +19,7 @@ use crate::core::clock::{Clock, SystemClock};
 use crate::core::lockout::SharedFailure;
 use crate::core::model::{Change, LivePair, SharedKey, TokenId, TokenKey};
 use crate::core::service::TokenService;
-use crate::core::store::{StoreError, StoreFuture, TokenStore};
+use crate::core::store::{Lookup, StoreError, StoreFuture, TokenStore};
 use crate::http::serve::{Endpoint, serve};
 use crate::http::{AppState, ServerExtras, router};
 use crate::metrics::Metrics;
@@ -51,12 +51,35 @@ impl RoutingStore {
         self.by_client.lock().unwrap_or_else(|p| p.into_inner()).get(client_id).cloned()
     }
 
+    async fn prepare_at(&self, client_id: &str, lookup: Lookup<'_>) -> Result<(), StoreError> {
+        match self.store_for(client_id) {
+            Some(store) => store.prepare(lookup).await,
+            None => Ok(()),
+        }
+    }
+
     fn set_client(&self, client_id: String, store: KubeStore) {
         self.by_client.lock().unwrap_or_else(|p| p.into_inner()).insert(client_id, store);
     }
 }
 
 impl TokenStore for RoutingStore {
+    fn prepare<'a>(&'a self, lookup: Lookup<'a>) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            match lookup {
+                Lookup::Key(TokenKey { client_id, .. }) => self.prepare_at(client_id, lookup).await,
+                Lookup::User { client_id, .. } => self.prepare_at(client_id, lookup).await,
+                // Which application an id belongs to is not known before it is found: every store looks.
+                Lookup::Access(_) | Lookup::Refresh(_) => {
+                    for store in &self.all {
+                        store.prepare(lookup).await?;
+                    }
+                    Ok(())
+                }
+            }
+        })
+    }
+
     fn pair(&self, key: &TokenKey) -> Option<LivePair> {
         self.store_for(&key.client_id)?.pair(key)
     }
