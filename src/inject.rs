@@ -112,7 +112,16 @@ pub fn inject_pod_spec(spec: &mut Mapping, opts: &InjectOptions) -> Result<(), S
     if !spec.get("containers").is_some_and(Value::is_sequence) {
         return Err("the pod has no containers".into());
     }
+    let has_regular_sidecar =
+        spec.get("containers").and_then(Value::as_sequence).into_iter().flatten().any(|c| c["name"] == SIDECAR_NAME);
+    if has_regular_sidecar {
+        return Err(format!(
+            "the pod already runs a regular container named {SIDECAR_NAME} (the hand-written shape): remove it, the \
+             injected native sidecar replaces it"
+        ));
+    }
     spec.insert("automountServiceAccountToken".into(), Value::Bool(false));
+    remove_admitted_token(spec);
     replace_by_name(spec, "volumes", yaml(token_volume()), false)?;
     replace_by_name(spec, "initContainers", yaml(sidecar_container(opts)), true)?;
     let env = [("CLIENT_ID", "client_id"), ("CLIENT_SECRET", "client_secret")];
@@ -129,6 +138,40 @@ pub fn inject_pod_spec(spec: &mut Mapping, opts: &InjectOptions) -> Result<(), S
         }
     }
     Ok(())
+}
+
+/// Takes out the service-account token the API server's ServiceAccount admission mounted into every container
+/// before mutating webhooks run (a projected volume `kube-api-access-*`; setting `automountServiceAccountToken`
+/// afterwards does not remove it): the app's containers keep no credential for the API server.
+fn remove_admitted_token(spec: &mut Mapping) {
+    let is_admitted_token = |v: &Value| {
+        v["name"].as_str().is_some_and(|n| n.starts_with("kube-api-access-"))
+            && v["projected"]["sources"]
+                .as_sequence()
+                .is_some_and(|s| s.iter().any(|source| source.get("serviceAccountToken").is_some()))
+    };
+    let mut removed: Vec<String> = Vec::new();
+    if let Some(volumes) = spec.get_mut("volumes").and_then(Value::as_sequence_mut) {
+        removed = volumes
+            .iter()
+            .filter(|v| is_admitted_token(v))
+            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .collect();
+        volumes.retain(|v| !is_admitted_token(v));
+    }
+    for list in ["containers", "initContainers"] {
+        for container in spec.get_mut(list).and_then(Value::as_sequence_mut).into_iter().flatten() {
+            if container["name"] == SIDECAR_NAME {
+                continue;
+            }
+            if let Some(mounts) = container.get_mut("volumeMounts").and_then(Value::as_sequence_mut) {
+                mounts.retain(|m| {
+                    let name = m["name"].as_str().unwrap_or_default();
+                    !removed.iter().any(|r| r == name) && m["mountPath"].as_str() != Some(TOKEN_MOUNT_PATH)
+                });
+            }
+        }
+    }
 }
 
 /// A JSON value built here, as YAML.

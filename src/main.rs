@@ -109,7 +109,7 @@ struct WebhookArgs {
     #[arg(long, default_value = "kubetoken")]
     webhook_configuration: String,
     /// The Secret (in the controller's namespace) holding the managed CA and serving certificate.
-    #[arg(long, default_value = "kubetoken-webhook-tls")]
+    #[arg(long, default_value = "kubetoken-webhook-certs")]
     webhook_secret: String,
     /// A certificate kept by someone else (cert-manager), instead of the managed one; the caBundle is then theirs
     /// to set too. Reloaded when the file changes.
@@ -409,8 +409,9 @@ fn controller(args: ControllerArgs) -> Result<(), String> {
     let lease_namespace =
         args.lease_namespace.or_else(|| std::env::var("POD_NAMESPACE").ok()).unwrap_or_else(|| "default".into());
     let lease_duration = Duration::from_secs(args.lease_duration);
-    // The webhook's Secret lives next to the Lease, in the controller's own namespace.
-    let webhook = args.webhook.options(&lease_namespace);
+    // The webhook's Service and Secret live in the controller's own namespace (which --lease-namespace may not be).
+    let own_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| lease_namespace.clone());
+    let webhook = args.webhook.options(&own_namespace);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -452,13 +452,26 @@ async fn helm_install_wires_the_controller_and_the_example_sidecar_serves_a_devi
     );
 }
 
-/// A labelled Pod created by a controller or kubectl, as the API server would see it.
+/// A Pod as mutating webhooks receive it from kube-apiserver: its ServiceAccount admission (which runs first, and
+/// which the test server does not play) has already mounted the pod's token into every container.
 fn pod(name: &str, labels: Value) -> k8s_openapi::api::core::v1::Pod {
+    let token = "/var/run/secrets/kubernetes.io/serviceaccount";
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "labels": labels},
-        "spec": {"containers": [{"name": "app", "image": "shop:1", "env": [{"name": "MODE", "value": "prod"}]}]},
+        "spec": {
+            "containers": [{
+                "name": "app",
+                "image": "shop:1",
+                "env": [{"name": "MODE", "value": "prod"}],
+                "volumeMounts": [{"name": "kube-api-access-x7k2p", "mountPath": token, "readOnly": true}],
+            }],
+            "volumes": [{"name": "kube-api-access-x7k2p", "projected": {"sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            ]}}],
+        },
     }))
     .expect("pod")
 }
@@ -540,6 +553,15 @@ async fn the_webhook_injects_labelled_pods_at_every_replica_and_an_outage_refuse
             deployment["spec"]["template"]["spec"]["containers"][0]["image"]
         );
         assert_eq!(spec["automountServiceAccountToken"], false);
+        // The app's container lost the token the ServiceAccount admission gave it; only the sidecar has one.
+        assert_eq!(
+            spec["containers"][0]["volumeMounts"],
+            serde_json::json!([]),
+            "{name}: no API credential in the app"
+        );
+        let volumes: Vec<&str> =
+            spec["volumes"].as_array().expect("volumes").iter().filter_map(|v| v["name"].as_str()).collect();
+        assert_eq!(volumes, ["kubetoken-api-access"]);
         let env = &spec["containers"][0]["env"];
         assert_eq!(env[0]["name"], "MODE", "the app's own environment stays");
         assert_eq!(env[1]["valueFrom"]["secretKeyRef"]["name"], "shop-credentials");
@@ -610,5 +632,5 @@ async fn the_webhook_injects_labelled_pods_at_every_replica_and_an_outage_refuse
 
     // Uninstalling removes the configuration, and with it (its owner) the Secret the controller made.
     with_kubeconfig("helm", &["uninstall", "kubetoken", "-n", "kubetoken-system"]);
-    assert!(server.get_object("/api/v1/namespaces/kubetoken-system/secrets/kubetoken-webhook-tls").is_none());
+    assert!(server.get_object("/api/v1/namespaces/kubetoken-system/secrets/kubetoken-webhook-certs").is_none());
 }

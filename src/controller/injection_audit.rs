@@ -2,7 +2,7 @@
 //! (its configuration deleted, a namespace it excludes, a pod created before kubetoken was installed). The leader
 //! watches the labelled pods, publishes a Warning event on the application once per such pod, and keeps a gauge.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -40,33 +40,45 @@ pub async fn run(scopes: Vec<Api<Pod>>, client: kube::Client, recorder: Recorder
         .map(|(scope, api)| watcher::watcher(api, config.clone()).map(move |event| (scope, event)).boxed());
     let mut events = futures::stream::select_all(streams);
     let mut seen: HashMap<String, Seen> = HashMap::new();
+    // A re-list (after a watch gap) rebuilds a scope's pods aside and swaps them in when it is complete, so the
+    // gauge does not dip meanwhile; pods already reported are not reported again.
+    let mut relisting: HashMap<usize, HashMap<String, Seen>> = HashMap::new();
+    let mut reported: HashSet<String> = HashSet::new();
     let backoff = std::time::Duration::from_secs(5);
     while let Some((scope, event)) = events.next().await {
-        let pod = match event {
+        match event {
             Ok(watcher::Event::Init) => {
-                seen.retain(|_, s| s.scope != scope);
-                continue;
+                relisting.insert(scope, HashMap::new());
             }
-            Ok(watcher::Event::InitDone) => None,
-            Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => Some((pod, true)),
-            Ok(watcher::Event::Delete(pod)) => Some((pod, false)),
+            Ok(watcher::Event::InitApply(pod)) => {
+                let lacking = lacks_sidecar(&pod);
+                relisting.entry(scope).or_default().insert(pod.uid().unwrap_or_default(), Seen { scope, lacking });
+                if lacking && reported.insert(pod.uid().unwrap_or_default()) {
+                    report(&client, &recorder, &pod).await;
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                let fresh = relisting.remove(&scope).unwrap_or_default();
+                seen.retain(|_, s| s.scope != scope);
+                seen.extend(fresh);
+                reported.retain(|uid| seen.contains_key(uid));
+            }
+            Ok(watcher::Event::Apply(pod)) => {
+                let uid = pod.uid().unwrap_or_default();
+                let lacking = lacks_sidecar(&pod);
+                seen.insert(uid.clone(), Seen { scope, lacking });
+                if lacking && reported.insert(uid) {
+                    report(&client, &recorder, &pod).await;
+                }
+            }
+            Ok(watcher::Event::Delete(pod)) => {
+                let uid = pod.uid().unwrap_or_default();
+                seen.remove(&uid);
+                reported.remove(&uid);
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "watching labelled pods; retrying");
                 tokio::time::sleep(backoff).await;
-                None
-            }
-        };
-        if let Some((pod, present)) = pod {
-            let uid = pod.uid().unwrap_or_default();
-            if !present {
-                seen.remove(&uid);
-            } else {
-                let lacking = lacks_sidecar(&pod);
-                let newly = lacking && !seen.get(&uid).is_some_and(|s| s.lacking);
-                seen.insert(uid, Seen { scope, lacking });
-                if newly {
-                    report(&client, &recorder, &pod).await;
-                }
             }
         }
         metrics.set_pods_without_sidecar(seen.values().filter(|s| s.lacking).count() as u64);

@@ -94,6 +94,18 @@ fn health_router(health: Arc<Health>) -> Router {
 }
 
 /// Runs until SIGTERM/Ctrl-C (exit 0, Lease released) or lost leadership (error: a fresh process competes again).
+/// How long a stopping replica keeps answering the webhook after it turned unready: its endpoint leaves the
+/// webhook Service meanwhile, so the API server's calls go to the other replicas rather than to a closed port.
+const WEBHOOK_DRAIN: Duration = Duration::from_secs(5);
+
+async fn drain_webhook(ready: &watch::Sender<bool>, serving: bool) {
+    if serving {
+        let _ = ready.send(false);
+        tracing::info!(seconds = WEBHOOK_DRAIN.as_secs(), "stopping: unready, still answering the webhook meanwhile");
+        tokio::time::sleep(WEBHOOK_DRAIN).await;
+    }
+}
+
 pub async fn run(opts: ControllerOptions) -> Result<(), String> {
     let client = crate::kube_client::client("controller").await?;
     let metrics = Arc::new(ControllerMetrics::default());
@@ -144,6 +156,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
         }
         tokio::select! {
             () = &mut shutdown => {
+                drain_webhook(&ready_tx, opts.webhook.is_some()).await;
                 elector.abort();
                 return Ok(());
             }
@@ -185,21 +198,24 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
             })
             .collect()
     };
-    // Labelled pods without the sidecar: reported by the leader only (one event per pod, not one per replica).
-    let pod_scopes: Vec<Api<k8s_openapi::api::core::v1::Pod>> = if opts.namespaces.is_empty() {
-        vec![Api::all(client.clone())]
-    } else {
-        opts.namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
-    };
-    let audit = tokio::spawn(self::injection_audit::run(
-        pod_scopes,
-        client.clone(),
-        Recorder::new(
+    // Labelled pods without the sidecar: reported by the leader only (one event per pod, not one per replica), and
+    // only where the webhook is on (the chart grants the pod watch with it).
+    let audit = opts.webhook.is_some().then(|| {
+        let pod_scopes: Vec<Api<k8s_openapi::api::core::v1::Pod>> = if opts.namespaces.is_empty() {
+            vec![Api::all(client.clone())]
+        } else {
+            opts.namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
+        };
+        tokio::spawn(self::injection_audit::run(
+            pod_scopes,
             client.clone(),
-            Reporter { controller: MANAGER.into(), instance: Some(opts.lease.identity.clone()) },
-        ),
-        metrics.clone(),
-    ));
+            Recorder::new(
+                client.clone(),
+                Reporter { controller: MANAGER.into(), instance: Some(opts.lease.identity.clone()) },
+            ),
+            metrics.clone(),
+        ))
+    });
     let children = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}=kubetoken"));
     let (stop_tx, stop_rx) = watch::channel(false);
     let lost_leadership = async move {
@@ -229,13 +245,15 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
     let mut lost = false;
     tokio::select! {
         _ = &mut controller => {}
-        () = &mut shutdown => {}
+        () = &mut shutdown => drain_webhook(&ready_tx, opts.webhook.is_some()).await,
         () = lost_leadership => { lost = true; }
     }
     // Let in-flight reconciles finish, then stop writing before anyone else may lead.
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
-    audit.abort();
+    if let Some(audit) = audit {
+        audit.abort();
+    }
     elector.abort();
     metrics.set_leader(false);
     if lost {

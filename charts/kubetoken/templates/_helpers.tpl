@@ -44,6 +44,11 @@ app.kubernetes.io/component: sidecar
 {{- end }}
 {{- end }}
 
+{{/* The webhook's Service (a Service name has at most 63 characters), also the stem of its Secrets. */}}
+{{- define "kubetoken.webhookName" -}}
+{{- printf "%s-webhook" (include "kubetoken.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "kubetoken.image" -}}
 {{- if .Values.image.digest -}}
 {{ .Values.image.repository }}@{{ .Values.image.digest }}
@@ -66,9 +71,11 @@ app.kubernetes.io/component: sidecar
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if .Values.webhook.enabled }}
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+{{- end }}
 {{- if .Values.controller.manageSidecarRbac }}
 {{- /*
 The sidecar Roles it keeps (spec.sidecar.serviceAccountName) and their RoleBindings. Kubernetes lets it grant only

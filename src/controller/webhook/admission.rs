@@ -219,6 +219,51 @@ mod tests {
         assert_eq!(serde_json::from_slice::<Value>(&sent).expect("json"), Value::Array(patch));
     }
 
+    /// What the webhook receives in a real cluster: the ServiceAccount admission (which runs before mutating
+    /// webhooks) has mounted the pod's token into every container. The app's containers must lose it.
+    #[test]
+    fn the_token_the_service_account_admission_mounted_leaves_the_apps_containers() {
+        let mounts = json!([{"name": "kube-api-access-x7k2p", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}]);
+        let admitted = json!({
+            "metadata": {"labels": {INJECT_LABEL: "shop"}},
+            "spec": {
+                "serviceAccountName": "shop",
+                "initContainers": [{"name": "migrate", "image": "shop:1", "volumeMounts": mounts}],
+                "containers": [{"name": "app", "image": "shop:1", "volumeMounts": [
+                    mounts[0].clone(),
+                    {"name": "data", "mountPath": "/data"},
+                ]}],
+                "volumes": [
+                    {"name": "data", "emptyDir": {}},
+                    {"name": "kube-api-access-x7k2p", "projected": {"sources": [
+                        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                        {"configMap": {"name": "kube-root-ca.crt"}},
+                    ]}},
+                ],
+            },
+        });
+        let patched = apply(&admitted, &injection_patch(&admitted, &InjectOptions::new("shop")).expect("patch"));
+        let spec = &patched["spec"];
+        let volumes: Vec<&str> =
+            spec["volumes"].as_array().expect("volumes").iter().filter_map(|v| v["name"].as_str()).collect();
+        assert_eq!(volumes, ["data", "kubetoken-api-access"], "the admitted token volume is gone, the sidecar's added");
+        assert_eq!(spec["containers"][0]["volumeMounts"], json!([{"name": "data", "mountPath": "/data"}]));
+        let migrate =
+            spec["initContainers"].as_array().expect("init").iter().find(|c| c["name"] == "migrate").expect("migrate");
+        assert_eq!(migrate["volumeMounts"], json!([]), "no container of the app keeps a token");
+        let sidecar = &spec["initContainers"][0];
+        assert_eq!(sidecar["name"], "kubetoken");
+        assert_eq!(sidecar["volumeMounts"][0]["mountPath"], "/var/run/secrets/kubernetes.io/serviceaccount");
+    }
+
+    #[test]
+    fn a_pod_with_the_hand_written_sidecar_container_is_refused_with_the_reason() {
+        let pod = json!({"spec": {"containers": [{"name": "app"}, {"name": "kubetoken", "image": "old"}]}});
+        let refusal = injection_patch(&pod, &InjectOptions::new("shop")).expect_err("refused");
+        assert_eq!(refusal.code, 400);
+        assert!(refusal.message.contains("regular container named kubetoken"), "{}", refusal.message);
+    }
+
     #[test]
     fn other_objects_and_operations_and_unlabelled_pods_are_not_ours() {
         let unlabelled = review(pod(json!({"app": "shop"})));

@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 
-use super::certs::{CertError, WebhookCerts};
+use super::certs::{CertError, RetiredCa, WebhookCerts};
 use crate::controller::reconcile::MANAGED_BY_LABEL;
 use crate::core::clock::Clock;
 use crate::http::tls::SwappableCert;
@@ -81,7 +81,21 @@ impl CertSync {
     }
 
     /// The certificates as stored (created if there are none), and the Secret's resourceVersion.
-    async fn stored(&self, owner: &OwnerReference) -> Result<(WebhookCerts, Option<String>), SyncError> {
+    /// A new CA and serving certificate; the CAs the configuration trusts now stay in the bundle for a day, so that
+    /// a replica still serving the old certificate (until its next pass) is not refused meanwhile.
+    fn fresh(&self, now: u64, trusted_now: Option<&str>) -> Result<WebhookCerts, SyncError> {
+        let mut certs = WebhookCerts::generate(&self.dns_names, now)?;
+        certs.previous_ca = trusted_now
+            .filter(|b| b.contains("BEGIN CERTIFICATE"))
+            .map(|b| RetiredCa { cert_pem: b.to_string(), not_after: now + 86_400 });
+        Ok(certs)
+    }
+
+    async fn stored(
+        &self,
+        owner: &OwnerReference,
+        trusted_now: Option<&str>,
+    ) -> Result<(WebhookCerts, Option<String>), SyncError> {
         let now = self.clock.now();
         match self.secrets.get_opt(&self.secret_name).await? {
             Some(secret) if !is_ours(&secret) => Err(SyncError::NotOurs(self.secret_name.clone())),
@@ -93,7 +107,7 @@ impl CertSync {
                     Err(e) => {
                         // Ours but unusable (edited by hand, truncated): made again; the bundle follows.
                         tracing::warn!(secret = %self.secret_name, error = %e, "webhook certificates unusable; making new ones");
-                        WebhookCerts::generate(&self.dns_names, now)?
+                        self.fresh(now, trusted_now)?
                     }
                 };
                 let written = self
@@ -108,7 +122,7 @@ impl CertSync {
                 Ok((certs, written.metadata.resource_version))
             }
             None => {
-                let certs = WebhookCerts::generate(&self.dns_names, now)?;
+                let certs = self.fresh(now, trusted_now)?;
                 match self.secrets.create(&PostParams::default(), &self.secret(&certs, None, owner)).await {
                     Ok(written) => {
                         tracing::info!(secret = %self.secret_name, "webhook CA and serving certificate created");
@@ -151,7 +165,13 @@ impl CertSync {
             uid: configuration.metadata.uid.clone().unwrap_or_default(),
             ..OwnerReference::default()
         };
-        let (mut certs, resource_version) = self.stored(&owner).await?;
+        let trusted_now = configuration
+            .webhooks
+            .iter()
+            .flatten()
+            .find_map(|w| w.client_config.ca_bundle.as_ref())
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned());
+        let (mut certs, resource_version) = self.stored(&owner, trusted_now.as_deref()).await?;
         let now = self.clock.now();
         let ca_published = Self::trusts(&configuration, &certs.ca.cert_pem);
         if let Some(next) = certs.plan(&self.dns_names, now, ca_published)? {
@@ -192,11 +212,11 @@ impl CertSync {
                     SYNC_INTERVAL
                 }
                 Err(SyncError::Conflict(_)) => Duration::from_millis(100),
+                // Not ready without a certificate: the chart creates the configuration with the Deployment, so this
+                // lasts seconds (and tells, in the log and readiness, if someone deleted it).
                 Err(e @ SyncError::NoConfiguration(_)) => {
-                    // Nothing calls the webhook: not a reason to keep the replica out of its Services.
                     tracing::warn!(error = %e, "webhook certificate not made");
-                    ready.send_if_modified(|r| !std::mem::replace(r, true));
-                    RETRY_INTERVAL * 5
+                    RETRY_INTERVAL
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "webhook certificate sync failed");
@@ -214,7 +234,9 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::controller::webhook::certs::{CA_RENEW_BEFORE, SERVING_LIFETIME, SERVING_RENEW_BEFORE};
+    use crate::controller::webhook::certs::{
+        CA_PUBLISH_GRACE, CA_RENEW_BEFORE, SERVING_LIFETIME, SERVING_RENEW_BEFORE,
+    };
     use crate::core::clock::ManualClock;
 
     const NS: &str = "kubetoken-system";
@@ -246,7 +268,7 @@ mod tests {
         let sync = CertSync {
             secrets: Api::namespaced(client.clone(), NS),
             configurations: Api::all(client.clone()),
-            secret_name: "kubetoken-webhook-tls".into(),
+            secret_name: "kubetoken-webhook-certs".into(),
             configuration_name: "kubetoken".into(),
             dns_names: vec![format!("kubetoken-webhook.{NS}.svc")],
             clock,
@@ -257,7 +279,7 @@ mod tests {
 
     async fn stored(client: &kube::Client) -> (WebhookCerts, String) {
         let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-        let secret = secrets.get("kubetoken-webhook-tls").await.expect("secret");
+        let secret = secrets.get("kubetoken-webhook-certs").await.expect("secret");
         let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
         let configuration = configurations.get("kubetoken").await.expect("configuration");
         let bundle = configuration.webhooks.expect("webhooks")[0].client_config.ca_bundle.clone().expect("caBundle");
@@ -287,7 +309,7 @@ mod tests {
         let (first, bundle) = stored(&client).await;
         assert_eq!(bundle, first.ca_bundle(start), "the configuration trusts the CA");
         let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-        let secret = secrets.get("kubetoken-webhook-tls").await.expect("secret");
+        let secret = secrets.get("kubetoken-webhook-certs").await.expect("secret");
         assert_eq!(secret.metadata.owner_references.expect("owner")[0].uid, made.metadata.uid.expect("uid"));
 
         // Nothing to do until the serving certificate is due.
@@ -309,7 +331,11 @@ mod tests {
         let (rotated, bundle) = stored(&client).await;
         assert_ne!(rotated.ca, first.ca);
         assert!(bundle.contains(&first.ca.cert_pem) && bundle.contains(&rotated.ca.cert_pem), "both trusted");
-        a.sync_once().await.expect("pass");
+        assert_eq!(rotated.serving.issuer_created, first.ca.created, "the new CA does not sign before it is published");
+        b.sync_once().await.expect("the other replica's pass");
+        assert_eq!(stored(&client).await.0.serving, rotated.serving, "published too recently to sign");
+        clock.advance(CA_PUBLISH_GRACE + 1);
+        b.sync_once().await.expect("pass");
         let (moved, _) = stored(&client).await;
         assert_eq!(moved.serving.issuer_created, moved.ca.created, "the serving certificate moved to the new CA");
     }
@@ -325,7 +351,7 @@ mod tests {
         configurations.create(&PostParams::default(), &configuration()).await.expect("create");
         let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
         let theirs: Secret = serde_json::from_value(json!({
-            "metadata": {"name": "kubetoken-webhook-tls"},
+            "metadata": {"name": "kubetoken-webhook-certs"},
             "stringData": {"tls.crt": "someone else's"},
         }))
         .expect("secret");
@@ -333,7 +359,7 @@ mod tests {
         let err = a.sync_once().await.expect_err("refused");
         assert!(matches!(err, SyncError::NotOurs(_)), "{err}");
         assert!(err.to_string().contains("not overwritten"), "{err}");
-        let after = secrets.get("kubetoken-webhook-tls").await.expect("secret");
+        let after = secrets.get("kubetoken-webhook-certs").await.expect("secret");
         assert_eq!(after.data.expect("data")["tls.crt"].0, b"someone else's", "left as it was");
         assert!(!served.is_set());
     }

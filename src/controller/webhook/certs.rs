@@ -23,6 +23,8 @@ pub const CA_LIFETIME: u64 = 5 * 365 * DAY;
 pub const CA_RENEW_BEFORE: u64 = 365 * DAY;
 pub const SERVING_LIFETIME: u64 = 90 * DAY;
 pub const SERVING_RENEW_BEFORE: u64 = 30 * DAY;
+/// How long a new CA is in the published bundle before it signs.
+pub const CA_PUBLISH_GRACE: u64 = 300;
 /// Certificates are valid from an hour before they are made: the clocks of the API server and this node differ.
 const BACKDATE: u64 = 3600;
 
@@ -159,18 +161,23 @@ impl WebhookCerts {
         if next.previous_ca.as_ref().is_some_and(|p| p.not_after <= now) {
             next.previous_ca = None;
         }
-        let mut ca_published = ca_published;
-        if next.ca.not_after.saturating_sub(now) < CA_RENEW_BEFORE {
+        let renewing_ca = next.ca.not_after.saturating_sub(now) < CA_RENEW_BEFORE;
+        if renewing_ca {
             // The new CA joins the bundle first; the serving certificate follows once the bundle is published.
             let old = std::mem::replace(&mut next.ca, Ca::generate(now)?);
             next.previous_ca = Some(old.retire());
-            ca_published = false;
         }
-        let serving_due = next.serving.not_after.saturating_sub(now) < SERVING_RENEW_BEFORE
-            || next.serving.dns_names != dns_names
-            || (next.serving.issuer_created != next.ca.created && ca_published);
-        if serving_due {
+        // The new CA signs only once every webhook of the configuration trusts it, and the API servers (which
+        // read the configuration through their informers) have had time to see that.
+        let new_ca_trusted = !renewing_ca && ca_published && now >= next.ca.created.saturating_add(CA_PUBLISH_GRACE);
+        let moving = next.serving.issuer_created != next.ca.created && new_ca_trusted;
+        let due =
+            next.serving.not_after.saturating_sub(now) < SERVING_RENEW_BEFORE || next.serving.dns_names != dns_names;
+        if moving || (due && (new_ca_trusted || next.serving.issuer_created == next.ca.created)) {
             next.serving = Serving::issue(&next.ca, dns_names, now)?;
+        } else if due && renewing_ca {
+            // Due in the very pass that made a new CA: renewed by the CA the configuration trusts now.
+            next.serving = Serving::issue(&self.ca, dns_names, now)?;
         }
         Ok((next != *self).then_some(next))
     }
@@ -342,16 +349,33 @@ mod tests {
         assert_eq!(rotated.serving, certs.serving, "still signed by the old CA: the bundle does not hold the new one");
         let bundle = rotated.ca_bundle(renew_at);
         assert!(bundle.contains(&certs.ca.cert_pem) && bundle.contains(&rotated.ca.cert_pem), "both CAs trusted");
-        // Not yet published: the serving certificate stays.
+        // Not yet published, or published too recently for every API server to have seen it: it stays.
         assert_eq!(rotated.plan(&names(), renew_at + 60, false).expect("plan"), None);
-        // Published: it moves to the new CA, which verifies it.
-        let moved = rotated.plan(&names(), renew_at + 60, true).expect("plan").expect("moved");
+        assert_eq!(rotated.plan(&names(), renew_at + 60, true).expect("plan"), None);
+        // Published long enough: it moves to the new CA, which verifies it.
+        let later = renew_at + CA_PUBLISH_GRACE + 1;
+        let moved = rotated.plan(&names(), later, true).expect("plan").expect("moved");
         assert_eq!(moved.serving.issuer_created, moved.ca.created);
-        verifies(&moved.ca_bundle(renew_at + 60), &moved.serving, &names()[0], renew_at + 60).expect("verifies");
+        verifies(&moved.ca_bundle(later), &moved.serving, &names()[0], later).expect("verifies");
         // The old CA's expiry takes it out of the bundle.
         let after = certs.ca.not_after + 1;
         let trimmed = moved.plan(&names(), after, true).expect("plan").expect("trimmed");
         assert!(!trimmed.ca_bundle(after).contains(&certs.ca.cert_pem));
+    }
+
+    /// A controller that was down for months: the CA and the serving certificate are both due in one pass. The
+    /// serving certificate is renewed by the CA the configuration trusts now, never by the unpublished new one.
+    #[test]
+    fn a_serving_certificate_due_when_the_ca_is_renewed_is_signed_by_the_trusted_ca() {
+        let certs = WebhookCerts::generate(&names(), NOW).expect("generate");
+        let renew_at = certs.ca.not_after - CA_RENEW_BEFORE + DAY;
+        let trusted_bundle = certs.ca_bundle(NOW);
+        let next = certs.plan(&names(), renew_at, true).expect("plan").expect("renewed");
+        assert_ne!(next.ca, certs.ca, "a new CA");
+        assert_ne!(next.serving, certs.serving, "the expired serving certificate renewed");
+        assert_eq!(next.serving.issuer_created, certs.ca.created, "by the old CA");
+        verifies(&trusted_bundle, &next.serving, &names()[0], renew_at)
+            .expect("the bundle before the update verifies it");
     }
 
     #[test]

@@ -35,8 +35,10 @@ use crate::inject::InjectOptions;
 
 /// The path the configuration calls.
 pub const MUTATE_PODS_PATH: &str = "/mutate-pods";
-/// Looking the application up must leave the API server's call (at most 5 s) time to spare.
+/// Looking the application up must leave the API server's call time to spare: at most this, and never past the
+/// `timeout` the API server sends, less a margin.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+const LOOKUP_MARGIN: Duration = Duration::from_millis(500);
 
 /// Where the webhook's certificate comes from.
 #[derive(Clone, Debug)]
@@ -117,7 +119,17 @@ pub async fn start(
     Ok((url, ready_rx))
 }
 
-async fn mutate_pods(State(state): State<Arc<WebhookState>>, body: Bytes) -> Response {
+/// The API server's `?timeout=5s` (whole seconds, as it sends it).
+fn call_timeout(query: Option<&str>) -> Option<Duration> {
+    let value = form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == "timeout")?.1;
+    value.strip_suffix('s')?.parse().ok().map(Duration::from_secs)
+}
+
+/// A failure of this webhook rather than a decision about the pod: answered with 500, so that the configuration's
+/// failure policy decides (Fail refuses the pod, Ignore admits it without the sidecar).
+struct CallFailure(String);
+
+async fn mutate_pods(State(state): State<Arc<WebhookState>>, uri: axum::http::Uri, body: Bytes) -> Response {
     let review = match admission::parse(&body) {
         Ok(review) => review,
         Err(e) => {
@@ -128,9 +140,19 @@ async fn mutate_pods(State(state): State<Arc<WebhookState>>, body: Bytes) -> Res
     let Some(request) = review.request.as_ref() else {
         return (StatusCode::BAD_REQUEST, "the AdmissionReview has no request").into_response();
     };
+    let lookup_timeout = call_timeout(uri.query())
+        .map_or(LOOKUP_TIMEOUT, |t| t.saturating_sub(LOOKUP_MARGIN).clamp(Duration::from_millis(200), LOOKUP_TIMEOUT));
     let outcome = match admission::classify(request) {
         Ok(Request::NotOurs) => Ok(Vec::new()),
-        Ok(Request::Inject { namespace, application, pod }) => inject(&state, namespace, application, pod).await,
+        Ok(Request::Inject { namespace, application, pod }) => {
+            match inject(&state, namespace, application, pod, lookup_timeout).await {
+                Ok(outcome) => outcome,
+                Err(CallFailure(reason)) => {
+                    tracing::warn!(%namespace, %application, %reason, "admission webhook: cannot decide; the failure policy will");
+                    return (StatusCode::INTERNAL_SERVER_ERROR, reason).into_response();
+                }
+            }
+        }
         Err(refusal) => Err(refusal),
     };
     match &outcome {
@@ -149,27 +171,55 @@ async fn inject(
     namespace: &str,
     application: &str,
     pod: &serde_json::Value,
-) -> Result<Vec<serde_json::Value>, Refusal> {
+    lookup_timeout: Duration,
+) -> Result<Result<Vec<serde_json::Value>, Refusal>, CallFailure> {
     let apps: Api<OAuthApplication> = Api::namespaced(state.client.clone(), namespace);
-    let app = match tokio::time::timeout(LOOKUP_TIMEOUT, apps.get_opt(application)).await {
+    let app = match tokio::time::timeout(lookup_timeout, apps.get_opt(application)).await {
         Ok(Ok(Some(app))) => app,
         Ok(Ok(None)) => {
-            return Err(Refusal::new(
+            return Ok(Err(Refusal::new(
                 404,
                 format!(
                     "the pod's label {} names the OAuthApplication {application}, which does not exist in namespace \
                      {namespace}: create it first",
                     admission::INJECT_LABEL
                 ),
-            ));
+            )));
         }
-        Ok(Err(e)) => return Err(Refusal::new(503, format!("cannot read the OAuthApplication {application}: {e}"))),
-        Err(_) => return Err(Refusal::new(503, format!("reading the OAuthApplication {application} timed out"))),
+        Ok(Err(e)) => return Err(CallFailure(format!("cannot read the OAuthApplication {application}: {e}"))),
+        Err(_) => return Err(CallFailure(format!("reading the OAuthApplication {application} timed out"))),
     };
+    // The sidecar reads its application with the pod's ServiceAccount: with another one it could never start.
+    if let Some(expected) = app.spec.sidecar.as_ref().map(|s| s.service_account_name.as_str()) {
+        let actual = pod["spec"]["serviceAccountName"].as_str().filter(|s| !s.is_empty()).unwrap_or("default");
+        if actual != expected {
+            return Ok(Err(Refusal::new(
+                400,
+                format!(
+                    "the OAuthApplication {application} grants its sidecar access to the ServiceAccount {expected} \
+                     (spec.sidecar.serviceAccountName), but the pod runs as {actual}: the sidecar could not read \
+                     its application"
+                ),
+            )));
+        }
+    }
     let opts = InjectOptions {
         application: application.to_string(),
         image: state.sidecar_image.clone(),
         credentials_secret: app.spec.credentials_secret_name(application),
     };
-    admission::injection_patch(pod, &opts)
+    Ok(admission::injection_patch(pod, &opts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_servers_timeout_parameter_is_read() {
+        assert_eq!(call_timeout(Some("timeout=5s")), Some(Duration::from_secs(5)));
+        assert_eq!(call_timeout(Some("a=b&timeout=2s")), Some(Duration::from_secs(2)));
+        assert_eq!(call_timeout(Some("timeout=soon")), None);
+        assert_eq!(call_timeout(None), None);
+    }
 }
