@@ -617,6 +617,33 @@ async fn the_webhook_injects_labelled_pods_at_every_replica_and_an_outage_refuse
     let (controller_requests, _) = common::rbac::assert_least_privilege(&server.requests());
     assert!(controller_requests > 0);
 
+    // A replica stopping (a rollout, a drain): at once unready, so its endpoint leaves the webhook Service, but it
+    // still answers for a few seconds, so that calls already routed to it are not refused; then it exits 0.
+    let mut replicas = replicas;
+    let mut stopping = replicas.remove(1);
+    server.set_service_address("kubetoken-system", "kubetoken-webhook", webhook_addr(&stopping));
+    let _ = Command::new("kill").arg("-TERM").arg(stopping.child.id().to_string()).status();
+    common::cluster::eventually("the stopping replica is unready", std::time::Duration::from_secs(5), || async {
+        let status = ureq::get(&format!("{}/readyz", stopping.health)).call().map_or_else(
+            |e| match e {
+                ureq::Error::Status(code, _) => code,
+                _ => 0,
+            },
+            |r| r.status(),
+        );
+        (status == 503).then_some(())
+    })
+    .await;
+    let during_drain = pod("during-drain", serde_json::json!({"kubetoken.io/inject": "shop"}));
+    let drained = created(pods.create(&PostParams::default(), &during_drain).await.expect("answered while draining"));
+    assert_eq!(drained["spec"]["initContainers"][0]["name"], "kubetoken");
+    let stopped = common::cluster::eventually("the stopping replica exits", std::time::Duration::from_secs(20), || {
+        let status = stopping.child.try_wait().expect("wait");
+        async move { status }
+    })
+    .await;
+    assert!(stopped.success(), "exit 0 on SIGTERM: {stopped:?}");
+
     // An outage (no replica answers): labelled pods are refused, never created without their sidecar; the rest of
     // the cluster's pods are created as usual.
     drop(replicas);
