@@ -318,6 +318,14 @@ struct StandaloneArgs {
     /// Runtime worker threads; defaults to the number of CPUs.
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// Keep the token state and the shared lockout in PostgreSQL (postgres://user@host/db) instead of the state
+    /// directory's log, so that several instances serve as one (default: $KUBETOKEN_POSTGRES_URL). The instances
+    /// must share their state directory's secrets (or take credentials and keys from the manifests).
+    #[arg(long)]
+    postgres: Option<String>,
+    /// A file holding the PostgreSQL password (e.g. a mounted Secret), so that none sits in the URL or a manifest.
+    #[arg(long, requires = "postgres")]
+    postgres_password_file: Option<PathBuf>,
 }
 
 fn init_logging() {
@@ -342,11 +350,24 @@ fn standalone(args: StandaloneArgs) -> Result<(), String> {
         runtime.worker_threads(n.max(1));
     }
     let runtime = runtime.build().map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let postgres = match args.postgres.or_else(|| std::env::var("KUBETOKEN_POSTGRES_URL").ok()) {
+        Some(url) => {
+            let mut pg = kubetoken::storage::postgres::PgOptions::new(url);
+            if let Some(file) = &args.postgres_password_file {
+                let password = std::fs::read_to_string(file)
+                    .map_err(|e| format!("--postgres-password-file {}: {e}", file.display()))?;
+                pg.password = Some(password.trim_end_matches(['\n', '\r']).to_string());
+            }
+            Some(pg)
+        }
+        None => None,
+    };
     runtime.block_on(run(StandaloneOptions {
         manifests: args.manifests,
         state_dir: args.state_dir,
         endpoint: args.serve.endpoint()?,
         policies,
+        postgres,
     }))
 }
 

@@ -1,7 +1,9 @@
 //! The PostgreSQL token store against a real PostgreSQL (started by the test, on the loopback, one database per
-//! test). So far: the schema's migrations.
+//! test): the schema's migrations, and two `kubetoken standalone` instances sharing one database.
 
 mod common;
+
+use std::sync::Arc;
 
 use common::postgres::{Postgres, connect};
 use kubetoken::storage::postgres::schema::{self, SchemaError};
@@ -63,4 +65,131 @@ async fn a_schema_newer_than_this_binary_is_refused_and_left_alone() {
     assert!(matches!(err, SchemaError::Newer { found, known } if found == newer && known == schema::latest()), "{err}");
     assert!(err.to_string().contains("newer than this kubetoken knows"), "{err}");
     assert_eq!(schema::version(&client).await.expect("version"), newer, "nothing was changed");
+}
+
+/// Two standalone instances (sharing their state directory's secrets, as instances on several machines share
+/// them through their manifests) and one database: one service.
+struct Fleet {
+    _pg: Postgres,
+    _state: tempfile::TempDir,
+    a: common::Server,
+    b: common::Server,
+}
+
+async fn fleet() -> Fleet {
+    let pg = Postgres::start();
+    let url = pg.database().await;
+    let state = tempfile::tempdir().expect("state dir");
+    let manifests = common::examples_dir();
+    let a = common::Server::start(&manifests, state.path(), &["--postgres", &url]);
+    let b = common::Server::start(&manifests, state.path(), &["--postgres", &url]);
+    Fleet { _pg: pg, _state: state, a, b }
+}
+
+fn cc(server: &common::Server, scope: &str) -> common::Response {
+    server.token(common::SHOP, &[("grant_type", "client_credentials"), ("scope", scope)])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_superseded_at_one_instance_is_inactive_at_the_other_and_devices_live_side_by_side() {
+    let f = fleet().await;
+    let ipad_a = f.a.password("alice", "alice-password", "device_ipad");
+    assert_eq!(ipad_a.status, 200, "{}", ipad_a.body);
+    let ipad_a = ipad_a.json()["access_token"].as_str().expect("token").to_string();
+    let iphone_b = f.b.password("alice", "alice-password", "device_iphone").json()["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    assert!(f.a.active(common::SHOP, &iphone_b) && f.b.active(common::SHOP, &ipad_a), "both devices, both instances");
+    // A new iPad token at the other instance revokes the first, everywhere at once.
+    let ipad_b = f.b.password("alice", "alice-password", "device_ipad").json()["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    for server in [&f.a, &f.b] {
+        assert!(!server.active(common::SHOP, &ipad_a), "the superseded iPad token is inactive");
+        assert!(server.active(common::SHOP, &ipad_b) && server.active(common::SHOP, &iphone_b));
+    }
+    // Revoked at one, inactive at the other.
+    assert_eq!(f.a.revoke(common::SHOP, &iphone_b).status, 200);
+    assert!(!f.b.active(common::SHOP, &iphone_b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_token_rotated_at_one_instance_and_reused_at_the_other_revokes_the_login() {
+    let f = fleet().await;
+    let login = f.a.password("alice", "alice-password", "device_ipad").json();
+    let first = login["refresh_token"].as_str().expect("refresh token").to_string();
+    let refreshed = f.a.token(common::SHOP, &[("grant_type", "refresh_token"), ("refresh_token", &first)]);
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    let access = refreshed.json()["access_token"].as_str().expect("token").to_string();
+    let reuse = f.b.token(common::SHOP, &[("grant_type", "refresh_token"), ("refresh_token", &first)]);
+    assert_eq!(reuse.status, 400, "{}", reuse.body);
+    assert_eq!(reuse.json()["error"], "invalid_grant");
+    assert!(!f.a.active(common::SHOP, &access), "the login's live token is revoked");
+}
+
+/// 200 requests for one key at once, split over both instances: all succeed, and exactly one token stays live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_race_for_one_key_over_both_instances_leaves_exactly_one_live_token() {
+    let f = Arc::new(fleet().await);
+    let mut handles = Vec::new();
+    for i in 0..200 {
+        let f = f.clone();
+        handles.push(std::thread::spawn(move || {
+            let server = if i % 2 == 0 { &f.a } else { &f.b };
+            cc(server, "device_kiosk-7")
+        }));
+    }
+    let mut tokens = Vec::new();
+    for h in handles {
+        let r = h.join().expect("join");
+        assert_eq!(r.status, 200, "{}", r.body);
+        tokens.push(r.json()["access_token"].as_str().expect("token").to_string());
+    }
+    let live = tokens.iter().filter(|t| f.a.active(common::SHOP, t)).count();
+    assert_eq!(live, 1, "exactly one live token for the key");
+}
+
+/// kill -9 of an instance loses nothing: what it answered is in the database, and the other instance (or it,
+/// restarted) serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_loses_nothing() {
+    let mut f = fleet().await;
+    let token = cc(&f.a, "device_x").json()["access_token"].as_str().expect("token").to_string();
+    f.a.kill9();
+    assert!(f.b.active(common::SHOP, &token), "the other instance serves what the killed one issued");
+    let next = cc(&f.b, "device_x").json()["access_token"].as_str().expect("token").to_string();
+    assert!(!f.b.active(common::SHOP, &token) && f.b.active(common::SHOP, &next));
+}
+
+/// Expired rows are deleted by the instances, in batches, without anyone asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_rows_are_deleted() {
+    let pg = Postgres::start();
+    let url = pg.database().await;
+    let state = tempfile::tempdir().expect("state dir");
+    let server = common::Server::start(&common::examples_dir(), state.path(), &["--postgres", &url]);
+    assert_eq!(cc(&server, "device_x").status, 200);
+    let client = connect(&url).await;
+    let count = || async {
+        let row = client.query_one("SELECT count(*) FROM kubetoken_token_pairs", &[]).await.expect("count");
+        row.get::<_, i64>(0)
+    };
+    assert_eq!(count().await, 1);
+    // 2,500 rows long expired (more than one batch), written as another replica would have.
+    client
+        .execute(
+            "INSERT INTO kubetoken_token_pairs (client_id, subject, scopes, access_id, pair, expires_at, change_seq)
+             SELECT 'shop-app', 'c', 'device_old-' || n, decode(lpad(to_hex(n), 32, '0'), 'hex'), '{}', 1000,
+                    nextval('kubetoken_change_seq')
+             FROM generate_series(1, 2500) AS n",
+            &[],
+        )
+        .await
+        .expect("insert expired rows");
+    common::cluster::eventually("expired rows deleted", std::time::Duration::from_secs(30), || async {
+        (count().await == 1).then_some(())
+    })
+    .await;
 }

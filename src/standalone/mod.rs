@@ -27,6 +27,30 @@ pub struct StandaloneOptions {
     pub endpoint: Endpoint,
     /// Lockout and request limits.
     pub policies: crate::core::service::ServicePolicies,
+    /// The token state in PostgreSQL rather than in the state directory's log.
+    pub postgres: Option<crate::storage::postgres::PgOptions>,
+}
+
+/// Where the token state lives.
+pub enum StateStore {
+    File(Arc<FileStore>),
+    Postgres(Arc<crate::storage::postgres::PgStore>),
+}
+
+impl StateStore {
+    fn token_store(&self) -> Arc<dyn crate::core::store::TokenStore> {
+        match self {
+            StateStore::File(s) => s.clone(),
+            StateStore::Postgres(s) => s.clone(),
+        }
+    }
+
+    /// Flushes what is pending (the log; PostgreSQL has committed every change already).
+    pub fn close(&self) {
+        if let StateStore::File(s) = self {
+            s.close();
+        }
+    }
 }
 
 /// Credentials generated at start, to be shown to the operator once per start.
@@ -113,12 +137,12 @@ fn build_application(
 /// Everything `standalone` needs before it listens. Fails with a message naming the file, object and field.
 pub struct Prepared {
     pub service: Arc<TokenService>,
-    pub store: Arc<FileStore>,
+    pub store: StateStore,
     pub metrics: Arc<Metrics>,
     pub generated: Vec<GeneratedCredentials>,
 }
 
-pub fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepared, String> {
+pub async fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepared, String> {
     let manifests = Manifests::load_dir(&opts.manifests).map_err(|e| e.to_string())?;
     if manifests.apps.is_empty() {
         return Err(format!("{}: no OAuthApplication found", opts.manifests.display()));
@@ -134,18 +158,35 @@ pub fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepared, Str
     let registry = Registry::new(apps)?;
     let metrics = Arc::new(Metrics::default());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (store, report) =
-        FileStore::open(&state.tokens_dir(), clock.clone(), metrics.storage_batch.clone(), FileStoreOptions::default())
+    let store = match &opts.postgres {
+        Some(pg) => {
+            let store = crate::storage::postgres::PgStore::connect(pg.clone(), clock.clone()).await?;
+            tracing::info!("token state in PostgreSQL");
+            StateStore::Postgres(store)
+        }
+        None => {
+            let (store, report) = FileStore::open(
+                &state.tokens_dir(),
+                clock.clone(),
+                metrics.storage_batch.clone(),
+                FileStoreOptions::default(),
+            )
             .map_err(|e| format!("{}: {e}", state.tokens_dir().display()))?;
-    tracing::info!(
-        records = report.records,
-        truncated_bytes = report.truncated_bytes,
-        live_entries = report.live_entries,
-        "token state loaded"
+            tracing::info!(
+                records = report.records,
+                truncated_bytes = report.truncated_bytes,
+                live_entries = report.live_entries,
+                "token state loaded"
+            );
+            StateStore::File(Arc::new(store))
+        }
+    };
+    let service = TokenService::new(
+        registry,
+        store.token_store(),
+        clock,
+        crate::passwords::service_config(issuer, opts.policies),
     );
-    let store = Arc::new(store);
-    let service =
-        TokenService::new(registry, store.clone(), clock, crate::passwords::service_config(issuer, opts.policies));
     Ok(Prepared { service: Arc::new(service), store, metrics, generated })
 }
 
@@ -153,7 +194,7 @@ pub fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepared, Str
 pub async fn run(opts: StandaloneOptions) -> Result<(), String> {
     let (listener, issuer) = opts.endpoint.bind().await?;
     let local = listener.local_addr();
-    let prepared = prepare(&opts, issuer.base().to_string())?;
+    let prepared = prepare(&opts, issuer.base().to_string()).await?;
     for g in &prepared.generated {
         // Printed on stdout for the operator, never into the logs.
         println!("credentials for {}: client_id={} client_secret={}", g.application, g.client_id, g.client_secret);

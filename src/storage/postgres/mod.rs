@@ -3,8 +3,9 @@
 //!
 //! - [`schema`]: the versioned schema, migrated at start under an advisory lock (several replicas may start at
 //!   once), refusing a database whose schema is newer than this binary knows.
-//!
-//! The store itself (the [`crate::core::store::TokenStore`] port: compare-and-set writes in the database, reads
-//! fetched by [`crate::core::store::TokenStore::prepare`] into a bounded cache, revocation pushed to the other
-//! replicas by LISTEN/NOTIFY) builds on this schema.
+//! - [`store`]: the [`crate::core::store::TokenStore`] port: compare-and-set writes in the database, reads fetched
+//!   by [`crate::core::store::TokenStore::prepare`] into a bounded cache, expiry in small batches.
 pub mod schema;
+pub mod store;
+
+pub use store::{PgOptions, PgStore};

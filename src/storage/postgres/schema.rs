@@ -36,10 +36,12 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
     CREATE SEQUENCE kubetoken_change_seq;
     -- Failed credential checks shared by every replica, for the lockout.
     CREATE TABLE kubetoken_lockout_failures (
-        id        bigserial PRIMARY KEY,
+        id         bigserial PRIMARY KEY,
+        -- The replica that saw it (it counted it already).
+        origin     text    NOT NULL,
         user_scope boolean NOT NULL,
-        who       text    NOT NULL,
-        at        bigint  NOT NULL
+        who        text    NOT NULL,
+        at         bigint  NOT NULL
     );
     CREATE INDEX kubetoken_lockout_failures_at ON kubetoken_lockout_failures (at);
     ",
