@@ -193,3 +193,35 @@ async fn expired_rows_are_deleted() {
     })
     .await;
 }
+
+/// The database stopped: token requests answer 503 temporarily_unavailable with Retry-After, a token read before
+/// still introspects, /readyz is 503; started again: everything works, without a restart of kubetoken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_stopped_and_started_again_is_survived_without_a_restart() {
+    let mut pg = Postgres::start();
+    let url = pg.database().await;
+    let state = tempfile::tempdir().expect("state dir");
+    let server = common::Server::start(&common::examples_dir(), state.path(), &["--postgres", &url]);
+    let token = cc(&server, "device_x").json()["access_token"].as_str().expect("token").to_string();
+    assert!(server.active(common::SHOP, &token));
+
+    pg.stop();
+    let down = cc(&server, "device_y");
+    assert_eq!(down.status, 503, "{}", down.body);
+    assert_eq!(down.json()["error"], "temporarily_unavailable");
+    assert!(down.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("retry-after")), "{:?}", down.headers);
+    assert!(server.active(common::SHOP, &token), "a token read before still introspects");
+    common::cluster::eventually("/readyz is 503", std::time::Duration::from_secs(10), || async {
+        (common::get(&server.url("/readyz")).status == 503).then_some(())
+    })
+    .await;
+
+    pg.restart();
+    common::cluster::eventually("token requests work again", std::time::Duration::from_secs(30), || async {
+        (cc(&server, "device_y").status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(common::get(&server.url("/readyz")).status, 200);
+    let next = cc(&server, "device_x").json()["access_token"].as_str().expect("token").to_string();
+    assert!(!server.active(common::SHOP, &token) && server.active(common::SHOP, &next), "nothing was lost");
+}

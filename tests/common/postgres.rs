@@ -52,7 +52,7 @@ fn free_port() -> u16 {
 pub struct Postgres {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     databases: AtomicU32,
 }
 
@@ -72,23 +72,51 @@ impl Postgres {
             .expect("run initdb");
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
-        let child = command(&bin.join("postgres"))
+        let child = Self::spawn(dir.path(), port);
+        let pg = Self { child, port, dir, databases: AtomicU32::new(0) };
+        pg.wait_listening();
+        pg
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Child {
+        command(&bin_dir().join("postgres"))
             .arg("-D")
-            .arg(&data)
+            .arg(dir.join("data"))
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c"])
-            .arg(format!("unix_socket_directories={}", dir.path().display()))
+            .arg(format!("unix_socket_directories={}", dir.display()))
             .args(["-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start postgres");
-        let pg = Self { child, port, _dir: dir, databases: AtomicU32::new(0) };
+            .expect("start postgres")
+    }
+
+    fn wait_listening(&self) {
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(start.elapsed() < Duration::from_secs(30), "PostgreSQL did not start listening");
             std::thread::sleep(Duration::from_millis(50));
         }
-        pg
+    }
+
+    /// Stops the server (immediate shutdown: clients see their connections end).
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill").args(["-QUIT", &self.child.id().to_string()]).status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same data and port.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(self.dir.path(), self.port);
+        self.wait_listening();
     }
 
     pub fn url(&self, database: &str) -> String {
@@ -125,16 +153,6 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        // Immediate shutdown (SIGQUIT): the server stops its backends; SIGKILL only if it does not exit.
-        let _ = Command::new("kill").args(["-QUIT", &self.child.id().to_string()]).status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }

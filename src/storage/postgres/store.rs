@@ -466,23 +466,27 @@ async fn expire(store: std::sync::Weak<PgStore>) {
     }
 }
 
-/// Brings the other replicas' failed credential checks in, for the lockout.
+/// Brings the other replicas' failed credential checks in, for the lockout, and keeps `healthy` current while no
+/// request comes.
 async fn poll_failures(store: std::sync::Weak<PgStore>) {
     loop {
         tokio::time::sleep(FAILURES_POLL).await;
         let Some(store) = store.upgrade() else { return };
-        let Ok(client) = store.pool.get().await else { continue };
+        // Also the readiness probe's view of the database: it answers, or it does not.
+        let Ok(client) = store.pool.get().await else {
+            store.healthy.store(false, Ordering::Relaxed);
+            continue;
+        };
         let cursor = store.failures_cursor.load(Ordering::Relaxed);
-        let Ok(rows) = client
+        let rows = client
             .query(
                 "SELECT id, origin, user_scope, who, at FROM kubetoken_lockout_failures WHERE id > $1 ORDER BY id
                  LIMIT 1000",
                 &[&cursor],
             )
-            .await
-        else {
-            continue;
-        };
+            .await;
+        store.healthy.store(rows.is_ok(), Ordering::Relaxed);
+        let Ok(rows) = rows else { continue };
         let mut incoming = Vec::new();
         for row in &rows {
             store.failures_cursor.fetch_max(row.get::<_, i64>(0), Ordering::Relaxed);
