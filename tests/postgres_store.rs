@@ -225,3 +225,40 @@ async fn the_database_stopped_and_started_again_is_survived_without_a_restart() 
     let next = cc(&server, "device_x").json()["access_token"].as_str().expect("token").to_string();
     assert!(!server.active(common::SHOP, &token) && server.active(common::SHOP, &next), "nothing was lost");
 }
+
+/// Instances on several machines (each with its own state directory) and one database: the secrets standalone
+/// mode makes (credentials, signing key, opaque-token key) are made once, by the first, and used by all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_with_their_own_state_directories_share_generated_credentials_and_keys() {
+    let pg = Postgres::start();
+    let url = pg.database().await;
+    let manifests = tempfile::tempdir().expect("manifests");
+    std::fs::write(
+        manifests.path().join("fleet.yaml"),
+        "apiVersion: kubetoken.io/v1alpha1
+kind: OAuthApplication
+metadata: {name: fleet, namespace: default}
+spec:
+  grantTypes: [client_credentials]
+",
+    )
+    .expect("write");
+    let (state_a, state_b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let a = common::Server::start(manifests.path(), state_a.path(), &["--postgres", &url]);
+    let b = common::Server::start(manifests.path(), state_b.path(), &["--postgres", &url]);
+    let credentials = |s: &common::Server| -> String {
+        let line = s.banner.iter().find(|l| l.starts_with("credentials for default/fleet")).expect("credentials line");
+        line.split_once(": ").expect("credentials").1.to_string()
+    };
+    assert!(a.banner.iter().any(|l| l.contains("default/fleet (new)")), "made by the first: {:?}", a.banner);
+    assert_eq!(credentials(&a), credentials(&b), "one client, whichever instance it asks");
+    let creds = credentials(&a);
+    let id = creds.split_once("client_id=").expect("id").1.split(' ').next().expect("id").to_string();
+    let secret = creds.split_once("client_secret=").expect("secret").1.to_string();
+    let client = (id.as_str(), secret.as_str());
+    assert_eq!(common::get(&a.url("/oauth2/jwks")).body, common::get(&b.url("/oauth2/jwks")).body, "one key set");
+    let r = a.token(client, &[("grant_type", "client_credentials"), ("scope", "device_x")]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let token = r.json()["access_token"].as_str().expect("token").to_string();
+    assert!(b.active(client, &token), "a token of one instance is valid at the other");
+}

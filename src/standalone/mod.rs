@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use self::manifests::{AppManifest, Manifests};
-use self::state_dir::StateDir;
+use self::state_dir::{SecretSource, StateDir, StoredCredentials};
 use crate::api::v1alpha1::{ApplicationParts, DEFAULT_USERS_KEY};
 use crate::core::app::{Application, Registry};
 use crate::core::clock::{Clock, SystemClock};
@@ -29,6 +29,69 @@ pub struct StandaloneOptions {
     pub policies: crate::core::service::ServicePolicies,
     /// The token state in PostgreSQL rather than in the state directory's log.
     pub postgres: Option<crate::storage::postgres::PgOptions>,
+}
+
+/// The secrets of the applications in the manifests, fetched from (or made once in) PostgreSQL, so that every
+/// instance on one database uses the same ones.
+struct SharedSecrets(HashMap<String, (Vec<u8>, bool)>);
+
+const MAC_KEY_SECRET: &str = "token-mac-key";
+
+fn signing_key_secret(ns: &str, name: &str, alg: crate::api::v1alpha1::SigningAlgorithm) -> String {
+    format!("signing-key/{ns}/{name}/{}", alg.as_str())
+}
+
+fn credentials_secret(ns: &str, name: &str) -> String {
+    format!("credentials/{ns}/{name}")
+}
+
+impl SharedSecrets {
+    async fn fetch(store: &crate::storage::postgres::PgStore, manifests: &Manifests) -> Result<Self, String> {
+        let io = |e: std::io::Error| e.to_string();
+        let mut map = HashMap::new();
+        let mac = self::state_dir::generate_token_mac_key().map_err(io)?;
+        map.insert(MAC_KEY_SECRET.to_string(), store.shared_secret(MAC_KEY_SECRET, mac).await?);
+        for m in &manifests.apps {
+            let (ns, name) = (m.namespace(), m.name());
+            let alg = m.app.spec.signing.algorithm;
+            let generated = crate::core::signing::Algorithm::try_from(alg)
+                .and_then(SigningKey::generate_pkcs8)
+                .map_err(|e| format!("{}: signing key: {e}", m.object()))?;
+            let secret = signing_key_secret(ns, name, alg);
+            map.insert(secret.clone(), store.shared_secret(&secret, generated).await?);
+            let secret_name = m.app.spec.credentials_secret_name(name);
+            if manifests.secret(ns, &secret_name).is_none() {
+                let creds = StoredCredentials::generate(name).map_err(io)?;
+                let json = serde_json::to_vec(&creds).map_err(|e| e.to_string())?;
+                let secret = credentials_secret(ns, name);
+                map.insert(secret.clone(), store.shared_secret(&secret, json).await?);
+            }
+        }
+        Ok(Self(map))
+    }
+
+    fn get(&self, name: &str) -> std::io::Result<&(Vec<u8>, bool)> {
+        self.0.get(name).ok_or_else(|| std::io::Error::other(format!("shared secret {name} was not fetched")))
+    }
+}
+
+impl SecretSource for SharedSecrets {
+    fn token_mac_key(&self) -> std::io::Result<Vec<u8>> {
+        Ok(self.get(MAC_KEY_SECRET)?.0.clone())
+    }
+    fn signing_key(
+        &self,
+        ns: &str,
+        name: &str,
+        alg: crate::api::v1alpha1::SigningAlgorithm,
+    ) -> std::io::Result<Vec<u8>> {
+        Ok(self.get(&signing_key_secret(ns, name, alg))?.0.clone())
+    }
+    fn credentials(&self, ns: &str, name: &str) -> std::io::Result<(StoredCredentials, bool)> {
+        let (json, fresh) = self.get(&credentials_secret(ns, name))?;
+        let creds = serde_json::from_slice(json).map_err(std::io::Error::other)?;
+        Ok((creds, *fresh))
+    }
 }
 
 /// Where the token state lives.
@@ -68,7 +131,7 @@ fn utf8(bytes: &[u8]) -> Option<String> {
 fn build_application(
     m: &AppManifest,
     manifests: &Manifests,
-    state: &StateDir,
+    state: &dyn SecretSource,
     token_secret: &[u8],
     generated: &mut Vec<GeneratedCredentials>,
 ) -> Result<Application, String> {
@@ -148,21 +211,15 @@ pub async fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepare
         return Err(format!("{}: no OAuthApplication found", opts.manifests.display()));
     }
     let state = StateDir::open(&opts.state_dir).map_err(|e| format!("{}: {e}", opts.state_dir.display()))?;
-    let mac_key = state.token_mac_key().map_err(|e| format!("{}: {e}", opts.state_dir.display()))?;
-    let mut generated = Vec::new();
-    let apps = manifests
-        .apps
-        .iter()
-        .map(|m| build_application(m, &manifests, &state, &mac_key, &mut generated))
-        .collect::<Result<Vec<_>, _>>()?;
-    let registry = Registry::new(apps)?;
     let metrics = Arc::new(Metrics::default());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = match &opts.postgres {
+    let (store, shared) = match &opts.postgres {
         Some(pg) => {
             let store = crate::storage::postgres::PgStore::connect(pg.clone(), clock.clone()).await?;
             tracing::info!("token state in PostgreSQL");
-            StateStore::Postgres(store)
+            // Every instance on the database uses the same generated secrets, whatever its state directory.
+            let shared = SharedSecrets::fetch(&store, &manifests).await?;
+            (StateStore::Postgres(store), Some(shared))
         }
         None => {
             let (store, report) = FileStore::open(
@@ -178,9 +235,21 @@ pub async fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepare
                 live_entries = report.live_entries,
                 "token state loaded"
             );
-            StateStore::File(Arc::new(store))
+            (StateStore::File(Arc::new(store)), None)
         }
     };
+    let secrets: &dyn SecretSource = match &shared {
+        Some(shared) => shared,
+        None => &state,
+    };
+    let mac_key = secrets.token_mac_key().map_err(|e| format!("{}: {e}", opts.state_dir.display()))?;
+    let mut generated = Vec::new();
+    let apps = manifests
+        .apps
+        .iter()
+        .map(|m| build_application(m, &manifests, secrets, &mac_key, &mut generated))
+        .collect::<Result<Vec<_>, _>>()?;
+    let registry = Registry::new(apps)?;
     let service = TokenService::new(
         registry,
         store.token_store(),

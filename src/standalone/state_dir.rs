@@ -39,6 +39,42 @@ pub struct StoredCredentials {
     pub client_secret: String,
 }
 
+impl StoredCredentials {
+    /// New credentials for the application `name`.
+    pub fn generate(name: &str) -> io::Result<Self> {
+        Ok(Self {
+            client_id: format!("{name}-{}", URL_SAFE_NO_PAD.encode(random_bytes::<6>()?)),
+            client_secret: URL_SAFE_NO_PAD.encode(random_bytes::<32>()?),
+        })
+    }
+}
+
+/// A new opaque-token key.
+pub fn generate_token_mac_key() -> io::Result<Vec<u8>> {
+    Ok(random_bytes::<32>()?.to_vec())
+}
+
+/// The secrets standalone mode makes itself when the manifests do not give them: the opaque-token key, signing
+/// keys, credentials. From the state directory, or shared by every instance through PostgreSQL.
+pub trait SecretSource {
+    fn token_mac_key(&self) -> io::Result<Vec<u8>>;
+    fn signing_key(&self, ns: &str, name: &str, alg: SigningAlgorithm) -> io::Result<Vec<u8>>;
+    /// `true` when created now.
+    fn credentials(&self, ns: &str, name: &str) -> io::Result<(StoredCredentials, bool)>;
+}
+
+impl SecretSource for StateDir {
+    fn token_mac_key(&self) -> io::Result<Vec<u8>> {
+        StateDir::token_mac_key(self)
+    }
+    fn signing_key(&self, ns: &str, name: &str, alg: SigningAlgorithm) -> io::Result<Vec<u8>> {
+        StateDir::signing_key(self, ns, name, alg)
+    }
+    fn credentials(&self, ns: &str, name: &str) -> io::Result<(StoredCredentials, bool)> {
+        StateDir::credentials(self, ns, name)
+    }
+}
+
 pub struct StateDir {
     root: PathBuf,
     tightened: Vec<TooOpen>,
@@ -152,7 +188,7 @@ impl StateDir {
             Ok(k) if k.len() >= 32 => Ok(k),
             Ok(_) => Err(io::Error::other(format!("{} is shorter than 32 bytes", path.display()))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let key = random_bytes::<32>()?.to_vec();
+                let key = generate_token_mac_key()?;
                 write_private(&path, &key)?;
                 Ok(key)
             }
@@ -184,10 +220,7 @@ impl StateDir {
                 .map(|c| (c, false))
                 .map_err(|e| io::Error::other(format!("{}: {e}", path.display()))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let creds = StoredCredentials {
-                    client_id: format!("{name}-{}", URL_SAFE_NO_PAD.encode(random_bytes::<6>()?)),
-                    client_secret: URL_SAFE_NO_PAD.encode(random_bytes::<32>()?),
-                };
+                let creds = StoredCredentials::generate(name)?;
                 write_private(&path, &serde_json::to_vec_pretty(&creds).map_err(io::Error::other)?)?;
                 Ok((creds, true))
             }

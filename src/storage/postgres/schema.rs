@@ -44,6 +44,12 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
         at         bigint  NOT NULL
     );
     CREATE INDEX kubetoken_lockout_failures_at ON kubetoken_lockout_failures (at);
+    -- Secrets every instance must share (the opaque-token key, signing keys and credentials standalone mode makes
+    -- when the manifests do not give them): made once, by whichever instance needs one first.
+    CREATE TABLE kubetoken_shared_secrets (
+        name  text  PRIMARY KEY,
+        value bytea NOT NULL
+    );
     ",
 )];
 

@@ -217,6 +217,24 @@ impl PgStore {
         Ok(store)
     }
 
+    /// The secret `name` every instance shares: the stored one, or `generated` stored now if there is none (then
+    /// `true`). Two instances racing both get the one stored first: made once, never twice.
+    pub async fn shared_secret(&self, name: &str, generated: Vec<u8>) -> Result<(Vec<u8>, bool), String> {
+        let client = self.pool.get().await.map_err(|e| format!("cannot reach PostgreSQL: {e}"))?;
+        let inserted = client
+            .execute(
+                "INSERT INTO kubetoken_shared_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&name, &generated],
+            )
+            .await
+            .map_err(|e| schema::describe(&e))?;
+        let row = client
+            .query_one("SELECT value FROM kubetoken_shared_secrets WHERE name = $1", &[&name])
+            .await
+            .map_err(|e| schema::describe(&e))?;
+        Ok((row.get(0), inserted == 1))
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
