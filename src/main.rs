@@ -290,6 +290,8 @@ struct SidecarArgs {
     /// await it). Smaller segments mean smaller writes but more frequent snapshots.
     #[arg(long, default_value_t = 64)]
     journal_segment_kib: usize,
+    #[command(flatten)]
+    postgres: PostgresArgs,
 }
 
 #[derive(Args)]
@@ -318,14 +320,39 @@ struct StandaloneArgs {
     /// Runtime worker threads; defaults to the number of CPUs.
     #[arg(long)]
     worker_threads: Option<usize>,
+    #[command(flatten)]
+    postgres: PostgresArgs,
+}
+
+/// The token state in PostgreSQL.
+#[derive(Args)]
+struct PostgresArgs {
     /// Keep the token state and the shared lockout in PostgreSQL (postgres://user@host/db) instead of the state
-    /// directory's log, so that several instances serve as one (default: $KUBETOKEN_POSTGRES_URL). The instances
-    /// must share their state directory's secrets (or take credentials and keys from the manifests).
+    /// directory's log or the application's ConfigMaps, so that any number of instances serve as one (default:
+    /// $KUBETOKEN_POSTGRES_URL).
     #[arg(long)]
     postgres: Option<String>,
     /// A file holding the PostgreSQL password (e.g. a mounted Secret), so that none sits in the URL or a manifest.
-    #[arg(long, requires = "postgres")]
+    #[arg(long)]
     postgres_password_file: Option<PathBuf>,
+}
+
+impl PostgresArgs {
+    fn options(self) -> Result<Option<kubetoken::storage::postgres::PgOptions>, String> {
+        let Some(url) = self.postgres.or_else(|| std::env::var("KUBETOKEN_POSTGRES_URL").ok()) else {
+            return match self.postgres_password_file {
+                Some(_) => Err("--postgres-password-file needs --postgres (or KUBETOKEN_POSTGRES_URL)".into()),
+                None => Ok(None),
+            };
+        };
+        let mut pg = kubetoken::storage::postgres::PgOptions::new(url);
+        if let Some(file) = &self.postgres_password_file {
+            let password = std::fs::read_to_string(file)
+                .map_err(|e| format!("--postgres-password-file {}: {e}", file.display()))?;
+            pg.password = Some(password.trim_end_matches(['\n', '\r']).to_string());
+        }
+        Ok(Some(pg))
+    }
 }
 
 fn init_logging() {
@@ -350,18 +377,7 @@ fn standalone(args: StandaloneArgs) -> Result<(), String> {
         runtime.worker_threads(n.max(1));
     }
     let runtime = runtime.build().map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let postgres = match args.postgres.or_else(|| std::env::var("KUBETOKEN_POSTGRES_URL").ok()) {
-        Some(url) => {
-            let mut pg = kubetoken::storage::postgres::PgOptions::new(url);
-            if let Some(file) = &args.postgres_password_file {
-                let password = std::fs::read_to_string(file)
-                    .map_err(|e| format!("--postgres-password-file {}: {e}", file.display()))?;
-                pg.password = Some(password.trim_end_matches(['\n', '\r']).to_string());
-            }
-            Some(pg)
-        }
-        None => None,
-    };
+    let postgres = args.postgres.options()?;
     runtime.block_on(run(StandaloneOptions {
         manifests: args.manifests,
         state_dir: args.state_dir,
@@ -391,6 +407,7 @@ fn sidecar(args: SidecarArgs) -> Result<(), String> {
             segment_bytes: args.journal_segment_kib.max(1) * 1024,
             ..Default::default()
         },
+        postgres: args.postgres.options()?,
     }))
 }
 

@@ -861,3 +861,34 @@ async fn the_role_the_controller_keeps_allows_everything_the_sidecar_does() {
     let bad = common::rbac::violations(&requests, "kubetoken-sidecar/", &rules);
     assert!(bad.is_empty(), "the controller's Role does not allow: {bad:?}");
 }
+
+/// With `--postgres`, the replicas share the token state through the database instead of the ConfigMaps: a token
+/// superseded at one is inactive at the other at once, a refresh token rotated at one is reuse at the other, and no
+/// token-state ConfigMap is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_postgres_two_sidecars_share_the_token_state_and_write_no_configmap() {
+    let (c, _controller, id, secret) = cluster("sc-postgres", "JWT").await;
+    let pg = common::postgres::Postgres::start();
+    let url = pg.database().await;
+    let a = replica(&c, &["--postgres", &url]).await;
+    let b = replica(&c, &["--postgres", &url]).await;
+    let client = Client { id: &id, secret: &secret };
+    let before = state_writes(&c);
+    let first = client.ok_password(&a, "alice", "alice-pw", "device_ipad");
+    let ipad = field(&first, "access_token");
+    assert!(client.active(&b, &ipad), "issued at one replica, active at the other");
+    let second = client.ok_password(&b, "alice", "alice-pw", "device_ipad");
+    let ipad2 = field(&second, "access_token");
+    assert!(!client.active(&a, &ipad) && client.active(&a, &ipad2), "superseded at the other replica at once");
+    let iphone = field(&client.ok_password(&a, "alice", "alice-pw", "device_iphone"), "access_token");
+    assert!(client.active(&b, &iphone) && client.active(&b, &ipad2), "devices side by side");
+    // Refresh at one, reuse at the other: the login is revoked.
+    let refresh = field(&second, "refresh_token");
+    let r = client.token(&a, &[("grant_type", "refresh_token"), ("refresh_token", &refresh)]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let rotated = field(&r.json(), "access_token");
+    let reuse = client.token(&b, &[("grant_type", "refresh_token"), ("refresh_token", &refresh)]);
+    assert_eq!(reuse.json()["error"], "invalid_grant", "{}", reuse.body);
+    assert!(!client.active(&a, &rotated), "the reused login's token is revoked");
+    assert_eq!(state_writes(&c), before, "no token-state ConfigMap written");
+}

@@ -24,6 +24,7 @@ use crate::http::serve::{Endpoint, serve};
 use crate::http::{AppState, ServerExtras, router};
 use crate::metrics::Metrics;
 use crate::storage::kube_store::{KubeStore, KubeStoreMetrics, KubeStoreOptions};
+use crate::storage::postgres::PgStore;
 
 #[derive(Debug, Clone)]
 pub struct SidecarOptions {
@@ -36,29 +37,55 @@ pub struct SidecarOptions {
     /// Lockout and request limits.
     pub policies: crate::core::service::ServicePolicies,
     pub store: KubeStoreOptions,
+    /// The token state of every application in PostgreSQL rather than in its ConfigMaps.
+    pub postgres: Option<crate::storage::postgres::PgOptions>,
+}
+
+/// An application's token state: its ConfigMaps, or the PostgreSQL database every application shares.
+#[derive(Clone)]
+pub enum AppStore {
+    Kube(KubeStore),
+    Postgres(Arc<PgStore>),
+}
+
+impl AppStore {
+    fn store(&self) -> &dyn TokenStore {
+        match self {
+            AppStore::Kube(s) => s,
+            AppStore::Postgres(s) => s.as_ref(),
+        }
+    }
+
+    /// Loaded: the ConfigMaps' state read; a database is read per request.
+    fn loaded(&self) -> bool {
+        match self {
+            AppStore::Kube(s) => s.loaded(),
+            AppStore::Postgres(_) => true,
+        }
+    }
 }
 
 /// Routes each change to the store of the application whose client it belongs to; lookups ask every store
-/// (a sidecar serves a handful of applications).
+/// (a sidecar serves a handful of applications; with PostgreSQL there is one store).
 #[derive(Default)]
 pub struct RoutingStore {
-    by_client: Mutex<HashMap<String, KubeStore>>,
-    all: Vec<KubeStore>,
+    by_client: Mutex<HashMap<String, AppStore>>,
+    all: Vec<AppStore>,
 }
 
 impl RoutingStore {
-    fn store_for(&self, client_id: &str) -> Option<KubeStore> {
+    fn store_for(&self, client_id: &str) -> Option<AppStore> {
         self.by_client.lock().unwrap_or_else(|p| p.into_inner()).get(client_id).cloned()
     }
 
     async fn prepare_at(&self, client_id: &str, lookup: Lookup<'_>) -> Result<(), StoreError> {
         match self.store_for(client_id) {
-            Some(store) => store.prepare(lookup).await,
+            Some(store) => store.store().prepare(lookup).await,
             None => Ok(()),
         }
     }
 
-    fn set_client(&self, client_id: String, store: KubeStore) {
+    fn set_client(&self, client_id: String, store: AppStore) {
         self.by_client.lock().unwrap_or_else(|p| p.into_inner()).insert(client_id, store);
     }
 }
@@ -72,7 +99,7 @@ impl TokenStore for RoutingStore {
                 // Which application an id belongs to is not known before it is found: every store looks.
                 Lookup::Access(_) | Lookup::Refresh(_) => {
                     for store in &self.all {
-                        store.prepare(lookup).await?;
+                        store.store().prepare(lookup).await?;
                     }
                     Ok(())
                 }
@@ -81,24 +108,24 @@ impl TokenStore for RoutingStore {
     }
 
     fn pair(&self, key: &TokenKey) -> Option<LivePair> {
-        self.store_for(&key.client_id)?.pair(key)
+        self.store_for(&key.client_id)?.store().pair(key)
     }
 
     fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
-        self.all.iter().find_map(|s| s.find_access(id))
+        self.all.iter().find_map(|s| s.store().find_access(id))
     }
 
     fn find_refresh(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
-        self.all.iter().find_map(|s| s.find_refresh(id))
+        self.all.iter().find_map(|s| s.store().find_refresh(id))
     }
 
     fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
-        self.store_for(client_id).map(|s| s.user_pairs(client_id, username)).unwrap_or_default()
+        self.store_for(client_id).map(|s| s.store().user_pairs(client_id, username)).unwrap_or_default()
     }
 
     fn commit(&self, change: Change) -> StoreFuture<'_, ()> {
         match self.store_for(&change.key.client_id) {
-            Some(store) => Box::pin(async move { store.commit(change).await }),
+            Some(store) => Box::pin(async move { store.store().commit(change).await }),
             None => Box::pin(async { Err(StoreError::Unavailable("no token state for this client".into())) }),
         }
     }
@@ -106,31 +133,31 @@ impl TokenStore for RoutingStore {
     fn sync(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             for s in &self.all {
-                s.sync().await?;
+                s.store().sync().await?;
             }
             Ok(())
         })
     }
 
     fn healthy(&self) -> bool {
-        self.all.iter().all(TokenStore::healthy)
+        self.all.iter().all(|s| s.store().healthy())
     }
 
     fn share_failure(&self, failure: SharedFailure) {
         // The lockout key starts with the client ID (users: `client\0user`).
         let client = failure.who.split('\u{0}').next().unwrap_or_default().to_string();
         if let Some(store) = self.store_for(&client) {
-            store.share_failure(failure);
+            store.store().share_failure(failure);
         }
     }
 
     fn take_shared_failures(&self) -> Vec<SharedFailure> {
-        self.all.iter().flat_map(TokenStore::take_shared_failures).collect()
+        self.all.iter().flat_map(|s| s.store().take_shared_failures()).collect()
     }
 }
 
 struct Extras {
-    apps: Vec<(String, Arc<AppSources>, KubeStore)>,
+    apps: Vec<(String, Arc<AppSources>, AppStore)>,
 }
 
 impl ServerExtras for Extras {
@@ -165,10 +192,14 @@ impl ServerExtras for Extras {
         }
         out.push_str("# HELP kubetoken_sidecar_live_entries Live token pairs (one per live token key).\n# TYPE kubetoken_sidecar_live_entries gauge\n");
         for (name, _, store) in &self.apps {
-            let _ = writeln!(out, "kubetoken_sidecar_live_entries{{application=\"{name}\"}} {}", store.entries());
+            if let AppStore::Kube(store) = store {
+                let _ = writeln!(out, "kubetoken_sidecar_live_entries{{application=\"{name}\"}} {}", store.entries());
+            }
         }
         for (name, _, store) in &self.apps {
-            store.metrics().render(out, name);
+            if let AppStore::Kube(store) = store {
+                store.metrics().render(out, name);
+            }
         }
     }
 }
@@ -192,15 +223,28 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
     let metrics = Arc::new(Metrics::default());
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
 
+    let postgres = match &opts.postgres {
+        Some(pg) => Some(PgStore::connect(pg.clone(), clock.clone()).await?),
+        None => None,
+    };
     let mut apps = Vec::new();
     for name in &opts.applications {
-        let store_metrics = Arc::new(KubeStoreMetrics::new(metrics.storage_batch.clone()));
-        let store = KubeStore::new(config_maps.clone(), name, clock.clone(), opts.store.clone(), store_metrics);
+        let store = match &postgres {
+            Some(pg) => AppStore::Postgres(pg.clone()),
+            None => {
+                let store_metrics = Arc::new(KubeStoreMetrics::new(metrics.storage_batch.clone()));
+                let store = KubeStore::new(config_maps.clone(), name, clock.clone(), opts.store.clone(), store_metrics);
+                AppStore::Kube(store)
+            }
+        };
         let sources = Arc::new(AppSources::new(client.clone(), &namespace, name));
         apps.push((name.clone(), sources, store));
     }
-    let routing =
-        Arc::new(RoutingStore { by_client: Mutex::default(), all: apps.iter().map(|a| a.2.clone()).collect() });
+    let all = match &postgres {
+        Some(pg) => vec![AppStore::Postgres(pg.clone())],
+        None => apps.iter().map(|a| a.2.clone()).collect(),
+    };
+    let routing = Arc::new(RoutingStore { by_client: Mutex::default(), all });
     let service = Arc::new(TokenService::new(
         crate::core::app::Registry::default(),
         routing.clone(),
@@ -214,7 +258,9 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
     let mut tasks = Vec::new();
     let snapshots: Arc<Mutex<HashMap<String, AppSnapshot>>> = Arc::default();
     for (name, sources, store) in &apps {
-        tasks.push(tokio::spawn(store.clone().run()));
+        if let AppStore::Kube(store) = store {
+            tasks.push(tokio::spawn(store.clone().run()));
+        }
         let (sources, service, routing, store, snapshots, name, clock) = (
             sources.clone(),
             service.clone(),
