@@ -34,6 +34,9 @@ pub struct InjectOptions {
     /// The Secret holding `client_id` and `client_secret` (by default `<application>-credentials`, the one the
     /// controller creates).
     pub credentials_secret: String,
+    /// A Secret whose key `uri` is a PostgreSQL URL (CloudNativePG's `<cluster>-app` Secret has one): the sidecar
+    /// then keeps the token state there instead of in the application's ConfigMaps.
+    pub postgres_secret: Option<String>,
 }
 
 impl InjectOptions {
@@ -42,6 +45,7 @@ impl InjectOptions {
             application: application.to_string(),
             image: default_image(),
             credentials_secret: format!("{application}-credentials"),
+            postgres_secret: None,
         }
     }
 }
@@ -218,6 +222,14 @@ fn token_volume() -> serde_json::Value {
 /// The sidecar as a native sidecar. Resources from BENCHMARKS.md ("In a cluster"): about 30 MiB resident with
 /// 100,000 live keys, 45 MiB at peak under load; a core serves about 600 tokens/s.
 fn sidecar_container(opts: &InjectOptions) -> serde_json::Value {
+    let mut env = vec![json!({"name": "KUBETOKEN_LOG", "value": "info"})];
+    if let Some(secret) = &opts.postgres_secret {
+        // From the Secret, never written into the manifest.
+        env.push(json!({
+            "name": "KUBETOKEN_POSTGRES_URL",
+            "valueFrom": {"secretKeyRef": {"name": secret, "key": "uri"}},
+        }));
+    }
     let probe =
         |path: &str, period: u32| json!({"httpGet": {"path": path, "port": HEALTH_PORT_NAME}, "periodSeconds": period});
     let mut startup = probe("/readyz", 1);
@@ -230,7 +242,7 @@ fn sidecar_container(opts: &InjectOptions) -> serde_json::Value {
         // The token endpoint stays on the pod's loopback (127.0.0.1:8080); the probes and metrics get a port on the
         // pod IP, where the kubelet reaches them.
         "args": ["sidecar", "--application", opts.application, "--health-listen", format!("0.0.0.0:{HEALTH_PORT}")],
-        "env": [{"name": "KUBETOKEN_LOG", "value": "info"}],
+        "env": env,
         "ports": [{"name": HEALTH_PORT_NAME, "containerPort": HEALTH_PORT}],
         // Passes once the sidecar can answer token requests; only then does the kubelet start the app.
         "startupProbe": startup,
@@ -323,6 +335,21 @@ spec:
         // Nothing else changed.
         assert_eq!(docs[0]["spec"]["replicas"], j(json!(2)));
         assert_eq!(spec["serviceAccountName"], "shop");
+    }
+
+    #[test]
+    fn a_postgres_secret_gives_the_sidecar_its_url_from_the_secret_only() {
+        let opts = InjectOptions { postgres_secret: Some("shop-db-app".into()), ..InjectOptions::new("shop") };
+        let out = inject_yaml(DEPLOYMENT, &opts).expect("inject");
+        let docs = parsed(&out);
+        let sidecar = &docs[0]["spec"]["template"]["spec"]["initContainers"][0];
+        let env = sidecar["env"].as_sequence().expect("env");
+        let url = env.iter().find(|e| e["name"] == "KUBETOKEN_POSTGRES_URL").expect("the URL");
+        assert_eq!(url["valueFrom"]["secretKeyRef"]["name"], "shop-db-app");
+        assert_eq!(url["valueFrom"]["secretKeyRef"]["key"], "uri");
+        assert!(!out.contains("postgres://"), "no URL in the manifest");
+        let plain = inject_yaml(DEPLOYMENT, &InjectOptions::new("shop")).expect("inject");
+        assert!(!plain.contains("KUBETOKEN_POSTGRES_URL"), "only when asked");
     }
 
     #[test]

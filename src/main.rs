@@ -52,6 +52,10 @@ struct InjectArgs {
     /// The Secret with client_id and client_secret for the app's containers (default: <application>-credentials).
     #[arg(long)]
     credentials_secret: Option<String>,
+    /// Keep the token state in PostgreSQL: a Secret whose key `uri` is the database URL (e.g. CloudNativePG's
+    /// `<cluster>-app`), given to the sidecar as KUBETOKEN_POSTGRES_URL.
+    #[arg(long)]
+    postgres_secret: Option<String>,
 }
 
 #[derive(Args)]
@@ -420,6 +424,7 @@ fn inject(args: InjectArgs) -> Result<(), String> {
     if let Some(secret) = args.credentials_secret {
         opts.credentials_secret = secret;
     }
+    opts.postgres_secret = args.postgres_secret;
     let (input, source) = match &args.file {
         Some(path) if path.as_os_str() != "-" => {
             let text =

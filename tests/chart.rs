@@ -585,6 +585,15 @@ async fn the_webhook_injects_labelled_pods_at_every_replica_and_an_outage_refuse
     let webhook = webhook_addr(&replicas[0]);
     server.set_service_address("kubetoken-system", "kubetoken-webhook", webhook);
 
+    // The PostgreSQL store by annotation: the sidecar gets the database URL from the named Secret.
+    let mut with_db = pod("shop-app-pg", serde_json::json!({"kubetoken.io/inject": "shop"}));
+    with_db.metadata.annotations =
+        Some([("kubetoken.io/postgres-secret".to_string(), "shop-db-app".to_string())].into_iter().collect());
+    let with_db = created(pods.create(&PostParams::default(), &with_db).await.expect("created"));
+    let env = &with_db["spec"]["initContainers"][0]["env"];
+    let url = env.as_array().expect("env").iter().find(|e| e["name"] == "KUBETOKEN_POSTGRES_URL").expect("the URL");
+    assert_eq!(url["valueFrom"]["secretKeyRef"], serde_json::json!({"name": "shop-db-app", "key": "uri"}));
+
     // Pods that did not opt in are none of its business.
     let plain = created(
         pods.create(&PostParams::default(), &pod("plain", serde_json::json!({"app": "x"}))).await.expect("plain"),
@@ -611,7 +620,7 @@ async fn the_webhook_injects_labelled_pods_at_every_replica_and_an_outage_refuse
     .await;
     let injected: f64 =
         replicas.iter().filter_map(|r| r.metric("kubetoken_controller_admissions_total{outcome=\"injected\"}")).sum();
-    assert_eq!(injected, 2.0, "one injection per replica");
+    assert_eq!(injected, 3.0, "one injection per replica, and the pod with a database");
 
     // Both within the RBAC the chart renders.
     let (controller_requests, _) = common::rbac::assert_least_privilege(&server.requests());

@@ -9,6 +9,9 @@ use crate::inject::{InjectOptions, inject_pod_spec};
 
 /// The label that opts a pod in; its value names the OAuthApplication (in the pod's namespace).
 pub const INJECT_LABEL: &str = "kubetoken.io/inject";
+/// An annotation naming a Secret whose key `uri` is a PostgreSQL URL: the sidecar keeps the token state there
+/// (`kubetoken inject --postgres-secret`).
+pub const POSTGRES_SECRET_ANNOTATION: &str = "kubetoken.io/postgres-secret";
 
 /// The pod spec fields the mutation may change: the patch replaces exactly these when they changed.
 const MUTATED_FIELDS: [&str; 4] = ["automountServiceAccountToken", "volumes", "initContainers", "containers"];

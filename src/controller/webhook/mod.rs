@@ -207,6 +207,10 @@ async fn inject(
         application: application.to_string(),
         image: state.sidecar_image.clone(),
         credentials_secret: app.spec.credentials_secret_name(application),
+        postgres_secret: pod["metadata"]["annotations"][admission::POSTGRES_SECRET_ANNOTATION]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
     };
     Ok(admission::injection_patch(pod, &opts))
 }
