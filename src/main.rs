@@ -128,10 +128,10 @@ struct WebhookArgs {
 
 impl WebhookArgs {
     fn options(self, namespace: &str) -> Option<kubetoken::controller::webhook::WebhookOptions> {
-        use kubetoken::controller::webhook::{WebhookCerts, WebhookOptions};
+        use kubetoken::controller::webhook::{WebhookCertSource, WebhookOptions};
         let certs = match (self.webhook_tls_cert, self.webhook_tls_key) {
-            (Some(cert), Some(key)) => WebhookCerts::Files(kubetoken::http::tls::TlsFiles { cert, key }),
-            _ => WebhookCerts::Managed {
+            (Some(cert), Some(key)) => WebhookCertSource::Files(kubetoken::http::tls::TlsFiles { cert, key }),
+            _ => WebhookCertSource::Managed {
                 namespace: namespace.to_string(),
                 secret: self.webhook_secret,
                 configuration: self.webhook_configuration,

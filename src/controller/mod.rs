@@ -206,15 +206,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
         } else {
             opts.namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
         };
-        tokio::spawn(self::injection_audit::run(
-            pod_scopes,
-            client.clone(),
-            Recorder::new(
-                client.clone(),
-                Reporter { controller: MANAGER.into(), instance: Some(opts.lease.identity.clone()) },
-            ),
-            metrics.clone(),
-        ))
+        tokio::spawn(self::injection_audit::run(pod_scopes, client.clone(), ctx.recorder.clone(), metrics.clone()))
     });
     let children = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}=kubetoken"));
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -49,22 +49,26 @@ impl SharedSecrets {
     async fn fetch(store: &crate::storage::postgres::PgStore, manifests: &Manifests) -> Result<Self, String> {
         let io = |e: std::io::Error| e.to_string();
         let mut map = HashMap::new();
-        let mac = self::state_dir::generate_token_mac_key().map_err(io)?;
+        let mac = || self::state_dir::generate_token_mac_key().map_err(io);
         map.insert(MAC_KEY_SECRET.to_string(), store.shared_secret(MAC_KEY_SECRET, mac).await?);
         for m in &manifests.apps {
             let (ns, name) = (m.namespace(), m.name());
             let alg = m.app.spec.signing.algorithm;
-            let generated = crate::core::signing::Algorithm::try_from(alg)
-                .and_then(SigningKey::generate_pkcs8)
-                .map_err(|e| format!("{}: signing key: {e}", m.object()))?;
+            let generate_key = || {
+                crate::core::signing::Algorithm::try_from(alg)
+                    .and_then(SigningKey::generate_pkcs8)
+                    .map_err(|e| format!("{}: signing key: {e}", m.object()))
+            };
             let secret = signing_key_secret(ns, name, alg);
-            map.insert(secret.clone(), store.shared_secret(&secret, generated).await?);
+            map.insert(secret.clone(), store.shared_secret(&secret, generate_key).await?);
             let secret_name = m.app.spec.credentials_secret_name(name);
             if manifests.secret(ns, &secret_name).is_none() {
-                let creds = StoredCredentials::generate(name).map_err(io)?;
-                let json = serde_json::to_vec(&creds).map_err(|e| e.to_string())?;
+                let generate_credentials = || {
+                    let creds = StoredCredentials::generate(name).map_err(io)?;
+                    serde_json::to_vec(&creds).map_err(|e| e.to_string())
+                };
                 let secret = credentials_secret(ns, name);
-                map.insert(secret.clone(), store.shared_secret(&secret, json).await?);
+                map.insert(secret.clone(), store.shared_secret(&secret, generate_credentials).await?);
             }
         }
         Ok(Self(map))

@@ -42,7 +42,7 @@ const LOOKUP_MARGIN: Duration = Duration::from_millis(500);
 
 /// Where the webhook's certificate comes from.
 #[derive(Clone, Debug)]
-pub enum WebhookCerts {
+pub enum WebhookCertSource {
     /// Files another party keeps (cert-manager's Secret, mounted), which also sets the configuration's `caBundle`
     /// (cert-manager's CA injector).
     Files(TlsFiles),
@@ -60,7 +60,7 @@ pub enum WebhookCerts {
 #[derive(Clone, Debug)]
 pub struct WebhookOptions {
     pub listen: SocketAddr,
-    pub certs: WebhookCerts,
+    pub certs: WebhookCertSource,
     /// The image of the injected sidecar.
     pub sidecar_image: String,
 }
@@ -81,13 +81,13 @@ pub async fn start(
 ) -> Result<(String, watch::Receiver<bool>), String> {
     let (ready_tx, ready_rx) = watch::channel(false);
     let resolver: Arc<dyn ResolvesServerCert> = match &opts.certs {
-        WebhookCerts::Files(files) => {
+        WebhookCertSource::Files(files) => {
             let cert = ReloadingCert::load(files.clone())?;
             cert.watch(crate::http::tls::RELOAD_CHECK_INTERVAL);
             let _ = ready_tx.send(true);
             cert
         }
-        WebhookCerts::Managed { namespace, secret, configuration, service } => {
+        WebhookCertSource::Managed { namespace, secret, configuration, service } => {
             let served = Arc::new(SwappableCert::default());
             let sync = CertSync {
                 secrets: Api::namespaced(client.clone(), namespace),

@@ -217,21 +217,27 @@ impl PgStore {
         Ok(store)
     }
 
-    /// The secret `name` every instance shares: the stored one, or `generated` stored now if there is none (then
-    /// `true`). Two instances racing both get the one stored first: made once, never twice.
-    pub async fn shared_secret(&self, name: &str, generated: Vec<u8>) -> Result<(Vec<u8>, bool), String> {
+    /// The secret `name` every instance shares: the stored one, or one made by `generate` and stored now if there is
+    /// none (then `true`). `generate` runs only when the secret is missing (an RSA key takes a while); two instances
+    /// racing both get the one stored first: made once, never twice.
+    pub async fn shared_secret(
+        &self,
+        name: &str,
+        generate: impl FnOnce() -> Result<Vec<u8>, String>,
+    ) -> Result<(Vec<u8>, bool), String> {
         let client = self.pool.get().await.map_err(|e| format!("cannot reach PostgreSQL: {e}"))?;
+        let select = "SELECT value FROM kubetoken_shared_secrets WHERE name = $1";
+        if let Some(row) = client.query_opt(select, &[&name]).await.map_err(|e| schema::describe(&e))? {
+            return Ok((row.get(0), false));
+        }
         let inserted = client
             .execute(
                 "INSERT INTO kubetoken_shared_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
-                &[&name, &generated],
+                &[&name, &generate()?],
             )
             .await
             .map_err(|e| schema::describe(&e))?;
-        let row = client
-            .query_one("SELECT value FROM kubetoken_shared_secrets WHERE name = $1", &[&name])
-            .await
-            .map_err(|e| schema::describe(&e))?;
+        let row = client.query_one(select, &[&name]).await.map_err(|e| schema::describe(&e))?;
         Ok((row.get(0), inserted == 1))
     }
 
