@@ -1,14 +1,15 @@
 //! The in-cluster benchmark: two `kubetoken sidecar` replicas of one application against the in-repo Kubernetes
-//! API test server, with the real controller.
+//! API test server, with the real controller, their token state in ConfigMaps and then in PostgreSQL (a durable
+//! server started by the benchmark: fsync and synchronous commit on), in the same run on the same machine.
 //!
-//!   cargo bench --bench sidecar                 # full run (release build), about a minute
-//!   cargo test --bench sidecar -- --smoke       # CI: a few seconds on the debug build, asserts no errors only
+//!   cargo bench --bench sidecar                 # full run (release build), about five minutes
+//!   cargo test --bench sidecar -- --smoke       # CI: seconds on the debug build, asserts no errors only
 //!
-//! Reports: tokens/s and p50/p99 latency under load (client_credentials, one device scope per client and round,
-//! so every request supersedes its key's previous token), API writes/s of both replicas together, bytes written
-//! per token, how long a token issued (or revoked) through one replica takes to be active (or inactive) at the
-//! other, and, with 100,000 live token keys in the application's state, the time a fresh sidecar needs to be ready
-//! and its memory.
+//! Reports, for each store: tokens/s and p50/p99 latency under load at 32 and 128 connections (client_credentials,
+//! one device scope per client and round, so every request supersedes its key's previous token), what the store
+//! wrote per token, and how long a token issued (or superseded) through one replica takes to be active (or
+//! inactive) at the other. Then, for ConfigMaps, with 100,000 live token keys, the time a fresh sidecar needs to be
+//! ready and its memory; for PostgreSQL the same at 10,000 and at 1,000,000 live keys, and the table's bytes per key.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -24,6 +25,10 @@ use kubetoken::core::scope::ScopeSet;
 use kubetoken::core::state::Record;
 use kubetoken::storage::kube_store::{codec, layout};
 use serde_json::{Value, json};
+
+#[allow(dead_code)]
+#[path = "../tests/common/postgres.rs"]
+mod postgres;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kubetoken");
 const NS: &str = "bench";
@@ -60,22 +65,104 @@ fn spawn(kubeconfig: &std::path::Path, args: &[&str], banner: &str) -> Proc {
     Proc { child, base }
 }
 
-fn sidecar(kubeconfig: &std::path::Path) -> Proc {
-    spawn(
-        kubeconfig,
-        &[
-            "sidecar",
-            "--application",
-            "shop",
-            "--namespace",
-            NS,
-            "--listen",
-            "127.0.0.1:0",
-            "--api-writes-per-second",
-            "4.8",
-        ],
-        "kubetoken sidecar listening on ",
-    )
+/// A sidecar of `shop`: its token state in ConfigMaps, or in the PostgreSQL database at `postgres`.
+fn sidecar(kubeconfig: &std::path::Path, postgres: Option<&str>) -> Proc {
+    let mut args = vec![
+        "sidecar",
+        "--application",
+        "shop",
+        "--namespace",
+        NS,
+        "--listen",
+        "127.0.0.1:0",
+        "--api-writes-per-second",
+        "4.8",
+    ];
+    if let Some(url) = postgres {
+        args.extend(["--postgres", url]);
+    }
+    spawn(kubeconfig, &args, "kubetoken sidecar listening on ")
+}
+
+/// What a load run measured.
+struct Run {
+    latencies: Vec<Duration>,
+    errors: usize,
+    elapsed: f64,
+}
+
+impl Run {
+    fn tokens_per_second(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        percentile(&self.latencies, p).as_secs_f64() * 1e3
+    }
+}
+
+/// `connections` clients over the replicas for `seconds`: each asks for its own 20 devices in turn, so every
+/// request after the first 20 supersedes its key's last token. `tag` keeps runs' keys apart.
+fn load(replicas: &[Proc], auth: &str, connections: usize, seconds: u64, tag: &str) -> Run {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let results: Vec<(Vec<Duration>, usize)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..connections)
+            .map(|c| {
+                let base = replicas[c % replicas.len()].base.clone();
+                scope.spawn(move || {
+                    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+                    let (mut latencies, mut errors, mut i) = (Vec::new(), 0, 0);
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        match token(&agent, &base, auth, &format!("device_{tag}c{c}d{}", i % 20)) {
+                            Ok(v) if v["access_token"].is_string() => latencies.push(t.elapsed()),
+                            _ => errors += 1,
+                        }
+                        i += 1;
+                    }
+                    (latencies, errors)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("client")).collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let errors = results.iter().map(|r| r.1).sum();
+    let mut latencies: Vec<Duration> = results.into_iter().flat_map(|r| r.0).collect();
+    latencies.sort();
+    assert!(!latencies.is_empty(), "no token issued ({errors} errors)");
+    Run { latencies, errors, elapsed }
+}
+
+/// Issued through A, active at B; superseded through B, inactive at A: how long each takes to be seen, over
+/// `samples` devices.
+fn visibility(replicas: &[Proc; 2], auth: &str, samples: usize, tag: &str) {
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let agent = ureq::agent();
+    let mut issued = Vec::new();
+    let mut superseded = Vec::new();
+    for i in 0..samples {
+        let scope = format!("device_{tag}visibility{i}");
+        let first =
+            token(&agent, &a.base, auth, &scope).expect("token")["access_token"].as_str().expect("t").to_string();
+        issued.push(until("active at B", || active(&b.base, auth, &first)));
+        token(&agent, &b.base, auth, &scope).expect("token");
+        superseded.push(until("inactive at A", || !active(&a.base, auth, &first)));
+    }
+    issued.sort();
+    superseded.sort();
+    println!(
+        "\n| visibility at the other replica ({samples} tokens) | median ms | p99 ms | max ms |\n|---|---|---|---|"
+    );
+    for (what, v) in [("a new token is active", &issued), ("a superseded token is inactive", &superseded)] {
+        println!(
+            "| {what} | {:.1} | {:.1} | {:.1} |",
+            percentile(v, 0.5).as_secs_f64() * 1e3,
+            percentile(v, 0.99).as_secs_f64() * 1e3,
+            v[v.len() - 1].as_secs_f64() * 1e3
+        );
+    }
 }
 
 fn wait_ready(p: &Proc) -> Duration {
@@ -138,8 +225,10 @@ fn until(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
 fn main() {
     let smoke = std::env::args().any(|a| a == "--smoke");
     let seconds = if smoke { 2 } else { 15 };
-    let connections = if smoke { 4 } else { 256 };
+    let loads: &[usize] = if smoke { &[4] } else { &[32, 128] };
+    let samples = if smoke { 3 } else { 200 };
     let live_keys = if smoke { 2_000 } else { 100_000 };
+    let postgres_keys: &[i64] = if smoke { &[2_000] } else { &[10_000, 1_000_000] };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let server = KubeTestServer::start();
     let kubeconfig = server.kubeconfig_path().to_path_buf();
@@ -178,87 +267,45 @@ fn main() {
         }
     };
     let auth = basic(&id, &secret);
-    let replicas = [sidecar(&kubeconfig), sidecar(&kubeconfig)];
+    let replicas = [sidecar(&kubeconfig, None), sidecar(&kubeconfig, None)];
     for r in &replicas {
         wait_ready(r);
     }
-
-    // Load: every connection asks for its own devices in turn, each request superseding its key's last token.
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(seconds);
-    let results: Vec<(Vec<Duration>, usize)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..connections)
-            .map(|c| {
-                let (base, auth) = (replicas[c % 2].base.clone(), auth.clone());
-                scope.spawn(move || {
-                    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
-                    let (mut latencies, mut errors, mut i) = (Vec::new(), 0, 0);
-                    while Instant::now() < deadline {
-                        let t = Instant::now();
-                        match token(&agent, &base, &auth, &format!("device_c{c}d{}", i % 20)) {
-                            Ok(v) if v["access_token"].is_string() => latencies.push(t.elapsed()),
-                            _ => errors += 1,
-                        }
-                        i += 1;
-                    }
-                    (latencies, errors)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("client")).collect()
-    });
-    let elapsed = started.elapsed().as_secs_f64();
-    let errors: usize = results.iter().map(|r| r.1).sum();
-    let mut latencies: Vec<Duration> = results.into_iter().flat_map(|r| r.0).collect();
-    latencies.sort();
-    let tokens = latencies.len();
-    let writes: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_journal_writes_total")).sum();
-    let compaction_writes: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_compaction_writes_total")).sum();
-    let snapshots: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_compactions_total")).sum();
-    let bytes: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_bytes_written_total")).sum();
-    let object_bytes: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_object_bytes_written_total")).sum();
-    let conflicts: f64 = replicas.iter().map(|r| metric(r, "kubetoken_kube_conflicts_total")).sum();
-    println!("## Two sidecars of one application against the test server ({connections} connections, {seconds} s)\n");
+    println!("## Two sidecars of one application against the test server: ConfigMap store ({seconds} s per load)\n");
     println!(
-        "| tokens/s | p50 ms | p99 ms | errors | API writes/s (both: journal + snapshots) | snapshots | 409s | request bytes per token | stored object bytes per token |"
+        "| connections | tokens/s | p50 ms | p99 ms | errors | API writes/s (both: journal + snapshots) | snapshots | 409s | request bytes per token | stored object bytes per token |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    println!(
-        "| {:.0} | {:.1} | {:.1} | {errors} | {:.2} ({:.2} + {:.2}) | {snapshots} | {conflicts} | {:.0} | {:.0} |",
-        tokens as f64 / elapsed,
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        (writes + compaction_writes) / elapsed,
-        writes / elapsed,
-        compaction_writes / elapsed,
-        bytes / tokens.max(1) as f64,
-        object_bytes / tokens.max(1) as f64,
-    );
-    assert!(tokens > 0 && errors == 0, "{errors} requests failed");
-
-    // Visibility: issued through A, active at B; superseded through B, inactive at A.
-    let (a, b) = (&replicas[0], &replicas[1]);
-    let agent = ureq::agent();
-    let mut issued = Vec::new();
-    let mut superseded = Vec::new();
-    for i in 0..if smoke { 3 } else { 20 } {
-        let scope = format!("device_visibility{i}");
-        let first =
-            token(&agent, &a.base, &auth, &scope).expect("token")["access_token"].as_str().expect("t").to_string();
-        issued.push(until("active at B", || active(&b.base, &auth, &first)));
-        token(&agent, &b.base, &auth, &scope).expect("token");
-        superseded.push(until("inactive at A", || !active(&a.base, &auth, &first)));
-    }
-    issued.sort();
-    superseded.sort();
-    println!("\n| visibility at the other replica | median ms | max ms |\n|---|---|---|");
-    for (what, v) in [("a new token is active", &issued), ("a superseded token is inactive", &superseded)] {
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for &connections in loads {
+        let counters = [
+            "kubetoken_kube_journal_writes_total",
+            "kubetoken_kube_compaction_writes_total",
+            "kubetoken_kube_compactions_total",
+            "kubetoken_kube_bytes_written_total",
+            "kubetoken_kube_object_bytes_written_total",
+            "kubetoken_kube_conflicts_total",
+        ];
+        let before = counters.map(|c| replicas.iter().map(|r| metric(r, c)).sum::<f64>());
+        let run = load(&replicas, &auth, connections, seconds, &format!("cm{connections}"));
+        let after = counters.map(|c| replicas.iter().map(|r| metric(r, c)).sum::<f64>());
+        let [writes, compaction_writes, snapshots, bytes, object_bytes, conflicts] =
+            std::array::from_fn(|i| after[i] - before[i]);
+        let tokens = run.latencies.len().max(1) as f64;
         println!(
-            "| {what} | {:.1} | {:.1} |",
-            percentile(v, 0.5).as_secs_f64() * 1e3,
-            v[v.len() - 1].as_secs_f64() * 1e3
+            "| {connections} | {:.0} | {:.1} | {:.1} | {} | {:.2} ({:.2} + {:.2}) | {snapshots} | {conflicts} | {:.0} | {:.0} |",
+            run.tokens_per_second(),
+            run.percentile_ms(0.5),
+            run.percentile_ms(0.99),
+            run.errors,
+            (writes + compaction_writes) / run.elapsed,
+            writes / run.elapsed,
+            compaction_writes / run.elapsed,
+            bytes / tokens,
+            object_bytes / tokens,
         );
+        assert!(run.errors == 0, "{} requests failed", run.errors);
     }
+    visibility(&replicas, &auth, samples, "cm");
     drop(replicas);
 
     // Restart with many live keys: the state is written as a snapshot as compaction would (chunks of set 0 and
@@ -320,7 +367,7 @@ fn main() {
     runtime
         .block_on(config_maps.patch(&layout::pointer_name("shop"), &PatchParams::default(), &Patch::Merge(&patch)))
         .expect("seed pointer");
-    let fresh = sidecar(&kubeconfig);
+    let fresh = sidecar(&kubeconfig, None);
     let ready = wait_ready(&fresh);
     let entries = metric(&fresh, "kubetoken_sidecar_live_entries");
     println!(
@@ -371,7 +418,144 @@ fn main() {
             rss_kib(&fresh, "VmHWM:") as f64 / 1024.0
         );
     }
+    drop(fresh);
+    postgres_store(&runtime, &kubeconfig, &auth, &id, seconds, loads, samples, postgres_keys);
     if smoke {
         println!("smoke: 1 passed, 0 failed");
     }
+}
+
+/// The same two sidecars with their token state in PostgreSQL; then a fresh sidecar at each number of live keys.
+#[allow(clippy::too_many_arguments)]
+fn postgres_store(
+    runtime: &tokio::runtime::Runtime,
+    kubeconfig: &std::path::Path,
+    auth: &str,
+    client_id: &str,
+    seconds: u64,
+    loads: &[usize],
+    samples: usize,
+    live_keys: &[i64],
+) {
+    let pg = postgres::Postgres::start_durable();
+    let url = runtime.block_on(pg.database());
+    let db = runtime.block_on(postgres::connect(&url));
+    let transactions = || {
+        // The statistics a backend reports reach the view within a second of its transactions.
+        std::thread::sleep(Duration::from_millis(1500));
+        let row = runtime
+            .block_on(db.query_one("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()", &[]))
+            .expect("pg_stat_database");
+        row.get::<_, i64>(0) as f64
+    };
+    let replicas = [sidecar(kubeconfig, Some(&url)), sidecar(kubeconfig, Some(&url))];
+    for r in &replicas {
+        wait_ready(r);
+    }
+    println!(
+        "\n## The same two sidecars with their token state in PostgreSQL 15 (durable: fsync, synchronous commit; {seconds} s per load)\n"
+    );
+    println!(
+        "| connections | tokens/s | p50 ms | p99 ms | errors | statements (round trips) per token | PostgreSQL transactions per token | changes per group commit |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for &connections in loads {
+        let counters = ["kubetoken_postgres_statements_total", "kubetoken_postgres_group_commits_total"];
+        let before = counters.map(|c| replicas.iter().map(|r| metric(r, c)).sum::<f64>());
+        let xacts = transactions();
+        let run = load(&replicas, auth, connections, seconds, &format!("pg{connections}"));
+        let xacts = transactions() - xacts;
+        let after = counters.map(|c| replicas.iter().map(|r| metric(r, c)).sum::<f64>());
+        let tokens = run.latencies.len() as f64;
+        println!(
+            "| {connections} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {:.1} |",
+            run.tokens_per_second(),
+            run.percentile_ms(0.5),
+            run.percentile_ms(0.99),
+            run.errors,
+            (after[0] - before[0]) / tokens,
+            xacts / tokens,
+            tokens / (after[1] - before[1]).max(1.0),
+        );
+        assert!(run.errors == 0, "{} requests failed", run.errors);
+    }
+    visibility(&replicas, auth, samples, "pg");
+    drop(replicas);
+
+    println!(
+        "\n| live token keys in the table | table bytes per key (with indexes) | ready after restart ms | tokens/s (128 connections, one replica) | RSS MiB after the load | peak RSS MiB |\n|---|---|---|---|---|---|"
+    );
+    for &target in live_keys {
+        seed(runtime, &db, client_id, target);
+        let row = runtime
+            .block_on(db.query_one(
+                "SELECT count(*), pg_total_relation_size('kubetoken_token_pairs') FROM kubetoken_token_pairs",
+                &[],
+            ))
+            .expect("table size");
+        let (keys, bytes): (i64, i64) = (row.get(0), row.get(1));
+        let fresh = sidecar(kubeconfig, Some(&url));
+        let ready = wait_ready(&fresh);
+        let run =
+            load(std::slice::from_ref(&fresh), auth, *loads.last().expect("a load"), seconds, &format!("pgk{target}"));
+        assert!(run.errors == 0, "{} requests failed", run.errors);
+        println!(
+            "| {keys} | {:.0} | {} | {:.0} | {:.1} | {:.1} |",
+            bytes as f64 / keys as f64,
+            ready.as_millis(),
+            run.tokens_per_second(),
+            rss_kib(&fresh, "VmRSS:") as f64 / 1024.0,
+            rss_kib(&fresh, "VmHWM:") as f64 / 1024.0
+        );
+    }
+}
+
+/// Fills the table up to `target` live keys (users' device keys, tokens valid for the default lifetimes), in
+/// statements of 10,000 rows.
+fn seed(runtime: &tokio::runtime::Runtime, db: &tokio_postgres::Client, client_id: &str, target: i64) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs();
+    let have: i64 =
+        runtime.block_on(db.query_one("SELECT count(*) FROM kubetoken_token_pairs", &[])).expect("count").get(0);
+    let mut n = have;
+    while n < target {
+        let rows = (target - n).min(10_000);
+        let (mut subjects, mut scopes, mut access, mut refresh, mut pairs) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in n..n + rows {
+            let scope = ScopeSet::parse(&format!("device_d{} orders:read", i % 5)).expect("scope");
+            let mut raw = [0xeeu8; 16];
+            raw[..8].copy_from_slice(&i.to_le_bytes());
+            let mut refresh_raw = raw;
+            refresh_raw[15] = 0xef;
+            let pair = LivePair {
+                access_id: TokenId(raw),
+                access_scopes: scope.clone(),
+                issued_at: now,
+                access_expires_at: now + 3600,
+                refresh: Some(RefreshGrant {
+                    id: TokenId(refresh_raw),
+                    expires_at: now + 86_400,
+                    session_started_at: now,
+                    ..Default::default()
+                }),
+            };
+            subjects.push(format!("u:seed{}", i / 5));
+            scopes.push(scope.to_string());
+            access.push(raw.to_vec());
+            refresh.push(refresh_raw.to_vec());
+            pairs.push(serde_json::to_string(&pair).expect("pair"));
+        }
+        let expires = now as i64 + 86_400;
+        runtime
+            .block_on(db.execute(
+                "INSERT INTO kubetoken_token_pairs
+                   (client_id, subject, scopes, access_id, refresh_id, pair, expires_at, change_seq)
+                 SELECT $1, s, sc, a, r, p::jsonb, $7, nextval('kubetoken_change_seq')
+                 FROM unnest($2::text[], $3::text[], $4::bytea[], $5::bytea[], $6::text[]) AS t(s, sc, a, r, p)",
+                &[&client_id, &subjects, &scopes, &access, &refresh, &pairs, &expires],
+            ))
+            .expect("seed rows");
+        n += rows;
+    }
+    runtime.block_on(db.batch_execute("VACUUM ANALYZE kubetoken_token_pairs")).expect("vacuum");
 }

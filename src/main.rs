@@ -124,6 +124,17 @@ struct WebhookArgs {
     /// The image of the sidecar the webhook injects (default: this version's).
     #[arg(long)]
     sidecar_image: Option<String>,
+    /// NAMESPACE=SECRET: sidecars injected in NAMESPACE keep their token state in the PostgreSQL database whose URL is
+    /// the Secret's key `uri`, unless the pod's annotation kubetoken.io/postgres-secret names another. Repeatable.
+    #[arg(long, value_parser = namespace_secret)]
+    sidecar_postgres_secret: Vec<(String, String)>,
+}
+
+fn namespace_secret(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((ns, secret)) if !ns.is_empty() && !secret.is_empty() => Ok((ns.to_string(), secret.to_string())),
+        _ => Err(format!("`{s}` is not NAMESPACE=SECRET")),
+    }
 }
 
 impl WebhookArgs {
@@ -142,6 +153,7 @@ impl WebhookArgs {
             listen: self.webhook_listen?,
             certs,
             sidecar_image: self.sidecar_image.unwrap_or_else(kubetoken::inject::default_image),
+            postgres_secrets: self.sidecar_postgres_secret.into_iter().collect(),
         })
     }
 }

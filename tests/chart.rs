@@ -248,6 +248,60 @@ fn the_values_schema_refuses_wrong_values_with_a_clear_message() {
     assert!(text(&out.stderr).contains("needs replicaCount: 1"), "{}", text(&out.stderr));
 }
 
+/// `sidecar.namespaces[].postgresSecret`: the webhook is told the namespace's Secret (the controller's flag), and the
+/// sidecar's Role grants no ConfigMap, since its token state is in the database.
+#[test]
+fn a_namespace_postgres_secret_reaches_the_webhook_and_the_sidecar_role_grants_no_configmap() {
+    use serde::Deserialize;
+    let chart = chart();
+    let values = chart.join("ci/postgres-values.yaml");
+    let out = helm(&[
+        "template",
+        "x",
+        chart.to_str().expect("path"),
+        "--kube-version",
+        "1.33.0",
+        "-f",
+        values.to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text(&out.stdout))
+        .filter_map(|d| Value::deserialize(d).ok())
+        .filter(|d| !d.is_null())
+        .collect();
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("the controller's Deployment");
+    let args: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--sidecar-postgres-secret", "shop=shop-db-app"]),
+        "the controller is told the namespace's Secret: {args:?}"
+    );
+    let role =
+        docs.iter().find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == "shop").expect("the sidecar's Role");
+    let resources: Vec<&Value> = role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .flat_map(|r| r["resources"].as_array().expect("resources"))
+        .collect();
+    assert!(!resources.is_empty() && !resources.iter().any(|r| *r == "configmaps"), "{resources:?}");
+    // Without it, the sidecar keeps its state in ConfigMaps and the Role grants them.
+    let plain = helm(&[
+        "template",
+        "x",
+        chart.to_str().expect("path"),
+        "--kube-version",
+        "1.33.0",
+        "-f",
+        chart.join("ci/sidecar-values.yaml").to_str().expect("path"),
+    ]);
+    assert!(text(&plain.stdout).contains("configmaps") && !text(&plain.stdout).contains("--sidecar-postgres-secret"));
+}
+
 /// The command a kubelet would run for `container` of a Deployment: its image's entrypoint (the kubetoken binary)
 /// with its args, and its env with the downward API filled in. The listen address becomes a free loopback port
 /// (this test runs every "pod" on one machine); the API server comes from KUBECONFIG (the test server) instead of

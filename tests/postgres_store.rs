@@ -262,3 +262,158 @@ spec:
     let token = r.json()["access_token"].as_str().expect("token").to_string();
     assert!(b.active(client, &token), "a token of one instance is valid at the other");
 }
+
+/// A CA, and a server certificate it signed for `localhost` only; also the PEM of an unrelated CA.
+fn test_certificates() -> (String, String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.clone().self_signed(&ca_key).expect("CA");
+    let issuer = Issuer::new(ca, &ca_key);
+    let server_key = KeyPair::generate().expect("server key");
+    let server = CertificateParams::new(vec!["localhost".to_string()])
+        .expect("server params")
+        .signed_by(&server_key, &issuer)
+        .expect("server certificate");
+    let other_key = KeyPair::generate().expect("other key");
+    let mut other = CertificateParams::new(Vec::<String>::new()).expect("params");
+    other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let other = other.self_signed(&other_key).expect("other CA");
+    (ca_cert.pem(), server.pem(), server_key.serialize_pem(), other.pem())
+}
+
+/// `sslmode=verify-full` checks the server's chain and name (rustls); `verify-ca` the chain only; a start that
+/// cannot verify the server is refused with the reason, and the connections made are encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_postgres_honours_sslmode_and_verifies_the_server() {
+    let (ca, cert, key, other_ca) = test_certificates();
+    let pg = Postgres::start_with_tls(&cert, &key);
+    let database = pg.database().await.rsplit('/').next().expect("database").to_string();
+    let files = tempfile::tempdir().expect("tempdir");
+    let (ca_file, other_file) = (files.path().join("ca.pem"), files.path().join("other.pem"));
+    std::fs::write(&ca_file, ca).expect("write");
+    std::fs::write(&other_file, other_ca).expect("write");
+    let url = |host: &str, mode: &str, root: &std::path::Path| {
+        format!("postgres://kubetoken@{host}:{}/{database}?sslmode={mode}&sslrootcert={}", pg.port, root.display())
+    };
+    let manifests = common::examples_dir();
+    let state = tempfile::tempdir().expect("state dir");
+
+    let server =
+        common::Server::start(&manifests, state.path(), &["--postgres", &url("localhost", "verify-full", &ca_file)]);
+    assert_eq!(cc(&server, "device_tls").status, 200);
+    let client = pg.connect(&database).await;
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'kubetoken'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl");
+    let (encrypted, all): (i64, i64) = (row.get(0), row.get(1));
+    assert!(all > 0 && encrypted == all, "{encrypted} of {all} kubetoken connections use TLS");
+    drop(server);
+
+    let refused = common::Server::try_start(
+        &manifests,
+        state.path(),
+        &["--postgres", &url("localhost", "verify-full", &other_file)],
+    )
+    .err()
+    .expect("a server signed by another CA is refused");
+    assert!(refused.contains("invalid peer certificate"), "{refused}");
+    let refused = common::Server::try_start(
+        &manifests,
+        state.path(),
+        &["--postgres", &url("127.0.0.1", "verify-full", &ca_file)],
+    )
+    .err()
+    .expect("a certificate for another name is refused under verify-full");
+    assert!(refused.contains("certificate not valid for name \"127.0.0.1\""), "{refused}");
+    let server =
+        common::Server::start(&manifests, state.path(), &["--postgres", &url("127.0.0.1", "verify-ca", &ca_file)]);
+    assert_eq!(cc(&server, "device_tls").status, 200, "verify-ca checks the chain, not the name");
+    let refused = common::Server::try_start(
+        &manifests,
+        state.path(),
+        &["--postgres", &format!("postgres://kubetoken@localhost:{}/{database}?sslmode=verify-full", pg.port)],
+    )
+    .err()
+    .expect("verify-full without a CA file is refused");
+    assert!(refused.contains("needs sslrootcert"), "{refused}");
+}
+
+/// One group commit holds changes of every kind, each decided on its own: an insert, an update and a delete that
+/// expect what the row has hold; an update that expects a superseded pair and an insert over an existing row are
+/// conflicts; the batch is one statement.
+#[tokio::test]
+async fn a_group_commit_decides_each_change_of_the_batch_on_its_own() {
+    use kubetoken::core::clock::{Clock, SystemClock};
+    use kubetoken::core::model::{Change, LivePair, Subject, TokenId, TokenKey};
+    use kubetoken::core::scope::ScopeSet;
+    use kubetoken::core::store::{Lookup, StoreError, TokenStore};
+    use kubetoken::storage::postgres::{PgOptions, PgStore};
+
+    let pg = Postgres::start();
+    let url = pg.database().await;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let now = clock.now();
+    let store = PgStore::connect(PgOptions::new(url.clone()), clock).await.expect("connect");
+    let key = |device: &str| TokenKey {
+        client_id: "shop".into(),
+        subject: Subject::User("alice".into()),
+        scopes: ScopeSet::parse(&format!("device_{device}")).expect("scope"),
+    };
+    let pair = |n: u8| LivePair {
+        access_id: TokenId([n; 16]),
+        access_scopes: ScopeSet::parse("device_x").expect("scope"),
+        issued_at: now,
+        access_expires_at: now + 3600,
+        refresh: None,
+    };
+    let set = |device: &str, expect: Option<u8>, next: Option<u8>| Change {
+        key: key(device),
+        expect: expect.map(|n| TokenId([n; 16])),
+        next: next.map(pair),
+    };
+    // Rows to change, one statement each.
+    for (device, n) in [("update", 1), ("stale", 2), ("delete", 3), ("taken", 4)] {
+        store.commit(set(device, None, Some(n))).await.expect("seed");
+    }
+    let batches_before = store_batches(&store);
+    let outcomes = futures::future::join_all([
+        store.commit(set("new", None, Some(10))),
+        store.commit(set("update", Some(1), Some(11))),
+        store.commit(set("stale", Some(99), Some(12))),
+        store.commit(set("delete", Some(3), None)),
+        store.commit(set("taken", None, Some(14))),
+        store.commit(set("absent", None, None)),
+    ])
+    .await;
+    assert_eq!(
+        outcomes,
+        vec![Ok(()), Ok(()), Err(StoreError::Conflict), Ok(()), Err(StoreError::Conflict), Ok(())],
+        "each change decided on its own"
+    );
+    assert_eq!(store_batches(&store) - batches_before, 1, "one statement for the six changes");
+    let other = PgStore::connect(PgOptions::new(url), Arc::new(SystemClock)).await.expect("connect");
+    for (device, expected) in
+        [("new", Some(10)), ("update", Some(11)), ("stale", Some(2)), ("delete", None), ("taken", Some(4))]
+    {
+        let k = key(device);
+        other.prepare(Lookup::Key(&k)).await.expect("read");
+        assert_eq!(other.pair(&k).map(|p| p.access_id), expected.map(|n| TokenId([n; 16])), "{device}");
+    }
+}
+
+/// Group commits run so far, from the store's own metrics.
+fn store_batches(store: &kubetoken::storage::postgres::PgStore) -> u64 {
+    let mut out = String::new();
+    store.render_metrics(&mut out);
+    out.lines()
+        .find_map(|l| l.strip_prefix("kubetoken_postgres_group_commits_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("kubetoken_postgres_group_commits_total")
+}

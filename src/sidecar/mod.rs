@@ -201,6 +201,10 @@ impl ServerExtras for Extras {
                 store.metrics().render(out, name);
             }
         }
+        // One database for every application: its metrics once.
+        if let Some((_, _, AppStore::Postgres(store))) = self.apps.first() {
+            store.render_metrics(out);
+        }
     }
 }
 
@@ -224,7 +228,11 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
 
     let postgres = match &opts.postgres {
-        Some(pg) => Some(PgStore::connect(pg.clone(), clock.clone()).await?),
+        Some(pg) => {
+            let mut pg = pg.clone();
+            pg.batch_sizes = metrics.storage_batch.clone();
+            Some(PgStore::connect(pg, clock.clone()).await?)
+        }
         None => None,
     };
     let mut apps = Vec::new();

@@ -120,6 +120,19 @@ impl StateStore {
     }
 }
 
+/// `/metrics` of the PostgreSQL store (its readiness is the store's `healthy`, which the server reads already).
+struct PostgresExtras(Arc<crate::storage::postgres::PgStore>);
+
+impl crate::http::ServerExtras for PostgresExtras {
+    fn not_ready(&self) -> Option<String> {
+        None
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        self.0.render_metrics(out);
+    }
+}
+
 /// Credentials generated at start, to be shown to the operator once per start.
 pub struct GeneratedCredentials {
     pub application: String,
@@ -219,7 +232,9 @@ pub async fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepare
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (store, shared) = match &opts.postgres {
         Some(pg) => {
-            let store = crate::storage::postgres::PgStore::connect(pg.clone(), clock.clone()).await?;
+            let mut pg = pg.clone();
+            pg.batch_sizes = metrics.storage_batch.clone();
+            let store = crate::storage::postgres::PgStore::connect(pg, clock.clone()).await?;
             tracing::info!("token state in PostgreSQL");
             // Every instance on the database uses the same generated secrets, whatever its state directory.
             let shared = SharedSecrets::fetch(&store, &manifests).await?;
@@ -273,11 +288,13 @@ pub async fn run(opts: StandaloneOptions) -> Result<(), String> {
         println!("credentials for {}: client_id={} client_secret={}", g.application, g.client_id, g.client_secret);
     }
     println!("kubetoken listening on {}", listener.url());
-    let state = Arc::new(
-        AppState::new(prepared.service.clone(), prepared.metrics.clone())
-            .with_issuer_policy(issuer)
-            .with_body_read_timeout(opts.endpoint.body_read_timeout),
-    );
+    let mut state = AppState::new(prepared.service.clone(), prepared.metrics.clone())
+        .with_issuer_policy(issuer)
+        .with_body_read_timeout(opts.endpoint.body_read_timeout);
+    if let StateStore::Postgres(pg) = &prepared.store {
+        state = state.with_extras(Arc::new(PostgresExtras(pg.clone())));
+    }
+    let state = Arc::new(state);
     tracing::info!(%local, scheme = listener.scheme(), "serving");
     serve(listener, router(state), opts.endpoint.limits, crate::signal::shutdown()).await?;
     prepared.store.close();

@@ -36,6 +36,11 @@ pub(crate) struct Faults {
     /// The next writes (PUT, PATCH) to this path answer 409 Conflict, as if another writer got there first.
     pub conflict_path: String,
     pub conflict_remaining: u32,
+    /// The next writes to paths with this prefix are applied, then answered only after `late_delay`: a client that
+    /// gives up first does not know its write landed.
+    pub late_prefix: String,
+    pub late_remaining: u32,
+    pub late_delay: Duration,
 }
 
 /// Everything the server and the test handle share.
@@ -230,6 +235,24 @@ async fn handle(AxumState(shared): AxumState<Arc<Shared>>, req: Request) -> Resp
 }
 
 async fn respond(shared: Arc<Shared>, req: Request) -> Response {
+    let late = {
+        let mut f = shared.faults();
+        let write = req.method() == axum::http::Method::PUT || req.method() == axum::http::Method::PATCH;
+        if write && f.late_remaining > 0 && !f.late_prefix.is_empty() && req.uri().path().starts_with(&f.late_prefix) {
+            f.late_remaining -= 1;
+            Some(f.late_delay)
+        } else {
+            None
+        }
+    };
+    let response = respond_now(shared, req).await;
+    if let Some(delay) = late {
+        tokio::time::sleep(delay).await;
+    }
+    response
+}
+
+async fn respond_now(shared: Arc<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     tracing::debug!(%method, %uri, "kube-test-server request");

@@ -162,6 +162,15 @@ impl KubeTestServer {
         f.conflict_remaining = n;
     }
 
+    /// The next `n` writes (PUT or PATCH) to a path starting with `api_path_prefix` are applied at once and answered
+    /// only after `delay`: a client whose timeout is shorter gives up on a write that landed.
+    pub fn answer_late(&self, api_path_prefix: &str, n: u32, delay: Duration) {
+        let mut f = self.shared.faults();
+        f.late_prefix = api_path_prefix.to_string();
+        f.late_remaining = n;
+        f.late_delay = delay;
+    }
+
     /// How many injected conflicts are still pending.
     pub fn pending_conflicts(&self) -> u32 {
         self.shared.faults().conflict_remaining

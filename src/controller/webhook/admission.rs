@@ -114,6 +114,20 @@ pub fn classify(request: &AdmissionRequest) -> Result<Request<'_>, Refusal> {
 
 /// The JSON Patch (RFC 6902) that injects the sidecar into `pod`: one `add` (which replaces) per changed field
 /// of its spec. Empty when the pod has the sidecar already.
+/// The PostgreSQL Secret of a pod's sidecar: its annotation's, else its namespace's default (`sidecar.namespaces[]
+/// .postgresSecret` in the chart), else none (the ConfigMap store).
+pub fn postgres_secret(
+    pod: &Value,
+    namespace: &str,
+    defaults: &std::collections::BTreeMap<String, String>,
+) -> Option<String> {
+    pod["metadata"]["annotations"][POSTGRES_SECRET_ANNOTATION]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .or_else(|| defaults.get(namespace).map(String::as_str))
+        .map(str::to_string)
+}
+
 pub fn injection_patch(pod: &Value, opts: &InjectOptions) -> Result<Vec<Value>, Refusal> {
     let spec = pod.get("spec").filter(|s| s.is_object()).ok_or_else(|| Refusal::new(400, "the pod has no spec"))?;
     let mut yaml: serde_yaml::Value =
@@ -311,5 +325,15 @@ mod tests {
         assert!(refusal.message.contains("no containers"), "{}", refusal.message);
         let no_spec = json!({"metadata": {"labels": {INJECT_LABEL: "shop"}}});
         assert_eq!(injection_patch(&no_spec, &InjectOptions::new("shop")).expect_err("refused").code, 400);
+    }
+
+    #[test]
+    fn the_pod_annotation_names_the_postgres_secret_before_the_namespace_default() {
+        let defaults = std::collections::BTreeMap::from([("shop".to_string(), "shop-db-app".to_string())]);
+        let plain = json!({"metadata": {"name": "p"}});
+        let annotated = json!({"metadata": {"annotations": {POSTGRES_SECRET_ANNOTATION: "other-db"}}});
+        assert_eq!(postgres_secret(&plain, "shop", &defaults).as_deref(), Some("shop-db-app"));
+        assert_eq!(postgres_secret(&annotated, "shop", &defaults).as_deref(), Some("other-db"));
+        assert_eq!(postgres_secret(&plain, "blog", &defaults), None, "no default: the ConfigMap store");
     }
 }

@@ -63,11 +63,14 @@ pub struct WebhookOptions {
     pub certs: WebhookCertSource,
     /// The image of the injected sidecar.
     pub sidecar_image: String,
+    /// Namespace → the PostgreSQL Secret of the sidecars injected there (the pod's annotation wins).
+    pub postgres_secrets: std::collections::BTreeMap<String, String>,
 }
 
 struct WebhookState {
     client: kube::Client,
     sidecar_image: String,
+    postgres_secrets: std::collections::BTreeMap<String, String>,
     metrics: Arc<ControllerMetrics>,
 }
 
@@ -108,7 +111,12 @@ pub async fn start(
     let tls = crate::http::tls::server_config_with(resolver)?;
     let listener = crate::http::serve::ServeListener::bind(opts.listen, Some(tls)).await?;
     let url = listener.url();
-    let state = Arc::new(WebhookState { client, sidecar_image: opts.sidecar_image, metrics });
+    let state = Arc::new(WebhookState {
+        client,
+        sidecar_image: opts.sidecar_image,
+        postgres_secrets: opts.postgres_secrets,
+        metrics,
+    });
     let router = Router::new().route(MUTATE_PODS_PATH, post(mutate_pods)).with_state(state);
     tokio::spawn(async move {
         let limits = crate::http::serve::ConnectionLimits::default();
@@ -207,10 +215,7 @@ async fn inject(
         application: application.to_string(),
         image: state.sidecar_image.clone(),
         credentials_secret: app.spec.credentials_secret_name(application),
-        postgres_secret: pod["metadata"]["annotations"][admission::POSTGRES_SECRET_ANNOTATION]
-            .as_str()
-            .filter(|s| !s.is_empty())
-            .map(str::to_string),
+        postgres_secret: admission::postgres_secret(pod, namespace, &state.postgres_secrets),
     };
     Ok(admission::injection_patch(pod, &opts))
 }

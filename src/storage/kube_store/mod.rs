@@ -659,6 +659,19 @@ fn json_bytes(value: &impl serde::Serialize) -> u64 {
     serde_json::to_writer(&mut count, value).map_or(0, |()| count.0)
 }
 
+/// An annotation a replica writes on a journal segment whose write went unanswered, to move its version on.
+const FENCE_ANNOTATION: &str = "kubetoken.io/fence";
+
+/// What became of a journal write that went unanswered.
+enum TimedOut {
+    /// It is in the segment (as read back).
+    Landed(ConfigMap),
+    /// It is not, and can no longer land (the segment as it now is).
+    NotLanded(ConfigMap),
+    /// The API server did not say.
+    Unknown(String),
+}
+
 fn patch_params() -> PatchParams {
     PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() }
 }
@@ -1084,37 +1097,7 @@ impl KubeStore {
         .await;
         s.metrics.bytes_written.fetch_add(bytes, Ordering::Relaxed);
         match result {
-            Ok(Ok(cm)) => {
-                s.metrics.journal_writes.fetch_add(1, Ordering::Relaxed);
-                s.metrics.object_bytes_written.fetch_add(json_bytes(&cm), Ordering::Relaxed);
-                s.metrics.batches.observe(plan.records.len() as f64);
-                let view = match SegmentView::from_object(&cm) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        // Accepted, but not readable back: treat as unknown and start over from the API.
-                        self.fail_inflight(&format!("the journal segment {name} reads back wrong: {e}"));
-                        if let Err(e) = self.load().await {
-                            tracing::warn!(application = %s.app, error = %e, "reloading the token state failed");
-                        }
-                        return Written::Failed;
-                    }
-                };
-                let mut g = s.lock();
-                g.apply_records(plan.first_seq, plan.records, false);
-                g.failures_inflight.clear();
-                g.segments[plan.index] = view;
-                g.head = plan.index;
-                let done: Vec<Pending> = std::mem::take(&mut g.inflight);
-                g.withdrawn_inflight.clear();
-                let keys: HashSet<TokenKey> = done.iter().map(|p| p.change.key.clone()).collect();
-                for mut p in done {
-                    if let Some(tx) = p.done.take() {
-                        let _ = tx.send(Ok(()));
-                    }
-                }
-                s.settle(&mut g, keys);
-                Written::Accepted
-            }
+            Ok(Ok(cm)) => self.accepted(plan, &cm, &name).await,
             Ok(Err(kube::Error::Api(e))) if e.code == 409 => {
                 s.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(application = %s.app, segment = %name, "journal append conflicted; catching up");
@@ -1149,12 +1132,100 @@ impl KubeStore {
             }
             Err(_) => {
                 s.metrics.write_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(application = %s.app, "journal write timed out");
-                // It may still land: the watch then brings it back as a remote change nobody holds a token for.
-                self.fail_inflight("the Kubernetes API did not answer in time");
-                Written::Failed
+                match self.resolve_timed_out(&name, &plan).await {
+                    TimedOut::Landed(cm) => {
+                        tracing::info!(application = %s.app, segment = %name, "journal write timed out, and had landed");
+                        let index = plan.index;
+                        let written = self.accepted(plan, &cm, &name).await;
+                        // Batches other replicas appended after it, if any.
+                        self.absorb_or_reload(index, &cm).await;
+                        written
+                    }
+                    TimedOut::NotLanded(cm) => {
+                        tracing::warn!(application = %s.app, segment = %name, "journal write timed out; it did not land");
+                        self.fail_inflight("the Kubernetes API did not answer in time");
+                        self.absorb_or_reload(plan.index, &cm).await;
+                        Written::Failed
+                    }
+                    TimedOut::Unknown(why) => {
+                        tracing::warn!(application = %s.app, segment = %name, reason = %why, "journal write timed out");
+                        // It may still land: the watch then brings it back as a remote change nobody holds a token
+                        // for.
+                        self.fail_inflight("the Kubernetes API did not answer in time");
+                        Written::Failed
+                    }
+                }
             }
         }
+    }
+
+    /// A batch's write went unanswered: whether it landed. The segment's version is moved on (a fence: an
+    /// annotation written with the version the batch expected), so the batch cannot land later; if the version had
+    /// moved already, the segment read back shows whether the batch is in it.
+    async fn resolve_timed_out(&self, name: &str, plan: &Append) -> TimedOut {
+        let s = &self.shared;
+        let fence = json!({
+            "metadata": {
+                "resourceVersion": plan.body["metadata"]["resourceVersion"],
+                "annotations": {FENCE_ANNOTATION: new_claim()},
+            },
+        });
+        let fenced =
+            tokio::time::timeout(s.options.commit_timeout, s.api.patch(name, &patch_params(), &Patch::Merge(&fence)))
+                .await;
+        match fenced {
+            Ok(Ok(cm)) => return TimedOut::NotLanded(cm),
+            Ok(Err(kube::Error::Api(e))) if e.code == 409 => {}
+            Ok(Err(e)) => return TimedOut::Unknown(format!("fencing the segment: {e}")),
+            Err(_) => return TimedOut::Unknown("fencing the segment timed out too".into()),
+        }
+        let cm = match tokio::time::timeout(s.options.commit_timeout, s.api.get(name)).await {
+            Ok(Ok(cm)) => cm,
+            Ok(Err(e)) => return TimedOut::Unknown(format!("reading the segment back: {e}")),
+            Err(_) => return TimedOut::Unknown("reading the segment back timed out".into()),
+        };
+        let field = batch_field(plan.first_seq, plan.records.len());
+        let written = cm.binary_data.as_ref().and_then(|b| b.get(&field)).map(|b| BASE64.encode(&b.0));
+        if written.is_some_and(|w| plan.body["binaryData"][&field] == w.as_str()) {
+            TimedOut::Landed(cm)
+        } else {
+            // Another replica's write moved the version first: this batch's precondition can never hold now.
+            TimedOut::NotLanded(cm)
+        }
+    }
+
+    /// The batch is in the journal (`cm`, the segment as written or read back): its changes are committed.
+    async fn accepted(&self, plan: Append, cm: &ConfigMap, name: &str) -> Written {
+        let s = &self.shared;
+        s.metrics.journal_writes.fetch_add(1, Ordering::Relaxed);
+        s.metrics.object_bytes_written.fetch_add(json_bytes(cm), Ordering::Relaxed);
+        s.metrics.batches.observe(plan.records.len() as f64);
+        let view = match SegmentView::from_object(cm) {
+            Ok(v) => v,
+            Err(e) => {
+                // Accepted, but not readable back: treat as unknown and start over from the API.
+                self.fail_inflight(&format!("the journal segment {name} reads back wrong: {e}"));
+                if let Err(e) = self.load().await {
+                    tracing::warn!(application = %s.app, error = %e, "reloading the token state failed");
+                }
+                return Written::Failed;
+            }
+        };
+        let mut g = s.lock();
+        g.apply_records(plan.first_seq, plan.records, false);
+        g.failures_inflight.clear();
+        g.segments[plan.index] = view;
+        g.head = plan.index;
+        let done: Vec<Pending> = std::mem::take(&mut g.inflight);
+        g.withdrawn_inflight.clear();
+        let keys: HashSet<TokenKey> = done.iter().map(|p| p.change.key.clone()).collect();
+        for mut p in done {
+            if let Some(tx) = p.done.take() {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        s.settle(&mut g, keys);
+        Written::Accepted
     }
 
     /// Reads the snapshot pointer; true when it moved forward.

@@ -366,3 +366,25 @@ async fn a_refresh_that_timed_out_succeeds_when_retried_once_the_store_recovers(
     };
     assert!(refreshed.refresh_token.is_some_and(|r| r != refresh_token), "rotated once");
 }
+
+/// A journal write whose answer does not come in time may still have landed. The store finds out (it fences the
+/// segment's version, then reads it back) and answers the change as committed when it landed. Before, the
+/// request got 503 while its change was in the journal: a client retrying a refresh met its own rotation as reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_write_that_timed_out_but_landed_is_answered_as_committed() {
+    let server = KubeTestServer::start();
+    let api = state_objects(&server).await;
+    let options = KubeStoreOptions { commit_timeout: Duration::from_millis(300), ..tiny() };
+    let (a, _ta) = started(&api, options).await;
+    a.commit(Change { key: key(1), expect: None, next: Some(pair(1)) }).await.expect("first");
+    server.answer_late(&format!("/api/v1/namespaces/{NS}/configmaps/shop-tokens-journal"), 1, Duration::from_secs(2));
+    let next = LivePair { access_id: TokenId([0xAA; 16]), ..pair(2) };
+    let landed = a.commit(Change { key: key(1), expect: Some(pair(1).access_id), next: Some(next.clone()) }).await;
+    assert_eq!(landed, Ok(()), "the write landed: its request is answered as committed");
+    assert_eq!(a.pair(&key(1)), Some(next.clone()));
+    // The store goes on: the next change on the key expects the landed pair.
+    let after = LivePair { access_id: TokenId([0xAB; 16]), ..pair(3) };
+    a.commit(Change { key: key(1), expect: Some(next.access_id), next: Some(after.clone()) }).await.expect("after");
+    let (fresh, _tf) = started(&api, tiny()).await;
+    assert_eq!(fresh.pair(&key(1)), Some(after));
+}

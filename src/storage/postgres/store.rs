@@ -7,24 +7,25 @@
 //!   database has it now, so a token superseded or revoked at another replica is inactive here at once. The fetched
 //!   rows are kept in a bounded cache: when the database cannot be reached, a token read before still introspects.
 //! - **Expiry**: a background task deletes expired rows in small batches through the expiry index.
-//!
-//! Not yet (issue 20): group commit, LISTEN/NOTIFY-driven caching, TLS to the server, the sidecar's use of it.
+//! - **Group commit**: changes queue for one writer task; while a statement is in flight the next batch gathers, and
+//!   a batch is one statement (one round trip, one transaction, one WAL flush) that reports which changes held.
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use tokio::sync::{mpsc, oneshot};
 
-use super::schema;
+use super::{schema, tls};
 use crate::core::clock::Clock;
 use crate::core::lockout::SharedFailure;
 use crate::core::model::{Change, LivePair, SharedKey, Subject, TokenId, TokenKey};
 use crate::core::scope::ScopeSet;
 use crate::core::store::{Lookup, StoreError, StoreFuture, TokenStore};
+use crate::metrics::Histogram;
 
 #[derive(Debug, Clone)]
 pub struct PgOptions {
@@ -39,6 +40,8 @@ pub struct PgOptions {
     pub cache_rows: usize,
     /// This replica's name in the shared lockout failures.
     pub origin: String,
+    /// Changes per group commit.
+    pub batch_sizes: Arc<Histogram>,
 }
 
 impl PgOptions {
@@ -50,6 +53,7 @@ impl PgOptions {
             timeout: Duration::from_secs(5),
             cache_rows: 10_000,
             origin: format!("{}-{}", std::process::id(), rand_suffix()),
+            batch_sizes: Arc::new(Histogram::new(&[1.0, 4.0, 16.0, 64.0, 256.0])),
         }
     }
 }
@@ -128,10 +132,30 @@ pub struct PgStore {
     clock: Arc<dyn Clock>,
     failures_in: Mutex<Vec<SharedFailure>>,
     failures_cursor: AtomicI64,
+    writes: mpsc::UnboundedSender<Pending>,
+    /// Statements run for requests (reads and group commits), each one round trip.
+    statements: AtomicU64,
+    group_commits: AtomicU64,
+    batch_sizes: Arc<Histogram>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// An error and its causes ("error performing TLS handshake: invalid peer certificate: UnknownIssuer"): the pool's
+/// and the driver's messages name only the step that failed.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.contains(&next) {
+            text = format!("{text}: {next}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn db(e: &tokio_postgres::Error) -> StoreError {
@@ -171,15 +195,20 @@ fn row_pair(row: &tokio_postgres::Row) -> Result<(TokenKey, LivePair), StoreErro
 impl PgStore {
     /// Connects, migrates the schema, and starts the expiry and shared-failure tasks.
     pub async fn connect(options: PgOptions, clock: Arc<dyn Clock>) -> Result<Arc<Self>, String> {
-        let mut config =
-            tokio_postgres::Config::from_str(&options.url).map_err(|e| format!("the PostgreSQL URL: {e}"))?;
+        let (url, tls_options) = tls::split_options(&options.url)?;
+        let mut config = tokio_postgres::Config::from_str(&url).map_err(|e| format!("the PostgreSQL URL: {e}"))?;
+        config.ssl_mode(tls_options.mode.wire());
         if let Some(password) = &options.password {
             config.password(password.as_bytes());
         }
         config.connect_timeout(options.timeout);
         config.options(format!("-c statement_timeout={}", options.timeout.as_millis()));
         config.application_name("kubetoken");
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(
+            config,
+            tls::connector(&tls_options)?,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = Pool::builder(manager)
             .max_size(options.pool_size)
             .wait_timeout(Some(options.timeout))
@@ -189,20 +218,22 @@ impl PgStore {
             .build()
             .map_err(|e| format!("the PostgreSQL pool: {e}"))?;
         {
-            let mut client = pool.get().await.map_err(|e| format!("cannot reach PostgreSQL: {e}"))?;
+            let mut client = pool.get().await.map_err(|e| format!("cannot reach PostgreSQL: {}", with_causes(&e)))?;
             let applied = schema::migrate(&mut client).await.map_err(|e| e.to_string())?;
             if !applied.is_empty() {
                 tracing::info!(?applied, "PostgreSQL schema migrated");
             }
         }
         let cursor = {
-            let client = pool.get().await.map_err(|e| format!("cannot reach PostgreSQL: {e}"))?;
+            let client = pool.get().await.map_err(|e| format!("cannot reach PostgreSQL: {}", with_causes(&e)))?;
             let row = client
                 .query_one("SELECT coalesce(max(id), 0) FROM kubetoken_lockout_failures", &[])
                 .await
                 .map_err(|e| schema::describe(&e))?;
             row.get::<_, i64>(0)
         };
+        let (writes, queue) = mpsc::unbounded_channel();
+        let batch_sizes = options.batch_sizes.clone();
         let store = Arc::new(Self {
             pool,
             cache: Mutex::new(Cache::default()),
@@ -211,7 +242,12 @@ impl PgStore {
             clock,
             failures_in: Mutex::new(Vec::new()),
             failures_cursor: AtomicI64::new(cursor),
+            writes,
+            statements: AtomicU64::new(0),
+            group_commits: AtomicU64::new(0),
+            batch_sizes,
         });
+        tokio::spawn(group_commit(Arc::downgrade(&store), queue));
         tokio::spawn(expire(Arc::downgrade(&store)));
         tokio::spawn(poll_failures(Arc::downgrade(&store)));
         Ok(store)
@@ -225,7 +261,7 @@ impl PgStore {
         name: &str,
         generate: impl FnOnce() -> Result<Vec<u8>, String>,
     ) -> Result<(Vec<u8>, bool), String> {
-        let client = self.pool.get().await.map_err(|e| format!("cannot reach PostgreSQL: {e}"))?;
+        let client = self.pool.get().await.map_err(|e| format!("cannot reach PostgreSQL: {}", with_causes(&e)))?;
         let select = "SELECT value FROM kubetoken_shared_secrets WHERE name = $1";
         if let Some(row) = client.query_opt(select, &[&name]).await.map_err(|e| schema::describe(&e))? {
             return Ok((row.get(0), false));
@@ -241,6 +277,17 @@ impl PgStore {
         Ok((row.get(0), inserted == 1))
     }
 
+    /// The store's own metrics (the batch sizes are the shared `kubetoken_storage_batch_records`).
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        out.push_str("# HELP kubetoken_postgres_statements_total Statements run for requests (reads and group commits), one round trip each.\n# TYPE kubetoken_postgres_statements_total counter\n");
+        let _ = writeln!(out, "kubetoken_postgres_statements_total {}", self.statements.load(Ordering::Relaxed));
+        out.push_str("# HELP kubetoken_postgres_group_commits_total Group commits: statements that applied a batch of changes.\n# TYPE kubetoken_postgres_group_commits_total counter\n");
+        let _ = writeln!(out, "kubetoken_postgres_group_commits_total {}", self.group_commits.load(Ordering::Relaxed));
+        out.push_str("# HELP kubetoken_postgres_cached_entries Entries of the bounded read cache.\n# TYPE kubetoken_postgres_cached_entries gauge\n");
+        let _ = writeln!(out, "kubetoken_postgres_cached_entries {}", self.cache().len());
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -248,7 +295,7 @@ impl PgStore {
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         let got = self.pool.get().await;
         self.healthy.store(got.is_ok(), Ordering::Relaxed);
-        got.map_err(|e| unavailable(format!("PostgreSQL: {e}")))
+        got.map_err(|e| unavailable(format!("PostgreSQL: {}", with_causes(&e))))
     }
 
     async fn query(
@@ -257,7 +304,13 @@ impl PgStore {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         let client = self.client().await?;
-        let rows = client.query(sql, params).await;
+        let rows = match client.prepare_cached(sql).await {
+            Ok(statement) => {
+                self.statements.fetch_add(1, Ordering::Relaxed);
+                client.query(&statement, params).await
+            }
+            Err(e) => Err(e),
+        };
         self.healthy.store(rows.is_ok(), Ordering::Relaxed);
         rows.map_err(|e| db(&e))
     }
@@ -314,73 +367,212 @@ impl PgStore {
         }
     }
 
-    async fn write(&self, change: &Change) -> Result<(), StoreError> {
-        let client = self.client().await?;
+    /// Queues `change` for the next group commit and waits for its outcome.
+    async fn write(&self, change: Change) -> Result<(), StoreError> {
+        let (done, outcome) = oneshot::channel();
+        self.writes.send(Pending { change, done }).map_err(|_| unavailable("the PostgreSQL writer stopped"))?;
+        outcome.await.map_err(|_| unavailable("the PostgreSQL writer stopped"))?
+    }
+
+    /// Applies `batch` in one statement (one round trip, one transaction): each change is a compare-and-set on its
+    /// own row; the rows it changed say which changes held. Keys are distinct within a batch.
+    async fn apply_batch(&self, batch: &[Pending]) -> Result<Vec<bool>, StoreError> {
+        let mut columns = BatchColumns::default();
+        for (n, p) in batch.iter().enumerate() {
+            columns.push(n, &p.change)?;
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let client = self.client().await?;
+            let statement = client.prepare_cached(GROUP_COMMIT).await;
+            let rows = match statement {
+                Ok(statement) => {
+                    self.statements.fetch_add(1, Ordering::Relaxed);
+                    client.query(&statement, &columns.params()).await
+                }
+                Err(e) => Err(e),
+            };
+            match rows {
+                Ok(rows) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    let mut held = vec![false; batch.len()];
+                    for row in rows {
+                        if let Some(h) = usize::try_from(row.get::<_, i32>(0)).ok().and_then(|n| held.get_mut(n)) {
+                            *h = true;
+                        }
+                    }
+                    return Ok(held);
+                }
+                // Another replica's batch locked the same rows in the other order: nothing of this batch was
+                // applied, so it runs again.
+                Err(e) if attempt < 4 && e.code().is_some_and(|c| RETRYABLE.contains(&c)) => {
+                    tracing::debug!(error = %schema::describe(&e), "group commit retried");
+                }
+                Err(e) => {
+                    self.healthy.store(e.code().is_some(), Ordering::Relaxed);
+                    return Err(db(&e));
+                }
+            }
+        }
+    }
+}
+
+/// One change waiting for the group commit, and who waits for it.
+struct Pending {
+    change: Change,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+const RETRYABLE: [&tokio_postgres::error::SqlState; 2] = [
+    &tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED,
+    &tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE,
+];
+
+/// At most this many changes per statement.
+const MAX_BATCH: usize = 256;
+
+/// The group commit: each change's row is inserted when it expects no pair, updated or deleted when its row still has
+/// the expected access id, and for "no pair expected, none wanted" checked to be absent. It returns the numbers of the
+/// changes that held; the others met a concurrent change (a conflict, decided again by the core).
+const GROUP_COMMIT: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bytea[], $7::text[],
+                         $8::int8[], $9::bytea[])
+        AS i(n, client_id, subject, scopes, access_id, refresh_id, pair, expires_at, expect)
+),
+inserted AS (
+    INSERT INTO kubetoken_token_pairs AS p
+        (client_id, subject, scopes, access_id, refresh_id, pair, expires_at, change_seq)
+    SELECT client_id, subject, scopes, access_id, refresh_id, pair::jsonb, expires_at, nextval('kubetoken_change_seq')
+    FROM input WHERE expect IS NULL AND access_id IS NOT NULL
+    ON CONFLICT (client_id, subject, scopes) DO NOTHING
+    RETURNING p.client_id, p.subject, p.scopes
+),
+updated AS (
+    UPDATE kubetoken_token_pairs p
+    SET access_id = i.access_id, refresh_id = i.refresh_id, pair = i.pair::jsonb, expires_at = i.expires_at,
+        change_seq = nextval('kubetoken_change_seq')
+    FROM input i
+    WHERE i.expect IS NOT NULL AND i.access_id IS NOT NULL
+      AND p.client_id = i.client_id AND p.subject = i.subject AND p.scopes = i.scopes AND p.access_id = i.expect
+    RETURNING i.n
+),
+deleted AS (
+    DELETE FROM kubetoken_token_pairs p USING input i
+    WHERE i.expect IS NOT NULL AND i.access_id IS NULL
+      AND p.client_id = i.client_id AND p.subject = i.subject AND p.scopes = i.scopes AND p.access_id = i.expect
+    RETURNING i.n
+)
+SELECT i.n FROM input i JOIN inserted USING (client_id, subject, scopes)
+UNION ALL SELECT n FROM updated
+UNION ALL SELECT n FROM deleted
+UNION ALL SELECT i.n FROM input i WHERE i.expect IS NULL AND i.access_id IS NULL AND NOT EXISTS (
+    SELECT 1 FROM kubetoken_token_pairs p
+    WHERE p.client_id = i.client_id AND p.subject = i.subject AND p.scopes = i.scopes)
+";
+
+/// A batch's changes as the statement's array parameters.
+#[derive(Default)]
+struct BatchColumns {
+    n: Vec<i32>,
+    client_id: Vec<String>,
+    subject: Vec<String>,
+    scopes: Vec<String>,
+    access_id: Vec<Option<Vec<u8>>>,
+    refresh_id: Vec<Option<Vec<u8>>>,
+    pair: Vec<Option<String>>,
+    expires_at: Vec<Option<i64>>,
+    expect: Vec<Option<Vec<u8>>>,
+}
+
+impl BatchColumns {
+    fn push(&mut self, n: usize, change: &Change) -> Result<(), StoreError> {
         let key = &change.key;
-        let (client_id, subject, scopes) = (&key.client_id, subject_text(&key.subject), key.scopes.to_string());
-        let expect = change.expect.map(|id| id.0.to_vec());
-        let written = match &change.next {
+        self.n.push(i32::try_from(n).map_err(unavailable)?);
+        self.client_id.push(key.client_id.clone());
+        self.subject.push(subject_text(&key.subject));
+        self.scopes.push(key.scopes.to_string());
+        self.expect.push(change.expect.map(|id| id.0.to_vec()));
+        match &change.next {
             Some(next) => {
-                let pair = serde_json::to_string(next).map_err(unavailable)?;
-                let access = next.access_id.0.to_vec();
-                let refresh = next.refresh.map(|r| r.id.0.to_vec());
-                let expires = i64::try_from(next.dead_after()).unwrap_or(i64::MAX);
-                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
-                    [client_id, &subject, &scopes, &access, &refresh, &pair, &expires];
-                match &expect {
-                    None => {
-                        client
-                            .execute(
-                                "INSERT INTO kubetoken_token_pairs
-                                   (client_id, subject, scopes, access_id, refresh_id, pair, expires_at, change_seq)
-                                 VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, nextval('kubetoken_change_seq'))
-                                 ON CONFLICT (client_id, subject, scopes) DO NOTHING",
-                                &params,
-                            )
-                            .await
-                    }
-                    Some(expected) => {
-                        let mut with_expect = params.to_vec();
-                        with_expect.push(expected);
-                        client
-                            .execute(
-                                "UPDATE kubetoken_token_pairs
-                                 SET access_id = $4, refresh_id = $5, pair = $6::text::jsonb, expires_at = $7,
-                                     change_seq = nextval('kubetoken_change_seq')
-                                 WHERE client_id = $1 AND subject = $2 AND scopes = $3 AND access_id = $8",
-                                &with_expect,
-                            )
-                            .await
-                    }
-                }
+                self.access_id.push(Some(next.access_id.0.to_vec()));
+                self.refresh_id.push(next.refresh.map(|r| r.id.0.to_vec()));
+                self.pair.push(Some(serde_json::to_string(next).map_err(unavailable)?));
+                self.expires_at.push(Some(i64::try_from(next.dead_after()).unwrap_or(i64::MAX)));
             }
-            None => match &expect {
-                Some(expected) => {
-                    client
-                        .execute(
-                            "DELETE FROM kubetoken_token_pairs
-                             WHERE client_id = $1 AND subject = $2 AND scopes = $3 AND access_id = $4",
-                            &[client_id, &subject, &scopes, expected],
-                        )
-                        .await
-                }
-                // Nothing expected, nothing wanted: a conflict only if the key has a pair.
-                None => client
-                    .query(
-                        "SELECT 1 FROM kubetoken_token_pairs WHERE client_id = $1 AND subject = $2 AND scopes = $3",
-                        &[client_id, &subject, &scopes],
-                    )
-                    .await
-                    .map(|rows| u64::from(rows.is_empty())),
-            },
-        };
-        self.healthy.store(written.is_ok(), Ordering::Relaxed);
-        match written.map_err(|e| db(&e))? {
-            0 => Err(StoreError::Conflict),
-            _ => {
-                self.cache().apply(change);
-                Ok(())
+            None => {
+                self.access_id.push(None);
+                self.refresh_id.push(None);
+                self.pair.push(None);
+                self.expires_at.push(None);
             }
+        }
+        Ok(())
+    }
+
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 9] {
+        [
+            &self.n,
+            &self.client_id,
+            &self.subject,
+            &self.scopes,
+            &self.access_id,
+            &self.refresh_id,
+            &self.pair,
+            &self.expires_at,
+            &self.expect,
+        ]
+    }
+}
+
+/// The group commit's writer: while one batch is in flight the next gathers, so under load a statement carries many
+/// changes and at rest a change goes alone at once. A change for a key already in the batch waits for the next one
+/// (the statement changes each row once).
+async fn group_commit(store: std::sync::Weak<PgStore>, mut queue: mpsc::UnboundedReceiver<Pending>) {
+    let mut deferred: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+    loop {
+        if deferred.is_empty() {
+            match queue.recv().await {
+                Some(p) => deferred.push_back(p),
+                None => return,
+            }
+        }
+        while let Ok(p) = queue.try_recv() {
+            deferred.push_back(p);
+        }
+        let mut batch = Vec::new();
+        let mut keys = std::collections::HashSet::new();
+        let mut later = std::collections::VecDeque::new();
+        while let Some(p) = deferred.pop_front() {
+            if p.done.is_closed() {
+                // Its request gave up before the change was written: it is not written.
+                continue;
+            }
+            if batch.len() < MAX_BATCH && keys.insert(p.change.key.clone()) {
+                batch.push(p);
+            } else {
+                later.push_back(p);
+            }
+        }
+        deferred = later;
+        if batch.is_empty() {
+            continue;
+        }
+        let Some(store) = store.upgrade() else { return };
+        store.batch_sizes.observe(batch.len() as f64);
+        store.group_commits.fetch_add(1, Ordering::Relaxed);
+        let outcome = store.apply_batch(&batch).await;
+        for (i, p) in batch.into_iter().enumerate() {
+            let result = match &outcome {
+                Ok(held) if held.get(i).copied().unwrap_or(false) => {
+                    store.cache().apply(&p.change);
+                    Ok(())
+                }
+                Ok(_) => Err(StoreError::Conflict),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = p.done.send(result);
         }
     }
 }
@@ -422,7 +614,7 @@ impl TokenStore for PgStore {
     }
 
     fn commit(&self, change: Change) -> StoreFuture<'_, ()> {
-        Box::pin(async move { self.write(&change).await })
+        Box::pin(self.write(change))
     }
 
     /// Reads come from committed rows only: everything visible is durable.
