@@ -36,6 +36,8 @@ const NS: &str = "bench";
 struct Proc {
     child: Child,
     base: String,
+    /// When the process was started.
+    started: Instant,
 }
 
 impl Drop for Proc {
@@ -53,6 +55,7 @@ fn spawn(kubeconfig: &std::path::Path, args: &[&str], banner: &str) -> Proc {
     if std::env::var_os("KUBETOKEN_BENCH_GLIBC_DEFAULTS").is_none() {
         command.env("MALLOC_MMAP_THRESHOLD_", "131072");
     }
+    let started = Instant::now();
     let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn kubetoken");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let base = loop {
@@ -62,7 +65,7 @@ fn spawn(kubeconfig: &std::path::Path, args: &[&str], banner: &str) -> Proc {
         }
     };
     std::thread::spawn(move || lines.for_each(drop));
-    Proc { child, base }
+    Proc { child, base, started }
 }
 
 /// A sidecar of `shop`: its token state in ConfigMaps, or in the PostgreSQL database at `postgres`.
@@ -165,13 +168,13 @@ fn visibility(replicas: &[Proc; 2], auth: &str, samples: usize, tag: &str) {
     }
 }
 
+/// Waits until the process answers `/readyz` with 200; returns how long after its start that was.
 fn wait_ready(p: &Proc) -> Duration {
-    let start = Instant::now();
     while ureq::get(&format!("{}/readyz", p.base)).call().is_err() {
-        assert!(start.elapsed() < Duration::from_secs(120), "sidecar not ready");
+        assert!(p.started.elapsed() < Duration::from_secs(120), "sidecar not ready");
         std::thread::sleep(Duration::from_millis(5));
     }
-    start.elapsed()
+    p.started.elapsed()
 }
 
 fn metric(p: &Proc, name: &str) -> f64 {
@@ -371,7 +374,7 @@ fn main() {
     let ready = wait_ready(&fresh);
     let entries = metric(&fresh, "kubetoken_sidecar_live_entries");
     println!(
-        "\n| live token keys | snapshot KiB | chunks | largest chunk KiB | ready after restart ms | RSS MiB | peak RSS MiB |\n|---|---|---|---|---|---|---|"
+        "\n| live token keys | snapshot KiB | chunks | largest chunk KiB | ready after restart ms (from process start) | RSS MiB | peak RSS MiB |\n|---|---|---|---|---|---|---|"
     );
     println!(
         "| {entries} | {} | {} | {} | {} | {:.1} | {:.1} |",
@@ -425,7 +428,8 @@ fn main() {
     }
 }
 
-/// The same two sidecars with their token state in PostgreSQL; then a fresh sidecar at each number of live keys.
+/// The same two sidecars with their token state in PostgreSQL, at each number of live keys in the table: started
+/// fresh on it (ready time), the loads, memory after them; at the largest, the visibility at the other replica.
 #[allow(clippy::too_many_arguments)]
 fn postgres_store(
     runtime: &tokio::runtime::Runtime,
@@ -439,7 +443,10 @@ fn postgres_store(
 ) {
     let pg = postgres::Postgres::start_durable();
     let url = runtime.block_on(pg.database());
-    let db = runtime.block_on(postgres::connect(&url));
+    let mut db = runtime.block_on(postgres::connect(&url));
+    // The schema the sidecars would create at start, so the table can be seeded first.
+    runtime.block_on(kubetoken::storage::postgres::schema::migrate(&mut db)).expect("migrate");
+    let db = db;
     let transactions = || {
         // The statistics a backend reports reach the view within a second of its transactions.
         std::thread::sleep(Duration::from_millis(1500));
@@ -448,44 +455,17 @@ fn postgres_store(
             .expect("pg_stat_database");
         row.get::<_, i64>(0) as f64
     };
-    let replicas = [sidecar(kubeconfig, Some(&url)), sidecar(kubeconfig, Some(&url))];
-    for r in &replicas {
-        wait_ready(r);
-    }
     println!(
         "\n## The same two sidecars with their token state in PostgreSQL 15 (durable: fsync, synchronous commit; {seconds} s per load)\n"
     );
     println!(
-        "| connections | tokens/s | p50 ms | p99 ms | errors | statements (round trips) per token | PostgreSQL transactions per token | changes per group commit |"
+        "| live keys in the table | table bytes per key (with indexes) | ready after restart ms (from process start) | connections | tokens/s | p50 ms | p99 ms | errors | statements (round trips) per token | PostgreSQL transactions per token | changes per group commit | RSS MiB after the load (each replica) | peak RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for &connections in loads {
-        let counters = ["kubetoken_postgres_statements_total", "kubetoken_postgres_group_commits_total"];
-        let before = counters.map(|c| replicas.iter().map(|r| metric(r, c)).sum::<f64>());
-        let xacts = transactions();
-        let run = load(&replicas, auth, connections, seconds, &format!("pg{connections}"));
-        let xacts = transactions() - xacts;
-        let after = counters.map(|c| replicas.iter().map(|r| metric(r, c)).sum::<f64>());
-        let tokens = run.latencies.len() as f64;
-        println!(
-            "| {connections} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {:.1} |",
-            run.tokens_per_second(),
-            run.percentile_ms(0.5),
-            run.percentile_ms(0.99),
-            run.errors,
-            (after[0] - before[0]) / tokens,
-            xacts / tokens,
-            tokens / (after[1] - before[1]).max(1.0),
-        );
-        assert!(run.errors == 0, "{} requests failed", run.errors);
-    }
-    visibility(&replicas, auth, samples, "pg");
-    drop(replicas);
-
-    println!(
-        "\n| live token keys in the table | table bytes per key (with indexes) | ready after restart ms | tokens/s (128 connections, one replica) | RSS MiB after the load | peak RSS MiB |\n|---|---|---|---|---|---|"
-    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut replicas = None;
     for &target in live_keys {
+        // The sidecars are not running while the table is seeded: they start on the table as it is.
+        drop(replicas.take());
         seed(runtime, &db, client_id, target);
         let row = runtime
             .block_on(db.query_one(
@@ -494,19 +474,39 @@ fn postgres_store(
             ))
             .expect("table size");
         let (keys, bytes): (i64, i64) = (row.get(0), row.get(1));
-        let fresh = sidecar(kubeconfig, Some(&url));
-        let ready = wait_ready(&fresh);
-        let run =
-            load(std::slice::from_ref(&fresh), auth, *loads.last().expect("a load"), seconds, &format!("pgk{target}"));
-        assert!(run.errors == 0, "{} requests failed", run.errors);
-        println!(
-            "| {keys} | {:.0} | {} | {:.0} | {:.1} | {:.1} |",
-            bytes as f64 / keys as f64,
-            ready.as_millis(),
-            run.tokens_per_second(),
-            rss_kib(&fresh, "VmRSS:") as f64 / 1024.0,
-            rss_kib(&fresh, "VmHWM:") as f64 / 1024.0
-        );
+        let pair = [sidecar(kubeconfig, Some(&url)), sidecar(kubeconfig, Some(&url))];
+        let ready = wait_ready(&pair[0]);
+        wait_ready(&pair[1]);
+        for &connections in loads {
+            let counters = ["kubetoken_postgres_statements_total", "kubetoken_postgres_group_commits_total"];
+            let before = counters.map(|c| pair.iter().map(|r| metric(r, c)).sum::<f64>());
+            let xacts = transactions();
+            let run = load(&pair, auth, connections, seconds, &format!("pg{target}c{connections}"));
+            let xacts = transactions() - xacts;
+            let after = counters.map(|c| pair.iter().map(|r| metric(r, c)).sum::<f64>());
+            let tokens = run.latencies.len() as f64;
+            println!(
+                "| {keys} | {:.0} | {} | {connections} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {:.1} | {:.1}, {:.1} | {:.1}, {:.1} |",
+                bytes as f64 / keys as f64,
+                ready.as_millis(),
+                run.tokens_per_second(),
+                run.percentile_ms(0.5),
+                run.percentile_ms(0.99),
+                run.errors,
+                (after[0] - before[0]) / tokens,
+                xacts / tokens,
+                tokens / (after[1] - before[1]).max(1.0),
+                rss_kib(&pair[0], "VmRSS:") as f64 / 1024.0,
+                rss_kib(&pair[1], "VmRSS:") as f64 / 1024.0,
+                rss_kib(&pair[0], "VmHWM:") as f64 / 1024.0,
+                rss_kib(&pair[1], "VmHWM:") as f64 / 1024.0,
+            );
+            assert!(run.errors == 0, "{} requests failed", run.errors);
+        }
+        replicas = Some(pair);
+    }
+    if let Some(pair) = &replicas {
+        visibility(pair, auth, samples, "pg");
     }
 }
 

@@ -18,6 +18,7 @@
 pub mod api;
 pub mod controller;
 pub mod core;
+pub mod federation;
 pub mod http;
 pub mod inject;
 pub mod kube_client;

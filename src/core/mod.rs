@@ -12,6 +12,7 @@
 //! - [`service`]: the grant flows, revocation and introspection.
 //! - [`error`]: the core's error enum (RFC 6749 error codes).
 pub mod app;
+pub mod assertion;
 pub mod clock;
 pub mod error;
 pub mod lockout;
