@@ -204,6 +204,13 @@ async fn the_database_stopped_and_started_again_is_survived_without_a_restart() 
     let server = common::Server::start(&common::examples_dir(), state.path(), &["--postgres", &url]);
     let token = cc(&server, "device_x").json()["access_token"].as_str().expect("token").to_string();
     assert!(server.active(common::SHOP, &token));
+    // Issued by another instance, read here, then revoked here: while the database is down, what this instance
+    // read before must not bring it back to life.
+    let other = common::Server::start(&common::examples_dir(), state.path(), &["--postgres", &url]);
+    let revoked = cc(&other, "device_revoked").json()["access_token"].as_str().expect("token").to_string();
+    assert!(server.active(common::SHOP, &revoked));
+    assert_eq!(server.revoke(common::SHOP, &revoked).status, 200);
+    drop(other);
 
     pg.stop();
     let down = cc(&server, "device_y");
@@ -211,6 +218,7 @@ async fn the_database_stopped_and_started_again_is_survived_without_a_restart() 
     assert_eq!(down.json()["error"], "temporarily_unavailable");
     assert!(down.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("retry-after")), "{:?}", down.headers);
     assert!(server.active(common::SHOP, &token), "a token read before still introspects");
+    assert!(!server.active(common::SHOP, &revoked), "a token revoked before stays inactive");
     common::cluster::eventually("/readyz is 503", std::time::Duration::from_secs(10), || async {
         (common::get(&server.url("/readyz")).status == 503).then_some(())
     })
@@ -343,6 +351,32 @@ async fn tls_to_postgres_honours_sslmode_and_verifies_the_server() {
     .err()
     .expect("verify-full without a CA file is refused");
     assert!(refused.contains("needs sslrootcert"), "{refused}");
+    // libpq's environment: a URL kept by an operator (no sslmode in it) is verified through PGSSLMODE and
+    // PGSSLROOTCERT.
+    let plain_url = format!("postgres://kubetoken@127.0.0.1:{}/{database}", pg.port);
+    let ca_path = ca_file.display().to_string();
+    let refused = common::Server::try_start_with_env(
+        &manifests,
+        state.path(),
+        &["--postgres", &plain_url],
+        &[("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", &ca_path)],
+    )
+    .err()
+    .expect("PGSSLMODE=verify-full applies: 127.0.0.1 is not the certificate's name");
+    assert!(refused.contains("certificate not valid for name"), "{refused}");
+    let server = common::Server::try_start_with_env(
+        &manifests,
+        state.path(),
+        &["--postgres", &plain_url],
+        &[("PGSSLMODE", "verify-ca"), ("PGSSLROOTCERT", &ca_path)],
+    )
+    .expect("PGSSLMODE=verify-ca with the CA");
+    assert_eq!(cc(&server, "device_tls").status, 200);
+    drop(server);
+    // A Unix socket: no host name to check, and TLS is not tried there.
+    let socket = format!("host={} port={} user=kubetoken dbname={database}", pg.socket_dir().display(), pg.port);
+    let server = common::Server::start(&manifests, state.path(), &["--postgres", &socket]);
+    assert_eq!(cc(&server, "device_tls").status, 200, "over the Unix socket");
 }
 
 /// One group commit holds changes of every kind, each decided on its own: an insert, an update and a delete that
@@ -416,4 +450,106 @@ fn store_batches(store: &kubetoken::storage::postgres::PgStore) -> u64 {
         .find_map(|l| l.strip_prefix("kubetoken_postgres_group_commits_total "))
         .and_then(|v| v.parse().ok())
         .expect("kubetoken_postgres_group_commits_total")
+}
+
+/// A TCP proxy to PostgreSQL that can stop passing the server's answers on the connections open at the time, as a
+/// half-open connection after a failover or a partition does, while new connections pass.
+struct MutingProxy {
+    port: u16,
+    next: Arc<std::sync::atomic::AtomicU64>,
+    mute_below: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl MutingProxy {
+    async fn start(target: u16) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (next, mute_below) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (n, m) = (next.clone(), mute_below.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let id = n.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { continue };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let m = m.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    loop {
+                        let Ok(read) = server_read.read(&mut buf).await else { return };
+                        if read == 0 {
+                            return;
+                        }
+                        if id >= m.load(Ordering::SeqCst) && client_write.write_all(&buf[..read]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, next, mute_below }
+    }
+
+    /// From now on the server's answers on the connections already open are lost.
+    fn mute_open_connections(&self) {
+        use std::sync::atomic::Ordering;
+        self.mute_below.store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+/// A group commit whose answer never comes (the connection went half-open after the statement was sent): the store
+/// gives up on that connection within its timeout, reads the rows back on a new one, and answers the change that
+/// landed as committed. Before, the writer waited for TCP to give up (many minutes, every write of the replica
+/// queued behind it), and a change that landed would have been answered 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_commit_whose_answer_never_comes_is_decided_by_reading_its_rows_back() {
+    use kubetoken::core::clock::{Clock, SystemClock};
+    use kubetoken::core::model::{Change, LivePair, Subject, TokenId, TokenKey};
+    use kubetoken::core::scope::ScopeSet;
+    use kubetoken::core::store::TokenStore;
+    use kubetoken::storage::postgres::{PgOptions, PgStore};
+
+    let pg = Postgres::start();
+    let url = pg.database().await;
+    let proxy = MutingProxy::start(pg.port).await;
+    let proxied = url.replace(&format!(":{}/", pg.port), &format!(":{}/", proxy.port));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let now = clock.now();
+    // One connection: the one that goes half-open is the only one, until the store replaces it.
+    let options = PgOptions { pool_size: 1, timeout: std::time::Duration::from_secs(1), ..PgOptions::new(proxied) };
+    let store = PgStore::connect(options, clock).await.expect("connect");
+    let key = TokenKey {
+        client_id: "shop".into(),
+        subject: Subject::User("alice".into()),
+        scopes: ScopeSet::parse("device_ipad").expect("scope"),
+    };
+    let pair = |n: u8| LivePair {
+        access_id: TokenId([n; 16]),
+        access_scopes: key.scopes.clone(),
+        issued_at: now,
+        access_expires_at: now + 3600,
+        refresh: None,
+    };
+    let change =
+        |expect: u8, next: u8| Change { key: key.clone(), expect: Some(TokenId([expect; 16])), next: Some(pair(next)) };
+    store.commit(Change { key: key.clone(), expect: None, next: Some(pair(1)) }).await.expect("seed");
+
+    proxy.mute_open_connections();
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), store.commit(change(1, 2))).await;
+    assert_eq!(outcome, Ok(Ok(())), "the change landed though its answer never came: committed");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "decided within the store's timeout");
+    // The replica goes on, on a new connection.
+    store.commit(change(2, 3)).await.expect("the next change");
+    let direct = connect(&url).await;
+    let row = direct
+        .query_one("SELECT access_id FROM kubetoken_token_pairs WHERE subject = 'u:alice'", &[])
+        .await
+        .expect("row");
+    assert_eq!(row.get::<_, Vec<u8>>(0), vec![3u8; 16]);
 }

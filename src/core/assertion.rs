@@ -54,7 +54,7 @@ pub struct VerifiedAssertion {
     /// Names this assertion for replay detection: its `jti`, or a digest of the whole assertion when it has none
     /// (Google's ID tokens carry no `jti`).
     pub replay_id: String,
-    /// Until when a replay must be refused: the assertion's `exp`.
+    /// Until when a replay must be refused: the assertion's `exp` and the leeway.
     pub expires_at: UnixTime,
 }
 
@@ -107,7 +107,8 @@ pub fn verify(
     now: UnixTime,
 ) -> Result<VerifiedAssertion, AssertionError> {
     let header = jsonwebtoken::decode_header(token).map_err(|_| AssertionError::Malformed)?;
-    if !issuer.allowed_algorithms.contains(&header.alg) {
+    let hmac = matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+    if hmac || !issuer.allowed_algorithms.contains(&header.alg) {
         return Err(AssertionError::Algorithm(format!("{:?}", header.alg)));
     }
     let jwk = match &header.kid {
@@ -194,14 +195,19 @@ pub fn verify(
             Some(_) => return Err(AssertionError::Roles(path.clone())),
         },
     };
+    // Scoped to the issuer (one issuer cannot use up another's ids). Without a jti, the signed part names the
+    // assertion: not the signature, which an ECDSA signature's malleability would let a replay change.
     let replay_id = match claims["jti"].as_str() {
-        Some(jti) => format!("jti:{jti}"),
-        None => format!(
-            "sha256:{}",
-            URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()))
-        ),
+        Some(jti) => format!("{}\u{0}jti:{jti}", issuer.issuer),
+        None => {
+            let signed = token.rsplit_once('.').map_or(token, |(signed, _)| signed);
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, signed.as_bytes());
+            format!("{}\u{0}sha256:{}", issuer.issuer, URL_SAFE_NO_PAD.encode(digest))
+        }
     };
-    Ok(VerifiedAssertion { subject, roles, replay_id, expires_at: exp })
+    // Accepted until exp plus the leeway: a replay must be refused that long.
+    let expires_at = exp.saturating_add(LEEWAY);
+    Ok(VerifiedAssertion { subject, roles, replay_id, expires_at })
 }
 
 /// The claim at a dotted path (`realm_access.roles`); a top-level claim whose name holds a dot is found first.
@@ -261,8 +267,8 @@ mod tests {
                 VerifiedAssertion {
                     subject: "alice".into(),
                     roles: vec!["orders:read".into(), "admin".into()],
-                    replay_id: "jti:a-1".into(),
-                    expires_at: NOW + 300,
+                    replay_id: "https://idp.example/realms/shop\u{0}jti:a-1".into(),
+                    expires_at: NOW + 300 + LEEWAY,
                 }
             );
         }
@@ -302,7 +308,7 @@ mod tests {
         assert_eq!(with(json!({"realm_access": {"roles": "one"}})).expect("one role").roles, vec!["one"]);
         assert_eq!(with(json!({"realm_access": null})).expect("no roles").roles, Vec::<String>::new());
         let no_jti = with(json!({"jti": null})).expect("valid without jti");
-        assert!(no_jti.replay_id.starts_with("sha256:"), "{}", no_jti.replay_id);
+        assert!(no_jti.replay_id.starts_with("https://idp.example/realms/shop\u{0}sha256:"), "{}", no_jti.replay_id);
     }
 
     #[test]

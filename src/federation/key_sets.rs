@@ -7,6 +7,8 @@
 //! - Cached: a key set is fetched when first needed, and again only when an assertion names a key it lacks, at most
 //!   once per [`REFETCH_INTERVAL`] per issuer (an attacker sending made-up `kid`s cannot make kubetoken hammer the
 //!   identity provider). A failed fetch keeps the set already held and is reported by [`KeySets::last_error`].
+//! - Aged: a set held for [`MAX_AGE`] is fetched again when next used, so a key the issuer withdrew stops verifying.
+//! - Tolerant: a key of a kind kubetoken cannot use (another curve) is skipped, not the whole set.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,6 +25,9 @@ use rustls::pki_types::{CertificateDer, ServerName};
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_KEY_SET_BYTES: usize = 256 * 1024;
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+/// A key set held longer than this is fetched again when next used: a key the issuer withdrew (compromised) stops
+/// being trusted even if no assertion ever names an unknown key.
+pub const MAX_AGE: Duration = Duration::from_secs(3600);
 
 /// Fetches key sets: the TLS roots and the bounds.
 pub struct KeySetFetcher {
@@ -98,7 +103,7 @@ impl KeySetFetcher {
         } else {
             self.exchange(uri, TokioIo::new(tcp), request).await?
         };
-        serde_json::from_slice(&body).map_err(|e| format!("{uri}: not a JWK set: {e}"))
+        parse_key_set(&body).map_err(|e| format!("{uri}: {e}"))
     }
 
     async fn exchange<S>(&self, uri: &str, io: S, request: hyper::Request<Empty<Bytes>>) -> Result<Bytes, String>
@@ -123,8 +128,21 @@ impl KeySetFetcher {
     }
 }
 
+/// A JWK set, each key parsed on its own: one unusable key is skipped, not the set.
+fn parse_key_set(body: &[u8]) -> Result<JwkSet, String> {
+    #[derive(serde::Deserialize)]
+    struct Raw {
+        keys: Vec<serde_json::Value>,
+    }
+    let raw: Raw = serde_json::from_slice(body).map_err(|e| format!("not a JWK set: {e}"))?;
+    let keys = raw.keys.into_iter().filter_map(|k| serde_json::from_value(k).ok()).collect();
+    Ok(JwkSet { keys })
+}
+
 struct Entry {
     set: Option<Arc<JwkSet>>,
+    /// When `set` was fetched.
+    fetched: Option<Instant>,
     last_attempt: Option<Instant>,
     last_error: Option<String>,
 }
@@ -133,16 +151,17 @@ struct Entry {
 pub struct KeySets {
     fetcher: KeySetFetcher,
     refetch_interval: Duration,
+    max_age: Duration,
     entries: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Entry>>>>,
 }
 
 impl KeySets {
     pub fn new(fetcher: KeySetFetcher) -> Self {
-        Self::with_interval(fetcher, REFETCH_INTERVAL)
+        Self::with_timings(fetcher, REFETCH_INTERVAL, MAX_AGE)
     }
 
-    pub fn with_interval(fetcher: KeySetFetcher, refetch_interval: Duration) -> Self {
-        Self { fetcher, refetch_interval, entries: Mutex::default() }
+    pub fn with_timings(fetcher: KeySetFetcher, refetch_interval: Duration, max_age: Duration) -> Self {
+        Self { fetcher, refetch_interval, max_age, entries: Mutex::default() }
     }
 
     fn entry(&self, uri: &str) -> Arc<tokio::sync::Mutex<Entry>> {
@@ -150,7 +169,12 @@ impl KeySets {
         entries
             .entry(uri.to_string())
             .or_insert_with(|| {
-                Arc::new(tokio::sync::Mutex::new(Entry { set: None, last_attempt: None, last_error: None }))
+                Arc::new(tokio::sync::Mutex::new(Entry {
+                    set: None,
+                    fetched: None,
+                    last_attempt: None,
+                    last_error: None,
+                }))
             })
             .clone()
     }
@@ -171,12 +195,14 @@ impl KeySets {
         // One fetch per issuer at a time: concurrent requests wait for it and share its result.
         let mut e = entry.lock().await;
         let recent = e.last_attempt.is_some_and(|at| at.elapsed() < self.refetch_interval);
-        let fetch = if e.set.is_none() { !recent } else { stale && !recent };
+        let aged = e.fetched.is_some_and(|at| at.elapsed() >= self.max_age);
+        let fetch = !recent && (e.set.is_none() || stale || aged);
         if fetch {
             e.last_attempt = Some(Instant::now());
             match self.fetcher.fetch(uri).await {
                 Ok(set) => {
                     e.set = Some(Arc::new(set));
+                    e.fetched = Some(Instant::now());
                     e.last_error = None;
                 }
                 Err(why) => {
@@ -303,6 +329,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_aged_set_is_fetched_again_so_a_withdrawn_key_stops_verifying_and_unusable_keys_are_skipped() {
+        let issuer = test_issuer(true).await;
+        let fetcher = KeySetFetcher::new(Some(issuer.ca_pem.as_bytes())).expect("fetcher");
+        let sets = KeySets::with_timings(fetcher, Duration::from_millis(50), Duration::from_millis(200));
+        *issuer.body.lock().expect("lock") = jwks(&["k1", "compromised"]);
+        assert_eq!(kids(&sets.current(&issuer.url).await.expect("first")), vec!["k1", "compromised"]);
+        // The issuer withdraws a key (and adds one of a curve kubetoken does not use: skipped, not fatal).
+        let mut body: serde_json::Value = serde_json::from_str(&jwks(&["k1"])).expect("json");
+        body["keys"]
+            .as_array_mut()
+            .expect("keys")
+            .push(serde_json::json!({"kty": "EC", "crv": "secp256k1", "kid": "other", "x": "AA", "y": "AA"}));
+        *issuer.body.lock().expect("lock") = body.to_string();
+        assert_eq!(kids(&sets.current(&issuer.url).await.expect("held")), vec!["k1", "compromised"], "not aged yet");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(kids(&sets.current(&issuer.url).await.expect("aged: fetched again")), vec!["k1"]);
+    }
+
+    #[tokio::test]
     async fn plain_http_only_on_the_loopback_and_size_is_bounded() {
         let issuer = test_issuer(false).await;
         let fetcher = KeySetFetcher::new(None).expect("fetcher");
@@ -324,7 +369,7 @@ mod tests {
     async fn an_unknown_key_refetches_at_most_once_per_interval_and_a_failure_keeps_the_held_set() {
         let issuer = test_issuer(true).await;
         let fetcher = KeySetFetcher::new(Some(issuer.ca_pem.as_bytes())).expect("fetcher");
-        let sets = KeySets::with_interval(fetcher, Duration::from_millis(300));
+        let sets = KeySets::with_timings(fetcher, Duration::from_millis(300), Duration::from_secs(3600));
         assert_eq!(kids(&sets.current(&issuer.url).await.expect("first")), vec!["k1"]);
         assert_eq!(kids(&sets.current(&issuer.url).await.expect("cached")), vec!["k1"]);
         assert_eq!(issuer.requests.load(Ordering::SeqCst), 1, "cached");

@@ -41,7 +41,18 @@ impl Server {
 
     /// Starts the binary; on failure returns what it printed on stderr.
     pub fn try_start(manifests: &Path, state_dir: &Path, extra: &[&str]) -> Result<Server, String> {
+        Self::try_start_with_env(manifests, state_dir, extra, &[])
+    }
+
+    /// The same with these environment variables set.
+    pub fn try_start_with_env(
+        manifests: &Path,
+        state_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server, String> {
         let mut child = Command::new(BIN)
+            .envs(env.iter().copied())
             .arg("standalone")
             .arg("--manifests")
             .arg(manifests)

@@ -160,6 +160,11 @@ impl Postgres {
         self.wait_listening();
     }
 
+    /// Where the server's Unix socket is.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!("postgres://kubetoken@127.0.0.1:{}/{database}", self.port)
     }

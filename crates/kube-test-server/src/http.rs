@@ -41,6 +41,8 @@ pub(crate) struct Faults {
     pub late_prefix: String,
     pub late_remaining: u32,
     pub late_delay: Duration,
+    /// Instead of the write's own answer, this status (e.g. 504, as an API server whose etcd call timed out).
+    pub late_status: Option<u16>,
 }
 
 /// Everything the server and the test handle share.
@@ -240,16 +242,22 @@ async fn respond(shared: Arc<Shared>, req: Request) -> Response {
         let write = req.method() == axum::http::Method::PUT || req.method() == axum::http::Method::PATCH;
         if write && f.late_remaining > 0 && !f.late_prefix.is_empty() && req.uri().path().starts_with(&f.late_prefix) {
             f.late_remaining -= 1;
-            Some(f.late_delay)
+            Some((f.late_delay, f.late_status))
         } else {
             None
         }
     };
     let response = respond_now(shared, req).await;
-    if let Some(delay) = late {
-        tokio::time::sleep(delay).await;
+    match late {
+        Some((delay, status)) => {
+            tokio::time::sleep(delay).await;
+            match status {
+                Some(code) => error_response(&ApiError::for_status(code)),
+                None => response,
+            }
+        }
+        None => response,
     }
-    response
 }
 
 async fn respond_now(shared: Arc<Shared>, req: Request) -> Response {

@@ -169,6 +169,17 @@ impl KubeTestServer {
         f.late_prefix = api_path_prefix.to_string();
         f.late_remaining = n;
         f.late_delay = delay;
+        f.late_status = None;
+    }
+
+    /// The next `n` writes (PUT or PATCH) to a path starting with `api_path_prefix` are applied, and answered with
+    /// `status` (e.g. 504 Gateway Timeout) instead of their result: the client cannot tell that its write landed.
+    pub fn fail_after_applying(&self, api_path_prefix: &str, n: u32, status: u16) {
+        let mut f = self.shared.faults();
+        f.late_prefix = api_path_prefix.to_string();
+        f.late_remaining = n;
+        f.late_delay = Duration::ZERO;
+        f.late_status = Some(status);
     }
 
     /// How many injected conflicts are still pending.

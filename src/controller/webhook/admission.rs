@@ -112,8 +112,6 @@ pub fn classify(request: &AdmissionRequest) -> Result<Request<'_>, Refusal> {
     Ok(Request::Inject { namespace, application, pod })
 }
 
-/// The JSON Patch (RFC 6902) that injects the sidecar into `pod`: one `add` (which replaces) per changed field
-/// of its spec. Empty when the pod has the sidecar already.
 /// The PostgreSQL Secret of a pod's sidecar: its annotation's, else its namespace's default (`sidecar.namespaces[]
 /// .postgresSecret` in the chart), else none (the ConfigMap store).
 pub fn postgres_secret(
@@ -128,6 +126,8 @@ pub fn postgres_secret(
         .map(str::to_string)
 }
 
+/// The JSON Patch (RFC 6902) that injects the sidecar into `pod`: one `add` (which replaces) per changed field
+/// of its spec. Empty when the pod has the sidecar already.
 pub fn injection_patch(pod: &Value, opts: &InjectOptions) -> Result<Vec<Value>, Refusal> {
     let spec = pod.get("spec").filter(|s| s.is_object()).ok_or_else(|| Refusal::new(400, "the pod has no spec"))?;
     let mut yaml: serde_yaml::Value =

@@ -659,6 +659,13 @@ fn json_bytes(value: &impl serde::Serialize) -> u64 {
     serde_json::to_writer(&mut count, value).map_or(0, |()| count.0)
 }
 
+/// Whether the segment holds `plan`'s batch, byte for byte (its records carry random token ids: nobody else's).
+fn has_batch(cm: &ConfigMap, plan: &Append) -> bool {
+    let field = batch_field(plan.first_seq, plan.records.len());
+    let written = cm.binary_data.as_ref().and_then(|b| b.get(&field)).map(|b| BASE64.encode(&b.0));
+    written.is_some_and(|w| plan.body["binaryData"][&field] == w.as_str())
+}
+
 /// An annotation a replica writes on a journal segment whose write went unanswered, to move its version on.
 const FENCE_ANNOTATION: &str = "kubetoken.io/fence";
 
@@ -1101,9 +1108,21 @@ impl KubeStore {
             Ok(Err(kube::Error::Api(e))) if e.code == 409 => {
                 s.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(application = %s.app, segment = %name, "journal append conflicted; catching up");
+                let read = s.api.get(&name).await;
+                // The client retries a write that got 5xx or no answer: its first attempt may have landed, and the
+                // retry then meets it as a conflict. The batch in the segment is this write's: it is committed.
+                if let Ok(cm) = &read
+                    && has_batch(cm, &plan)
+                {
+                    tracing::info!(application = %s.app, segment = %name, "journal append conflicted with itself: it had landed");
+                    let index = plan.index;
+                    let written = self.accepted(plan, cm, &name).await;
+                    self.absorb_or_reload(index, cm).await;
+                    return written;
+                }
                 // Read what the other replicas wrote, and re-check the batch against it.
                 self.requeue_inflight();
-                match s.api.get(&name).await {
+                match read {
                     Ok(cm) => {
                         // The segment just read is the newest there is: if it is not ahead of what was seen, it was
                         // replaced (the application deleted and created again), so start over from the API.
@@ -1124,14 +1143,20 @@ impl KubeStore {
                 }
                 Written::Conflict
             }
-            Ok(Err(e)) => {
+            // A refusal the API server decided (4xx): nothing was written.
+            Ok(Err(kube::Error::Api(e))) if e.code < 500 => {
                 s.metrics.write_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(application = %s.app, error = %e, "journal write failed");
                 self.fail_inflight(&format!("the Kubernetes API refused the token state write: {e}"));
                 Written::Failed
             }
-            Err(_) => {
+            // No answer in time, a 5xx (an etcd timeout behind the API server) or a transport error after the
+            // request went out: the write may have landed.
+            outcome => {
                 s.metrics.write_failures.fetch_add(1, Ordering::Relaxed);
+                if let Ok(Err(e)) = &outcome {
+                    tracing::warn!(application = %s.app, error = %e, "journal write failed; finding out whether it landed");
+                }
                 match self.resolve_timed_out(&name, &plan).await {
                     TimedOut::Landed(cm) => {
                         tracing::info!(application = %s.app, segment = %name, "journal write timed out, and had landed");
@@ -1159,7 +1184,7 @@ impl KubeStore {
         }
     }
 
-    /// A batch's write went unanswered: whether it landed. The segment's version is moved on (a fence: an
+    /// A batch's write went unanswered (or failed in a way that does not say): whether it landed. The segment's version is moved on (a fence: an
     /// annotation written with the version the batch expected), so the batch cannot land later; if the version had
     /// moved already, the segment read back shows whether the batch is in it.
     async fn resolve_timed_out(&self, name: &str, plan: &Append) -> TimedOut {
@@ -1184,9 +1209,7 @@ impl KubeStore {
             Ok(Err(e)) => return TimedOut::Unknown(format!("reading the segment back: {e}")),
             Err(_) => return TimedOut::Unknown("reading the segment back timed out".into()),
         };
-        let field = batch_field(plan.first_seq, plan.records.len());
-        let written = cm.binary_data.as_ref().and_then(|b| b.get(&field)).map(|b| BASE64.encode(&b.0));
-        if written.is_some_and(|w| plan.body["binaryData"][&field] == w.as_str()) {
+        if has_batch(&cm, plan) {
             TimedOut::Landed(cm)
         } else {
             // Another replica's write moved the version first: this batch's precondition can never hold now.

@@ -386,5 +386,11 @@ async fn a_journal_write_that_timed_out_but_landed_is_answered_as_committed() {
     let after = LivePair { access_id: TokenId([0xAB; 16]), ..pair(3) };
     a.commit(Change { key: key(1), expect: Some(next.access_id), next: Some(after.clone()) }).await.expect("after");
     let (fresh, _tf) = started(&api, tiny()).await;
-    assert_eq!(fresh.pair(&key(1)), Some(after));
+    assert_eq!(fresh.pair(&key(1)), Some(after.clone()));
+    // The same when the API server applied the write but answered 504 (its etcd call timed out).
+    server.fail_after_applying(&format!("/api/v1/namespaces/{NS}/configmaps/shop-tokens-journal"), 1, 504);
+    let last = LivePair { access_id: TokenId([0xAC; 16]), ..pair(4) };
+    let landed = a.commit(Change { key: key(1), expect: Some(after.access_id), next: Some(last.clone()) }).await;
+    assert_eq!(landed, Ok(()), "a 504 for a write that landed is answered as committed");
+    assert_eq!(a.pair(&key(1)), Some(last));
 }

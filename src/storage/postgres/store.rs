@@ -99,17 +99,11 @@ impl Cache {
         self.users.retain(|_, (_, at)| at.elapsed() < PIN);
     }
 
-    /// What a committed change means for the cached reads.
+    /// What a committed change means for the cached reads. Entries read by id stay: a read checks them against
+    /// the key's newer state (see [`Cache::current`]), so a token revoked here reads inactive, not unknown, while the
+    /// database is unreachable.
     fn apply(&mut self, change: &Change) {
         let now = Instant::now();
-        if let Some((old, _)) = self.keys.get(&change.key)
-            && let Some(old) = old.clone()
-        {
-            self.access.remove(&old.access_id);
-            if let Some(r) = old.refresh {
-                self.refresh.remove(&r.id);
-            }
-        }
         self.keys.insert(change.key.clone(), (change.next.clone(), now));
         if let Some(next) = &change.next {
             let key: SharedKey = Arc::new(change.key.clone());
@@ -120,6 +114,21 @@ impl Cache {
         }
         if let Some(user) = change.key.username() {
             self.users.remove(&(change.key.client_id.clone(), user.to_string()));
+        }
+    }
+
+    /// A pair read by id at `at`, as it is now: when the key's pair was read or changed since, that pair decides
+    /// (`same` tells whether it is still the one the id names).
+    fn current(
+        &self,
+        key: &SharedKey,
+        pair: &LivePair,
+        at: Instant,
+        same: impl Fn(&LivePair) -> bool,
+    ) -> Option<(SharedKey, LivePair)> {
+        match self.keys.get(&**key) {
+            Some((now, when)) if *when >= at => now.as_ref().filter(|p| same(p)).map(|p| (key.clone(), p.clone())),
+            _ => Some((key.clone(), pair.clone())),
         }
     }
 }
@@ -202,6 +211,9 @@ impl PgStore {
             config.password(password.as_bytes());
         }
         config.connect_timeout(options.timeout);
+        // A half-open connection (a failover, a partition) is dropped by the kernel instead of stalling its requests.
+        config.tcp_user_timeout(options.timeout);
+        config.keepalives_idle(Duration::from_secs(30));
         config.options(format!("-c statement_timeout={}", options.timeout.as_millis()));
         config.application_name("kubetoken");
         let manager = Manager::from_config(
@@ -303,13 +315,31 @@ impl PgStore {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.run(sql, params, true).await
+    }
+
+    /// One statement on a pooled connection, waited for at most [`Self::answer_timeout`]; `counted`: a request's
+    /// (the metric of round trips per token), not a background task's.
+    async fn run(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        counted: bool,
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         let client = self.client().await?;
-        let rows = match client.prepare_cached(sql).await {
-            Ok(statement) => {
+        let rows = tokio::time::timeout(self.answer_timeout(), async {
+            let statement = client.prepare_cached(sql).await?;
+            if counted {
                 self.statements.fetch_add(1, Ordering::Relaxed);
-                client.query(&statement, params).await
             }
-            Err(e) => Err(e),
+            client.query(&statement, params).await
+        })
+        .await;
+        let Ok(rows) = rows else {
+            // No answer: the connection may be half-open; it is not handed out again.
+            drop(deadpool_postgres::Object::take(client));
+            self.healthy.store(false, Ordering::Relaxed);
+            return Err(unavailable("PostgreSQL did not answer in time"));
         };
         self.healthy.store(rows.is_ok(), Ordering::Relaxed);
         rows.map_err(|e| db(&e))
@@ -385,16 +415,14 @@ impl PgStore {
         loop {
             attempt += 1;
             let client = self.client().await?;
-            let statement = client.prepare_cached(GROUP_COMMIT).await;
-            let rows = match statement {
-                Ok(statement) => {
-                    self.statements.fetch_add(1, Ordering::Relaxed);
-                    client.query(&statement, &columns.params()).await
-                }
-                Err(e) => Err(e),
-            };
-            match rows {
-                Ok(rows) => {
+            let answer = tokio::time::timeout(self.answer_timeout(), async {
+                let statement = client.prepare_cached(GROUP_COMMIT).await?;
+                self.statements.fetch_add(1, Ordering::Relaxed);
+                client.query(&statement, &columns.params()).await
+            })
+            .await;
+            let lost = match answer {
+                Ok(Ok(rows)) => {
                     self.healthy.store(true, Ordering::Relaxed);
                     let mut held = vec![false; batch.len()];
                     for row in rows {
@@ -406,15 +434,57 @@ impl PgStore {
                 }
                 // Another replica's batch locked the same rows in the other order: nothing of this batch was
                 // applied, so it runs again.
-                Err(e) if attempt < 4 && e.code().is_some_and(|c| RETRYABLE.contains(&c)) => {
+                Ok(Err(e)) if attempt < 4 && e.code().is_some_and(|c| RETRYABLE.contains(&c)) => {
                     tracing::debug!(error = %schema::describe(&e), "group commit retried");
+                    continue;
                 }
-                Err(e) => {
-                    self.healthy.store(e.code().is_some(), Ordering::Relaxed);
-                    return Err(db(&e));
-                }
-            }
+                // The server refused the statement: nothing of it was applied.
+                Ok(Err(e)) if e.code().is_some() => return Err(db(&e)),
+                Ok(Err(e)) => schema::describe(&e),
+                Err(_) => "PostgreSQL did not answer in time".to_string(),
+            };
+            // The connection went away, or no answer came, after the statement was sent: it may have committed.
+            // The connection is not handed out again, and what the rows now hold decides each change, so a client
+            // is never told 503 for a change that landed (its retry would meet its own refresh rotation as reuse).
+            drop(deadpool_postgres::Object::take(client));
+            self.healthy.store(false, Ordering::Relaxed);
+            tracing::warn!(error = %lost, changes = batch.len(), "group commit unanswered; reading its rows back");
+            return self.read_back(batch, &columns).await.map_err(|e| {
+                tracing::warn!(error = %e, "reading a group commit's rows back failed; its outcome is unknown");
+                unavailable(format!("PostgreSQL: {lost}"))
+            });
         }
+    }
+
+    /// After a group commit went unanswered: which of its changes the rows show. A change that set a pair held if
+    /// its key's row has the pair's access id (random: nobody else wrote it); a revocation held if the expected pair
+    /// is gone. Anything else is reported as a conflict, which the core decides again on the rows as they are.
+    async fn read_back(&self, batch: &[Pending], columns: &BatchColumns) -> Result<Vec<bool>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT i.n, p.access_id
+                 FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[]) AS i(n, client_id, subject, scopes)
+                 LEFT JOIN kubetoken_token_pairs p USING (client_id, subject, scopes)",
+                &[&columns.n, &columns.client_id, &columns.subject, &columns.scopes],
+            )
+            .await?;
+        let mut held = vec![false; batch.len()];
+        for row in rows {
+            let Some(n) = usize::try_from(row.get::<_, i32>(0)).ok().filter(|n| *n < batch.len()) else { continue };
+            let now: Option<Vec<u8>> = row.get(1);
+            let change = &batch[n].change;
+            held[n] = match (&change.next, change.expect) {
+                (Some(next), _) => now.as_deref() == Some(&next.access_id.0[..]),
+                (None, Some(expected)) => now.as_deref() != Some(&expected.0[..]),
+                (None, None) => false,
+            };
+        }
+        Ok(held)
+    }
+
+    /// How long a statement's answer is waited for: the server's statement timeout, and a little for the network.
+    fn answer_timeout(&self) -> Duration {
+        self.options.timeout + Duration::from_secs(1)
     }
 }
 
@@ -598,11 +668,15 @@ impl TokenStore for PgStore {
     }
 
     fn find_access(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
-        self.cache().access.get(id).map(|(k, p, _)| (k.clone(), p.clone()))
+        let cache = self.cache();
+        let (key, pair, at) = cache.access.get(id)?;
+        cache.current(key, pair, *at, |p| p.access_id == *id)
     }
 
     fn find_refresh(&self, id: &TokenId) -> Option<(SharedKey, LivePair)> {
-        self.cache().refresh.get(id).map(|(k, p, _)| (k.clone(), p.clone()))
+        let cache = self.cache();
+        let (key, pair, at) = cache.refresh.get(id)?;
+        cache.current(key, pair, *at, |p| p.refresh.is_some_and(|r| r.id == *id))
     }
 
     fn user_pairs(&self, client_id: &str, username: &str) -> Vec<(TokenKey, LivePair)> {
@@ -629,8 +703,9 @@ impl TokenStore for PgStore {
     fn share_failure(&self, failure: SharedFailure) {
         let pool = self.pool.clone();
         let origin = self.options.origin.clone();
+        let bound = self.answer_timeout();
         // Best effort, off the request path: a lost one costs an attacker nothing beyond one more guess.
-        tokio::spawn(async move {
+        tokio::spawn(tokio::time::timeout(bound, async move {
             let Ok(client) = pool.get().await else { return };
             let at = i64::try_from(failure.at).unwrap_or(i64::MAX);
             let _ = client
@@ -639,7 +714,7 @@ impl TokenStore for PgStore {
                     &[&origin, &failure.user, &failure.who, &at],
                 )
                 .await;
-        });
+        }));
     }
 
     fn take_shared_failures(&self) -> Vec<SharedFailure> {
@@ -653,30 +728,31 @@ async fn expire(store: std::sync::Weak<PgStore>) {
         tokio::time::sleep(EXPIRY_INTERVAL).await;
         let Some(store) = store.upgrade() else { return };
         let now = i64::try_from(store.clock.now()).unwrap_or(i64::MAX);
-        let Ok(client) = store.pool.get().await else { continue };
         loop {
-            let deleted = client
-                .execute(
+            let deleted = store
+                .run(
                     "DELETE FROM kubetoken_token_pairs WHERE ctid IN (
-                         SELECT ctid FROM kubetoken_token_pairs WHERE expires_at < $1 LIMIT $2)",
+                         SELECT ctid FROM kubetoken_token_pairs WHERE expires_at < $1 LIMIT $2) RETURNING 1",
                     &[&now, &EXPIRY_BATCH],
+                    false,
                 )
                 .await;
             match deleted {
-                Ok(n) if n == EXPIRY_BATCH as u64 => tokio::task::yield_now().await,
+                Ok(rows) if rows.len() == EXPIRY_BATCH as usize => tokio::task::yield_now().await,
                 Ok(_) => break,
                 Err(e) => {
-                    tracing::warn!(error = %schema::describe(&e), "deleting expired token rows failed");
+                    tracing::warn!(error = %e, "deleting expired token rows failed");
                     break;
                 }
             }
         }
         let hour_ago = now.saturating_sub(3600);
-        let _ = client
-            .execute(
+        let _ = store
+            .run(
                 "DELETE FROM kubetoken_lockout_failures WHERE id IN (
-                     SELECT id FROM kubetoken_lockout_failures WHERE at < $1 LIMIT $2)",
+                     SELECT id FROM kubetoken_lockout_failures WHERE at < $1 LIMIT $2) RETURNING 1",
                 &[&hour_ago, &EXPIRY_BATCH],
+                false,
             )
             .await;
     }
@@ -688,20 +764,16 @@ async fn poll_failures(store: std::sync::Weak<PgStore>) {
     loop {
         tokio::time::sleep(FAILURES_POLL).await;
         let Some(store) = store.upgrade() else { return };
-        // Also the readiness probe's view of the database: it answers, or it does not.
-        let Ok(client) = store.pool.get().await else {
-            store.healthy.store(false, Ordering::Relaxed);
-            continue;
-        };
+        // Also the readiness probe's view of the database: it answers, or it does not (`run` keeps `healthy`).
         let cursor = store.failures_cursor.load(Ordering::Relaxed);
-        let rows = client
-            .query(
+        let rows = store
+            .run(
                 "SELECT id, origin, user_scope, who, at FROM kubetoken_lockout_failures WHERE id > $1 ORDER BY id
                  LIMIT 1000",
                 &[&cursor],
+                false,
             )
             .await;
-        store.healthy.store(rows.is_ok(), Ordering::Relaxed);
         let Ok(rows) = rows else { continue };
         let mut incoming = Vec::new();
         for row in &rows {

@@ -10,7 +10,9 @@
 //! - `verify-full`: the chain and the host name both checked. The one to use across a network.
 //!
 //! `sslrootcert` is a PEM file of CA certificates (default `~/.postgresql/root.crt`, as libpq); with `require` it
-//! makes the mode `verify-ca`, as libpq does.
+//! makes the mode `verify-ca`, as libpq does. As with libpq, `PGSSLMODE` and `PGSSLROOTCERT` in the environment
+//! apply when the connection string does not say: the way to verify a server whose URL an operator keeps in a Secret
+//! (CloudNativePG's `uri`).
 
 use std::future::Future;
 use std::io;
@@ -87,10 +89,7 @@ pub fn split_options(url: &str) -> Result<(String, TlsOptions), String> {
                 let mut kept = Vec::new();
                 for pair in query.split('&').filter(|p| !p.is_empty()) {
                     let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    let value = form_urlencoded::parse(format!("v={v}").as_bytes())
-                        .next()
-                        .map(|(_, v)| v.into_owned())
-                        .unwrap_or_default();
+                    let value = percent_decode(v)?;
                     if !take(k, value)? {
                         kept.push(pair);
                     }
@@ -108,7 +107,14 @@ pub fn split_options(url: &str) -> Result<(String, TlsOptions), String> {
         }
         kept.join(" ")
     };
-    let root_cert = root_cert.or_else(|| {
+    // libpq's environment variables, for what the string does not say (a URL kept by an operator, such as
+    // CloudNativePG's `uri`, cannot be edited; the pod's environment can).
+    if mode.is_none()
+        && let Ok(value) = std::env::var("PGSSLMODE")
+    {
+        mode = Some(Mode::parse(&value).map_err(|e| format!("PGSSLMODE: {e}"))?);
+    }
+    let root_cert = root_cert.or_else(|| std::env::var_os("PGSSLROOTCERT").map(PathBuf::from)).or_else(|| {
         let default = PathBuf::from(std::env::var_os("HOME")?).join(".postgresql/root.crt");
         default.is_file().then_some(default)
     });
@@ -117,6 +123,24 @@ pub fn split_options(url: &str) -> Result<(String, TlsOptions), String> {
         mode = Mode::VerifyCa;
     }
     Ok((rest, TlsOptions { mode, root_cert }))
+}
+
+/// libpq's URL decoding: `%XX` escapes only (a `+` stays a `+`).
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok());
+            out.push(hex.ok_or_else(|| format!("the PostgreSQL URL: a broken escape in `{s}`"))?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("the PostgreSQL URL: `{s}` is not UTF-8 once decoded"))
 }
 
 /// The `key=value` items of a libpq connection string: (the item as written, key, unquoted value).
@@ -286,10 +310,13 @@ where
 {
     type Stream = RustlsStream<S>;
     type TlsConnect = RustlsConnectOne;
-    type Error = rustls::pki_types::InvalidDnsNameError;
+    type Error = std::convert::Infallible;
 
+    /// Called for every connection, TLS or not (a Unix socket's host is empty): a name that cannot be a TLS server
+    /// name fails only if a handshake is attempted.
     fn make_tls_connect(&mut self, host: &str) -> Result<RustlsConnectOne, Self::Error> {
-        let name = ServerName::try_from(host.to_string())?;
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|e| format!("the host `{host}` cannot be checked against a certificate: {e}"));
         Ok(RustlsConnectOne { config: self.0.clone(), name })
     }
 }
@@ -297,7 +324,7 @@ where
 /// One connection's handshake.
 pub struct RustlsConnectOne {
     config: Arc<ClientConfig>,
-    name: ServerName<'static>,
+    name: Result<ServerName<'static>, String>,
 }
 
 impl<S> TlsConnect<S> for RustlsConnectOne
@@ -310,7 +337,10 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         let connector = tokio_rustls::TlsConnector::from(self.config);
-        Box::pin(async move { connector.connect(self.name, stream).await.map(RustlsStream) })
+        Box::pin(async move {
+            let name = self.name.map_err(io::Error::other)?;
+            connector.connect(name, stream).await.map(RustlsStream)
+        })
     }
 }
 
@@ -370,6 +400,10 @@ mod tests {
         assert_eq!(tls, TlsOptions { mode: Mode::VerifyFull, root_cert: Some("/etc/ca.pem".into()) });
         let (rest, tls) = split_options("postgresql://u@db/app?sslmode=disable").expect("parsed");
         assert_eq!((rest.as_str(), tls.mode), ("postgresql://u@db/app", Mode::Disable));
+        // libpq decodes %XX only: a `+` in a path stays a `+`.
+        let (_, tls) = split_options("postgres://db/app?sslmode=verify-ca&sslrootcert=/a+b%20c.pem").expect("parsed");
+        assert_eq!(tls.root_cert, Some("/a+b c.pem".into()));
+        assert!(split_options("postgres://db/app?sslrootcert=%zz").is_err(), "a broken escape is refused");
     }
 
     #[test]
