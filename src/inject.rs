@@ -37,6 +37,9 @@ pub struct InjectOptions {
     /// A Secret whose key `uri` is a PostgreSQL URL (CloudNativePG's `<cluster>-app` Secret has one): the sidecar
     /// then keeps the token state there instead of in the application's ConfigMaps.
     pub postgres_secret: Option<String>,
+    /// A Secret whose key `ca.crt` is the CA of the PostgreSQL server (CloudNativePG's `<cluster>-ca`): only that key
+    /// is mounted into the sidecar, which then verifies the server's certificate and name (`PGSSLMODE=verify-full`).
+    pub postgres_ca_secret: Option<String>,
 }
 
 impl InjectOptions {
@@ -46,9 +49,14 @@ impl InjectOptions {
             image: default_image(),
             credentials_secret: format!("{application}-credentials"),
             postgres_secret: None,
+            postgres_ca_secret: None,
         }
     }
 }
+
+/// The volume of the PostgreSQL CA, and where the sidecar reads it.
+const POSTGRES_CA_VOLUME: &str = "kubetoken-postgres-ca";
+const POSTGRES_CA_DIR: &str = "/var/run/kubetoken/postgres-ca";
 
 /// The image of this version.
 pub fn default_image() -> String {
@@ -127,6 +135,14 @@ pub fn inject_pod_spec(spec: &mut Mapping, opts: &InjectOptions) -> Result<(), S
     spec.insert("automountServiceAccountToken".into(), Value::Bool(false));
     remove_admitted_token(spec);
     replace_by_name(spec, "volumes", yaml(token_volume()), false)?;
+    if let Some(ca) = &opts.postgres_ca_secret {
+        if opts.postgres_secret.is_none() {
+            return Err("a PostgreSQL CA needs the PostgreSQL Secret too (--postgres-secret)".into());
+        }
+        // The CA certificate only: CloudNativePG's CA Secret also holds the CA's private key.
+        let volume = json!({"name": POSTGRES_CA_VOLUME, "secret": {"secretName": ca, "items": [{"key": "ca.crt", "path": "ca.crt"}]}});
+        replace_by_name(spec, "volumes", yaml(volume), false)?;
+    }
     replace_by_name(spec, "initContainers", yaml(sidecar_container(opts)), true)?;
     let env = [("CLIENT_ID", "client_id"), ("CLIENT_SECRET", "client_secret")];
     for container in spec.get_mut("containers").and_then(Value::as_sequence_mut).into_iter().flatten() {
@@ -230,6 +246,13 @@ fn sidecar_container(opts: &InjectOptions) -> serde_json::Value {
             "valueFrom": {"secretKeyRef": {"name": secret, "key": "uri"}},
         }));
     }
+    let mut mounts = vec![json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT_PATH, "readOnly": true})];
+    if opts.postgres_ca_secret.is_some() {
+        // libpq's variables, honoured by kubetoken: they apply to the URL from the Secret, which its operator keeps.
+        env.push(json!({"name": "PGSSLMODE", "value": "verify-full"}));
+        env.push(json!({"name": "PGSSLROOTCERT", "value": format!("{POSTGRES_CA_DIR}/ca.crt")}));
+        mounts.push(json!({"name": POSTGRES_CA_VOLUME, "mountPath": POSTGRES_CA_DIR, "readOnly": true}));
+    }
     let probe =
         |path: &str, period: u32| json!({"httpGet": {"path": path, "port": HEALTH_PORT_NAME}, "periodSeconds": period});
     let mut startup = probe("/readyz", 1);
@@ -261,7 +284,7 @@ fn sidecar_container(opts: &InjectOptions) -> serde_json::Value {
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT_PATH, "readOnly": true}],
+        "volumeMounts": mounts,
     })
 }
 
@@ -335,6 +358,35 @@ spec:
         // Nothing else changed.
         assert_eq!(docs[0]["spec"]["replicas"], j(json!(2)));
         assert_eq!(spec["serviceAccountName"], "shop");
+    }
+
+    #[test]
+    fn a_postgres_ca_secret_mounts_only_the_ca_certificate_and_makes_the_sidecar_verify_the_server() {
+        let opts = InjectOptions {
+            postgres_secret: Some("shop-db-app".into()),
+            postgres_ca_secret: Some("shop-db-ca".into()),
+            ..InjectOptions::new("shop")
+        };
+        let mut spec: Mapping = serde_yaml::from_str("containers: [{name: app, image: app}]").expect("spec");
+        inject_pod_spec(&mut spec, &opts).expect("injected");
+        let spec = Value::Mapping(spec);
+        let volume = spec["volumes"].as_sequence().expect("volumes").iter().find(|v| v["name"] == POSTGRES_CA_VOLUME);
+        let volume = volume.expect("the CA volume");
+        assert_eq!(volume["secret"]["secretName"], "shop-db-ca");
+        assert_eq!(volume["secret"]["items"], j(json!([{"key": "ca.crt", "path": "ca.crt"}])), "not the CA's key");
+        let sidecar = &spec["initContainers"][0];
+        let env = sidecar["env"].as_sequence().expect("env");
+        let var = |name: &str| env.iter().find(|e| e["name"] == name).map(|e| e["value"].clone());
+        assert_eq!(var("PGSSLMODE"), Some(j(json!("verify-full"))));
+        assert_eq!(var("PGSSLROOTCERT"), Some(j(json!("/var/run/kubetoken/postgres-ca/ca.crt"))));
+        let mounts = sidecar["volumeMounts"].as_sequence().expect("mounts");
+        assert!(mounts.iter().any(|m| m["name"] == POSTGRES_CA_VOLUME && m["readOnly"] == true));
+        let app_mounts = spec["containers"][0]["volumeMounts"].as_sequence().cloned().unwrap_or_default();
+        assert!(!app_mounts.iter().any(|m| m["name"] == POSTGRES_CA_VOLUME), "the app does not get it");
+        // Without the database's Secret a CA means nothing: refused with the reason.
+        let alone = InjectOptions { postgres_ca_secret: Some("shop-db-ca".into()), ..InjectOptions::new("shop") };
+        let mut spec: Mapping = serde_yaml::from_str("containers: [{name: app, image: app}]").expect("spec");
+        assert!(inject_pod_spec(&mut spec, &alone).expect_err("refused").contains("--postgres-secret"));
     }
 
     #[test]

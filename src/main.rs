@@ -56,6 +56,10 @@ struct InjectArgs {
     /// `<cluster>-app`), given to the sidecar as KUBETOKEN_POSTGRES_URL.
     #[arg(long)]
     postgres_secret: Option<String>,
+    /// With --postgres-secret: a Secret whose key `ca.crt` is the database server's CA (e.g. CloudNativePG's
+    /// `<cluster>-ca`); the sidecar then verifies the server's certificate and name (sslmode verify-full).
+    #[arg(long, requires = "postgres_secret")]
+    postgres_ca_secret: Option<String>,
 }
 
 #[derive(Args)]
@@ -128,6 +132,10 @@ struct WebhookArgs {
     /// the Secret's key `uri`, unless the pod's annotation kubetoken.io/postgres-secret names another. Repeatable.
     #[arg(long, value_parser = namespace_secret)]
     sidecar_postgres_secret: Vec<(String, String)>,
+    /// NAMESPACE=SECRET: the CA (key `ca.crt`) of those sidecars' PostgreSQL server, which they then verify, unless
+    /// the pod's annotation kubetoken.io/postgres-ca-secret names another. Repeatable.
+    #[arg(long, value_parser = namespace_secret)]
+    sidecar_postgres_ca_secret: Vec<(String, String)>,
 }
 
 fn namespace_secret(s: &str) -> Result<(String, String), String> {
@@ -154,6 +162,7 @@ impl WebhookArgs {
             certs,
             sidecar_image: self.sidecar_image.unwrap_or_else(kubetoken::inject::default_image),
             postgres_secrets: self.sidecar_postgres_secret.into_iter().collect(),
+            postgres_ca_secrets: self.sidecar_postgres_ca_secret.into_iter().collect(),
         })
     }
 }
@@ -437,6 +446,7 @@ fn inject(args: InjectArgs) -> Result<(), String> {
         opts.credentials_secret = secret;
     }
     opts.postgres_secret = args.postgres_secret;
+    opts.postgres_ca_secret = args.postgres_ca_secret;
     let (input, source) = match &args.file {
         Some(path) if path.as_os_str() != "-" => {
             let text =

@@ -248,10 +248,10 @@ fn the_values_schema_refuses_wrong_values_with_a_clear_message() {
     assert!(text(&out.stderr).contains("needs replicaCount: 1"), "{}", text(&out.stderr));
 }
 
-/// `sidecar.namespaces[].postgresSecret`: the webhook is told the namespace's Secret (the controller's flag), and the
-/// sidecar's Role grants no ConfigMap, since its token state is in the database.
+/// `sidecar.namespaces[].postgresSecret` and `postgresCaSecret`: the webhook is told the namespace's Secrets (the
+/// controller's flags), and the sidecar's Role grants no ConfigMap, since its token state is in the database.
 #[test]
-fn a_namespace_postgres_secret_reaches_the_webhook_and_the_sidecar_role_grants_no_configmap() {
+fn a_namespace_postgres_secret_and_ca_reach_the_webhook_and_the_sidecar_role_grants_no_configmap() {
     use serde::Deserialize;
     let chart = chart();
     let values = chart.join("ci/postgres-values.yaml");
@@ -279,6 +279,10 @@ fn a_namespace_postgres_secret_reaches_the_webhook_and_the_sidecar_role_grants_n
     assert!(
         args.windows(2).any(|w| w == ["--sidecar-postgres-secret", "shop=shop-db-app"]),
         "the controller is told the namespace's Secret: {args:?}"
+    );
+    assert!(
+        args.windows(2).any(|w| w == ["--sidecar-postgres-ca-secret", "shop=shop-db-ca"]),
+        "and the database's CA: {args:?}"
     );
     let role =
         docs.iter().find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == "shop").expect("the sidecar's Role");

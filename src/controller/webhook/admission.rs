@@ -12,6 +12,9 @@ pub const INJECT_LABEL: &str = "kubetoken.io/inject";
 /// An annotation naming a Secret whose key `uri` is a PostgreSQL URL: the sidecar keeps the token state there
 /// (`kubetoken inject --postgres-secret`).
 pub const POSTGRES_SECRET_ANNOTATION: &str = "kubetoken.io/postgres-secret";
+/// An annotation naming a Secret whose key `ca.crt` is that database server's CA: the sidecar verifies the server
+/// (`kubetoken inject --postgres-ca-secret`).
+pub const POSTGRES_CA_SECRET_ANNOTATION: &str = "kubetoken.io/postgres-ca-secret";
 
 /// The pod spec fields the mutation may change: the patch replaces exactly these when they changed.
 const MUTATED_FIELDS: [&str; 4] = ["automountServiceAccountToken", "volumes", "initContainers", "containers"];
@@ -119,7 +122,17 @@ pub fn postgres_secret(
     namespace: &str,
     defaults: &std::collections::BTreeMap<String, String>,
 ) -> Option<String> {
-    pod["metadata"]["annotations"][POSTGRES_SECRET_ANNOTATION]
+    named_secret(pod, POSTGRES_SECRET_ANNOTATION, namespace, defaults)
+}
+
+/// A Secret named by the pod's `annotation`, else by its namespace's default.
+pub fn named_secret(
+    pod: &Value,
+    annotation: &str,
+    namespace: &str,
+    defaults: &std::collections::BTreeMap<String, String>,
+) -> Option<String> {
+    pod["metadata"]["annotations"][annotation]
         .as_str()
         .filter(|s| !s.is_empty())
         .or_else(|| defaults.get(namespace).map(String::as_str))
@@ -335,5 +348,9 @@ mod tests {
         assert_eq!(postgres_secret(&plain, "shop", &defaults).as_deref(), Some("shop-db-app"));
         assert_eq!(postgres_secret(&annotated, "shop", &defaults).as_deref(), Some("other-db"));
         assert_eq!(postgres_secret(&plain, "blog", &defaults), None, "no default: the ConfigMap store");
+        let ca = json!({"metadata": {"annotations": {POSTGRES_CA_SECRET_ANNOTATION: "shop-db-ca"}}});
+        let none = std::collections::BTreeMap::new();
+        assert_eq!(named_secret(&ca, POSTGRES_CA_SECRET_ANNOTATION, "shop", &none).as_deref(), Some("shop-db-ca"));
+        assert_eq!(named_secret(&plain, POSTGRES_CA_SECRET_ANNOTATION, "shop", &none), None);
     }
 }

@@ -65,12 +65,15 @@ pub struct WebhookOptions {
     pub sidecar_image: String,
     /// Namespace → the PostgreSQL Secret of the sidecars injected there (the pod's annotation wins).
     pub postgres_secrets: std::collections::BTreeMap<String, String>,
+    /// Namespace → the Secret with the CA of that PostgreSQL server (the pod's annotation wins).
+    pub postgres_ca_secrets: std::collections::BTreeMap<String, String>,
 }
 
 struct WebhookState {
     client: kube::Client,
     sidecar_image: String,
     postgres_secrets: std::collections::BTreeMap<String, String>,
+    postgres_ca_secrets: std::collections::BTreeMap<String, String>,
     metrics: Arc<ControllerMetrics>,
 }
 
@@ -115,6 +118,7 @@ pub async fn start(
         client,
         sidecar_image: opts.sidecar_image,
         postgres_secrets: opts.postgres_secrets,
+        postgres_ca_secrets: opts.postgres_ca_secrets,
         metrics,
     });
     let router = Router::new().route(MUTATE_PODS_PATH, post(mutate_pods)).with_state(state);
@@ -216,6 +220,12 @@ async fn inject(
         image: state.sidecar_image.clone(),
         credentials_secret: app.spec.credentials_secret_name(application),
         postgres_secret: admission::postgres_secret(pod, namespace, &state.postgres_secrets),
+        postgres_ca_secret: admission::named_secret(
+            pod,
+            admission::POSTGRES_CA_SECRET_ANNOTATION,
+            namespace,
+            &state.postgres_ca_secrets,
+        ),
     };
     Ok(admission::injection_patch(pod, &opts))
 }
