@@ -225,6 +225,9 @@ pub struct TokenService {
     rng: SystemRandom,
     passwords: Arc<dyn PasswordVerifier>,
     key_locks: Box<[std::sync::Mutex<()>]>,
+    /// For a store whose changes become visible only once committed: one request per key at a time, from read to
+    /// commit ([`TokenStore::visible_when_committed`]). Sharded: requests for keys of one shard take turns too.
+    key_turns: Box<[futures::lock::Mutex<()>]>,
     /// Some application this service will serve is not loaded yet (a sidecar starting): a client it does not know
     /// may be one of that application's, so it is told to come back (503), not that its credentials are wrong.
     loading: std::sync::atomic::AtomicBool,
@@ -299,6 +302,7 @@ impl TokenService {
             rng: SystemRandom::new(),
             passwords: config.passwords,
             key_locks: (0..64).map(|_| std::sync::Mutex::new(())).collect(),
+            key_turns: (0..1024).map(|_| futures::lock::Mutex::new(())).collect(),
             loading: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -559,6 +563,18 @@ impl TokenService {
         self.key_locks[shard].lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// This request's turn for `key`, where the store needs one ([`TokenStore::visible_when_committed`]).
+    async fn key_turn(&self, key: &TokenKey) -> Option<futures::lock::MutexGuard<'_, ()>> {
+        if !self.store.visible_when_committed() {
+            return None;
+        }
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        let shard = (h.finish() % self.key_turns.len() as u64) as usize;
+        Some(self.key_turns[shard].lock().await)
+    }
+
     /// Issues for `key`: at most one live pair per key.
     async fn issue(
         &self,
@@ -568,6 +584,7 @@ impl TokenService {
         with_refresh: bool,
     ) -> Result<IssuedTokens, OAuthError> {
         let key = &key;
+        let _turn = self.key_turn(key).await;
         retry_conflicts(&*self.clock, || async move {
             if let Err(e) = self.store.prepare(Lookup::Key(key)).await {
                 return Attempt::after(e);

@@ -70,6 +70,12 @@ pub trait TokenStore: Send + Sync {
     fn healthy(&self) -> bool {
         true
     }
+    /// Whether a change becomes visible to reads only once it is committed (a database), rather than at once (the
+    /// stores that hold their view in memory). Such a store gets this server's requests for one key one at a time,
+    /// from read to commit: concurrent ones would all read the same pair and all but one meet a conflict.
+    fn visible_when_committed(&self) -> bool {
+        false
+    }
     /// Shares a failed credential check with the other servers of this state (none by default).
     fn share_failure(&self, _failure: SharedFailure) {}
     /// Failed credential checks the other servers shared since the last call.
@@ -122,6 +128,9 @@ impl<W: StoreWrapper> TokenStore for W {
     }
     fn healthy(&self) -> bool {
         self.wrap_healthy()
+    }
+    fn visible_when_committed(&self) -> bool {
+        self.inner().visible_when_committed()
     }
     fn share_failure(&self, failure: SharedFailure) {
         self.inner().share_failure(failure)

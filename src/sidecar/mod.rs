@@ -143,6 +143,10 @@ impl TokenStore for RoutingStore {
         self.all.iter().all(|s| s.store().healthy())
     }
 
+    fn visible_when_committed(&self) -> bool {
+        self.all.iter().any(|s| s.store().visible_when_committed())
+    }
+
     fn share_failure(&self, failure: SharedFailure) {
         // The lockout key starts with the client ID (users: `client\0user`).
         let client = failure.who.split('\u{0}').next().unwrap_or_default().to_string();

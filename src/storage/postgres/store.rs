@@ -436,6 +436,10 @@ impl PgStore {
                 // applied, so it runs again.
                 Ok(Err(e)) if attempt < 4 && e.code().is_some_and(|c| RETRYABLE.contains(&c)) => {
                     tracing::debug!(error = %schema::describe(&e), "group commit retried");
+                    // A few random milliseconds, so the two batches do not meet again in the same order.
+                    drop(client);
+                    let jitter = rand_suffix() % (5 * u64::try_from(attempt).unwrap_or(1));
+                    tokio::time::sleep(Duration::from_millis(1 + jitter)).await;
                     continue;
                 }
                 // The server refused the statement: nothing of it was applied.
@@ -698,6 +702,11 @@ impl TokenStore for PgStore {
 
     fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The cache learns a change once its group commit is answered.
+    fn visible_when_committed(&self) -> bool {
+        true
     }
 
     fn share_failure(&self, failure: SharedFailure) {
