@@ -253,19 +253,15 @@ fn the_values_schema_refuses_wrong_values_with_a_clear_message() {
 #[test]
 fn a_namespace_postgres_secret_and_ca_reach_the_webhook_and_the_sidecar_role_grants_no_configmap() {
     use serde::Deserialize;
-    let chart = chart();
-    let values = chart.join("ci/postgres-values.yaml");
-    let out = helm(&[
-        "template",
-        "x",
-        chart.to_str().expect("path"),
-        "--kube-version",
-        "1.33.0",
-        "-f",
-        values.to_str().expect("path"),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text(&out.stdout))
+    let template = |values: &str| {
+        let chart = chart();
+        let values = chart.join("ci").join(values);
+        let args = ["template", "x", chart.to_str().expect("path"), "--kube-version", "1.33.0", "-f"];
+        let out = helm(&[&args[..], &[values.to_str().expect("path")]].concat());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&template("postgres-values.yaml"))
         .filter_map(|d| Value::deserialize(d).ok())
         .filter(|d| !d.is_null())
         .collect();
@@ -294,16 +290,8 @@ fn a_namespace_postgres_secret_and_ca_reach_the_webhook_and_the_sidecar_role_gra
         .collect();
     assert!(!resources.is_empty() && !resources.iter().any(|r| *r == "configmaps"), "{resources:?}");
     // Without it, the sidecar keeps its state in ConfigMaps and the Role grants them.
-    let plain = helm(&[
-        "template",
-        "x",
-        chart.to_str().expect("path"),
-        "--kube-version",
-        "1.33.0",
-        "-f",
-        chart.join("ci/sidecar-values.yaml").to_str().expect("path"),
-    ]);
-    assert!(text(&plain.stdout).contains("configmaps") && !text(&plain.stdout).contains("--sidecar-postgres-secret"));
+    let plain = template("sidecar-values.yaml");
+    assert!(plain.contains("configmaps") && !plain.contains("--sidecar-postgres-secret"));
 }
 
 /// The command a kubelet would run for `container` of a Deployment: its image's entrypoint (the kubetoken binary)
