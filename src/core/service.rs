@@ -60,6 +60,14 @@ async fn retry_conflicts<T, F: Future<Output = Result<Attempt<T>, OAuthError>>>(
     }
     Err(store_error(StoreError::Conflict))
 }
+/// Which of `shards` locks guards `key`.
+fn shard_of(key: &TokenKey, shards: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % shards as u64) as usize
+}
+
 const INVALID_REFRESH: &str = "the refresh token is invalid, expired or revoked";
 
 #[derive(Clone)]
@@ -555,12 +563,8 @@ impl TokenService {
     /// The lock of `key`'s shard. Requests for one key are decided and applied one at a time in this process, so
     /// they do not fight over the store's compare-and-set; signing and the durability wait happen outside it.
     fn key_lock(&self, key: &TokenKey) -> std::sync::MutexGuard<'_, ()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        let shard = (h.finish() % self.key_locks.len() as u64) as usize;
         // The guarded data is `()`: a panic elsewhere cannot leave anything inconsistent.
-        self.key_locks[shard].lock().unwrap_or_else(|p| p.into_inner())
+        self.key_locks[shard_of(key, self.key_locks.len())].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// This request's turn for `key`, where the store needs one ([`TokenStore::visible_when_committed`]).
@@ -568,11 +572,7 @@ impl TokenService {
         if !self.store.visible_when_committed() {
             return None;
         }
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        let shard = (h.finish() % self.key_turns.len() as u64) as usize;
-        Some(self.key_turns[shard].lock().await)
+        Some(self.key_turns[shard_of(key, self.key_turns.len())].lock().await)
     }
 
     /// Issues for `key`: at most one live pair per key.

@@ -115,17 +115,8 @@ pub fn classify(request: &AdmissionRequest) -> Result<Request<'_>, Refusal> {
     Ok(Request::Inject { namespace, application, pod })
 }
 
-/// The PostgreSQL Secret of a pod's sidecar: its annotation's, else its namespace's default (`sidecar.namespaces[]
-/// .postgresSecret` in the chart), else none (the ConfigMap store).
-pub fn postgres_secret(
-    pod: &Value,
-    namespace: &str,
-    defaults: &std::collections::BTreeMap<String, String>,
-) -> Option<String> {
-    named_secret(pod, POSTGRES_SECRET_ANNOTATION, namespace, defaults)
-}
-
-/// A Secret named by the pod's `annotation`, else by its namespace's default.
+/// A Secret named by the pod's `annotation`, else by its namespace's default (e.g. the PostgreSQL Secret of a pod's
+/// sidecar: `sidecar.namespaces[].postgresSecret` in the chart), else none.
 pub fn named_secret(
     pod: &Value,
     annotation: &str,
@@ -345,9 +336,11 @@ mod tests {
         let defaults = std::collections::BTreeMap::from([("shop".to_string(), "shop-db-app".to_string())]);
         let plain = json!({"metadata": {"name": "p"}});
         let annotated = json!({"metadata": {"annotations": {POSTGRES_SECRET_ANNOTATION: "other-db"}}});
-        assert_eq!(postgres_secret(&plain, "shop", &defaults).as_deref(), Some("shop-db-app"));
-        assert_eq!(postgres_secret(&annotated, "shop", &defaults).as_deref(), Some("other-db"));
-        assert_eq!(postgres_secret(&plain, "blog", &defaults), None, "no default: the ConfigMap store");
+        let postgres_secret =
+            |pod: &Value, namespace: &str| named_secret(pod, POSTGRES_SECRET_ANNOTATION, namespace, &defaults);
+        assert_eq!(postgres_secret(&plain, "shop").as_deref(), Some("shop-db-app"));
+        assert_eq!(postgres_secret(&annotated, "shop").as_deref(), Some("other-db"));
+        assert_eq!(postgres_secret(&plain, "blog"), None, "no default: the ConfigMap store");
         let ca = json!({"metadata": {"annotations": {POSTGRES_CA_SECRET_ANNOTATION: "shop-db-ca"}}});
         let none = std::collections::BTreeMap::new();
         assert_eq!(named_secret(&ca, POSTGRES_CA_SECRET_ANNOTATION, "shop", &none).as_deref(), Some("shop-db-ca"));

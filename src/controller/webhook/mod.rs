@@ -219,7 +219,12 @@ async fn inject(
         application: application.to_string(),
         image: state.sidecar_image.clone(),
         credentials_secret: app.spec.credentials_secret_name(application),
-        postgres_secret: admission::postgres_secret(pod, namespace, &state.postgres_secrets),
+        postgres_secret: admission::named_secret(
+            pod,
+            admission::POSTGRES_SECRET_ANNOTATION,
+            namespace,
+            &state.postgres_secrets,
+        ),
         postgres_ca_secret: admission::named_secret(
             pod,
             admission::POSTGRES_CA_SECRET_ANNOTATION,

@@ -1115,10 +1115,7 @@ impl KubeStore {
                     && has_batch(cm, &plan)
                 {
                     tracing::info!(application = %s.app, segment = %name, "journal append conflicted with itself: it had landed");
-                    let index = plan.index;
-                    let written = self.accepted(plan, cm, &name).await;
-                    self.absorb_or_reload(index, cm).await;
-                    return written;
+                    return self.landed(plan, cm, &name).await;
                 }
                 // Read what the other replicas wrote, and re-check the batch against it.
                 self.requeue_inflight();
@@ -1160,11 +1157,7 @@ impl KubeStore {
                 match self.resolve_timed_out(&name, &plan).await {
                     TimedOut::Landed(cm) => {
                         tracing::info!(application = %s.app, segment = %name, "journal write timed out, and had landed");
-                        let index = plan.index;
-                        let written = self.accepted(plan, &cm, &name).await;
-                        // Batches other replicas appended after it, if any.
-                        self.absorb_or_reload(index, &cm).await;
-                        written
+                        self.landed(plan, &cm, &name).await
                     }
                     TimedOut::NotLanded(cm) => {
                         tracing::warn!(application = %s.app, segment = %name, "journal write timed out; it did not land");
@@ -1215,6 +1208,15 @@ impl KubeStore {
             // Another replica's write moved the version first: this batch's precondition can never hold now.
             TimedOut::NotLanded(cm)
         }
+    }
+
+    /// The batch was found in the segment read back after its write's outcome was unclear: committed, and the
+    /// batches other replicas appended after it, if any, are taken in too.
+    async fn landed(&self, plan: Append, cm: &ConfigMap, name: &str) -> Written {
+        let index = plan.index;
+        let written = self.accepted(plan, cm, name).await;
+        self.absorb_or_reload(index, cm).await;
+        written
     }
 
     /// The batch is in the journal (`cm`, the segment as written or read back): its changes are committed.

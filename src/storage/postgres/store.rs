@@ -145,7 +145,6 @@ pub struct PgStore {
     /// Statements run for requests (reads and group commits), each one round trip.
     statements: AtomicU64,
     group_commits: AtomicU64,
-    batch_sizes: Arc<Histogram>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -245,7 +244,6 @@ impl PgStore {
             row.get::<_, i64>(0)
         };
         let (writes, queue) = mpsc::unbounded_channel();
-        let batch_sizes = options.batch_sizes.clone();
         let store = Arc::new(Self {
             pool,
             cache: Mutex::new(Cache::default()),
@@ -257,7 +255,6 @@ impl PgStore {
             writes,
             statements: AtomicU64::new(0),
             group_commits: AtomicU64::new(0),
-            batch_sizes,
         });
         tokio::spawn(group_commit(Arc::downgrade(&store), queue));
         tokio::spawn(expire(Arc::downgrade(&store)));
@@ -318,8 +315,7 @@ impl PgStore {
         self.run(sql, params, true).await
     }
 
-    /// One statement on a pooled connection, waited for at most [`Self::answer_timeout`]; `counted`: a request's
-    /// (the metric of round trips per token), not a background task's.
+    /// One statement on a pooled connection ([`Self::timed`]); a connection that gave no answer is dropped.
     async fn run(
         &self,
         sql: &str,
@@ -327,15 +323,7 @@ impl PgStore {
         counted: bool,
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         let client = self.client().await?;
-        let rows = tokio::time::timeout(self.answer_timeout(), async {
-            let statement = client.prepare_cached(sql).await?;
-            if counted {
-                self.statements.fetch_add(1, Ordering::Relaxed);
-            }
-            client.query(&statement, params).await
-        })
-        .await;
-        let Ok(rows) = rows else {
+        let Ok(rows) = self.timed(&client, sql, params, counted).await else {
             // No answer: the connection may be half-open; it is not handed out again.
             drop(deadpool_postgres::Object::take(client));
             self.healthy.store(false, Ordering::Relaxed);
@@ -415,13 +403,7 @@ impl PgStore {
         loop {
             attempt += 1;
             let client = self.client().await?;
-            let answer = tokio::time::timeout(self.answer_timeout(), async {
-                let statement = client.prepare_cached(GROUP_COMMIT).await?;
-                self.statements.fetch_add(1, Ordering::Relaxed);
-                client.query(&statement, &columns.params()).await
-            })
-            .await;
-            let lost = match answer {
+            let lost = match self.timed(&client, GROUP_COMMIT, &columns.params(), true).await {
                 Ok(Ok(rows)) => {
                     self.healthy.store(true, Ordering::Relaxed);
                     let mut held = vec![false; batch.len()];
@@ -484,6 +466,26 @@ impl PgStore {
             };
         }
         Ok(held)
+    }
+
+    /// One statement (prepared once per connection) and its answer, waited for at most [`Self::answer_timeout`]:
+    /// `Err` when no answer came in time. `counted`: a request's statement (the round trips per token), not a
+    /// background task's.
+    async fn timed(
+        &self,
+        client: &deadpool_postgres::Object,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        counted: bool,
+    ) -> Result<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(self.answer_timeout(), async {
+            let statement = client.prepare_cached(sql).await?;
+            if counted {
+                self.statements.fetch_add(1, Ordering::Relaxed);
+            }
+            client.query(&statement, params).await
+        })
+        .await
     }
 
     /// How long a statement's answer is waited for: the server's statement timeout, and a little for the network.
@@ -634,7 +636,7 @@ async fn group_commit(store: std::sync::Weak<PgStore>, mut queue: mpsc::Unbounde
             continue;
         }
         let Some(store) = store.upgrade() else { return };
-        store.batch_sizes.observe(batch.len() as f64);
+        store.options.batch_sizes.observe(batch.len() as f64);
         store.group_commits.fetch_add(1, Ordering::Relaxed);
         let outcome = store.apply_batch(&batch).await;
         for (i, p) in batch.into_iter().enumerate() {
