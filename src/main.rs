@@ -170,6 +170,10 @@ impl WebhookArgs {
 /// What the token endpoint of standalone mode and the sidecar share.
 #[derive(Args)]
 struct ServeArgs {
+    /// PEM CA certificates trusted (besides the system's) when fetching trusted issuers' key sets (`jwksUri`), for an
+    /// identity provider behind a private CA (default: $KUBETOKEN_ISSUER_CA_FILE).
+    #[arg(long)]
+    issuer_ca_file: Option<PathBuf>,
     /// The loopback by default: only this machine (standalone) or this pod (sidecar) reaches the endpoint.
     /// Another address needs TLS, --behind-tls-proxy or --insecure-http.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -362,6 +366,19 @@ struct PostgresArgs {
     postgres_password_file: Option<PathBuf>,
 }
 
+impl ServeArgs {
+    /// Fetches trusted issuers' key sets, trusting the system's roots and `--issuer-ca-file`.
+    fn key_sets(&self) -> Result<std::sync::Arc<kubetoken::federation::key_sets::KeySets>, String> {
+        let file = self.issuer_ca_file.clone().or_else(|| std::env::var_os("KUBETOKEN_ISSUER_CA_FILE").map(PathBuf::from));
+        let pem = file
+            .map(|f| std::fs::read(&f).map_err(|e| format!("--issuer-ca-file {}: {e}", f.display())))
+            .transpose()?;
+        let fetcher = kubetoken::federation::key_sets::KeySetFetcher::new(pem.as_deref())
+            .map_err(|e| format!("--issuer-ca-file: {e}"))?;
+        Ok(std::sync::Arc::new(kubetoken::federation::key_sets::KeySets::new(fetcher)))
+    }
+}
+
 impl PostgresArgs {
     fn options(self) -> Result<Option<kubetoken::storage::postgres::PgOptions>, String> {
         let Some(url) = self.postgres.or_else(|| std::env::var("KUBETOKEN_POSTGRES_URL").ok()) else {
@@ -403,7 +420,9 @@ fn standalone(args: StandaloneArgs) -> Result<(), String> {
     }
     let runtime = runtime.build().map_err(|e| format!("cannot start the runtime: {e}"))?;
     let postgres = args.postgres.options()?;
+    let key_sets = args.serve.key_sets()?;
     runtime.block_on(run(StandaloneOptions {
+        key_sets: Some(key_sets),
         manifests: args.manifests,
         state_dir: args.state_dir,
         endpoint: args.serve.endpoint()?,
@@ -421,7 +440,9 @@ fn sidecar(args: SidecarArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let key_sets = args.serve.key_sets()?;
     runtime.block_on(kubetoken::sidecar::run(kubetoken::sidecar::SidecarOptions {
+        key_sets: Some(key_sets),
         applications: args.applications,
         namespace: args.namespace,
         endpoint: args.serve.endpoint()?,

@@ -16,6 +16,7 @@ use kubetoken::core::store::TokenStore;
 /// signing with `signer`, its token strings tagged with a fixed secret; no grant types, scopes or users yet.
 pub fn app_config(client_id: &str, client_secret: &str, signer: Arc<SigningKey>) -> ApplicationConfig {
     ApplicationConfig {
+        trusted_issuers: Vec::new(),
         name: format!("default/{client_id}"),
         client_id: client_id.into(),
         client_secrets: vec![client_secret.into()],

@@ -80,6 +80,11 @@ pub struct OAuthApplicationSpec {
     /// Where the users of the `password` grant live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users: Option<UsersSpec>,
+    /// Identity providers whose JWTs are accepted as users: the `jwt-bearer` (RFC 7523) and `token-exchange`
+    /// (RFC 8693) grants turn a trusted issuer's assertion into this application's per-device tokens.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub trusted_issuers: Vec<TrustedIssuerSpec>,
     /// Where the client credentials live (keys `client_id`, `client_secret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsSpec>,
@@ -103,6 +108,12 @@ pub enum GrantType {
     Password,
     ClientCredentials,
     RefreshToken,
+    /// RFC 7523 section 2.1: a trusted issuer's JWT as the grant.
+    #[serde(rename = "urn:ietf:params:oauth:grant-type:jwt-bearer")]
+    JwtBearer,
+    /// RFC 8693: a trusted issuer's token exchanged for this application's.
+    #[serde(rename = "urn:ietf:params:oauth:grant-type:token-exchange")]
+    TokenExchange,
 }
 
 impl GrantType {
@@ -117,6 +128,8 @@ impl From<GrantType> for crate::core::app::GrantType {
             GrantType::Password => Self::Password,
             GrantType::ClientCredentials => Self::ClientCredentials,
             GrantType::RefreshToken => Self::RefreshToken,
+            GrantType::JwtBearer => Self::JwtBearer,
+            GrantType::TokenExchange => Self::TokenExchange,
         }
     }
 }
@@ -200,6 +213,81 @@ pub struct ScopeSpec {
     /// Roles that may have this scope; anyone may when empty.
     #[serde(default)]
     pub roles: Vec<String>,
+}
+
+/// An identity provider whose JWTs (ID tokens, access tokens, assertions) are accepted as users of this application.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.jwksUri) != has(self.jwks)",
+    "message": "set exactly one of jwksUri and jwks"
+}]))]
+pub struct TrustedIssuerSpec {
+    /// Must equal the assertion's `iss`, byte for byte.
+    #[schemars(length(min = 1, max = 1024))]
+    pub issuer: String,
+    /// Where the issuer publishes its key set: `https://` (plain `http://` only to a loopback address). Set this or
+    /// `jwks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub jwks_uri: Option<String>,
+    /// An offline key set, in a ConfigMap of the application's namespace. Set this or `jwksUri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<JwksSource>,
+    /// The assertion's `aud` must contain one of them.
+    #[schemars(length(min = 1, max = 16))]
+    pub audiences: Vec<String>,
+    /// The claim naming the user (default `sub`; e.g. `preferred_username`, `email`).
+    #[serde(default = "default_username_claim")]
+    #[schemars(length(min = 1, max = 256))]
+    pub username_claim: String,
+    /// A dotted path to a string or a list of strings holding the user's roles (e.g. `realm_access.roles`). Unset:
+    /// federated users have no roles, and get only scopes that need none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub roles_claim: Option<String>,
+    /// Signature algorithms accepted from this issuer (default RS256 and ES256). Public-key algorithms only.
+    #[serde(default = "default_allowed_algorithms")]
+    #[schemars(length(min = 1, max = 12))]
+    pub allowed_algorithms: Vec<String>,
+    /// The oldest `iat` accepted (default `1h`).
+    #[serde(default = "default_max_assertion_age")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub max_assertion_age: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JwksSource {
+    pub config_map_ref: ConfigMapKeyRef,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKeyRef {
+    pub name: String,
+    /// Key in the ConfigMap; `jwks.json` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Key of a key-set ConfigMap that holds the JWK Set when `configMapRef.key` is not set.
+pub const DEFAULT_JWKS_KEY: &str = "jwks.json";
+
+impl ConfigMapKeyRef {
+    pub fn key(&self) -> &str {
+        self.key.as_deref().unwrap_or(DEFAULT_JWKS_KEY)
+    }
+}
+
+fn default_username_claim() -> String {
+    "sub".into()
+}
+fn default_allowed_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into()]
+}
+fn default_max_assertion_age() -> String {
+    "1h".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
@@ -385,8 +473,112 @@ impl OAuthApplicationSpec {
         if self.grant_types.contains(&GrantType::Password) && self.users.is_none() {
             return Err(field("spec.users", "the password grant needs a users Secret (spec.users.secretRef)"));
         }
+        self.validate_trusted_issuers()?;
         Ok(())
     }
+
+    /// The trusted issuers, checked and in the core's terms; the offline key sets come from `key_sets` (by
+    /// ConfigMap name), which the caller read.
+    fn validate_trusted_issuers(&self) -> Result<(), FieldError> {
+        let federated = self.grant_types.iter().find(|g| matches!(g, GrantType::JwtBearer | GrantType::TokenExchange));
+        if let Some(g) = federated
+            && self.trusted_issuers.is_empty()
+        {
+            return Err(field(
+                "spec.trustedIssuers",
+                format!("the {} grant needs at least one trusted issuer", g.as_str()),
+            ));
+        }
+        for (i, t) in self.trusted_issuers.iter().enumerate() {
+            let path = |f: &str| format!("spec.trustedIssuers[{i}].{f}");
+            if t.issuer.is_empty() || t.issuer.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(field(path("issuer"), "must be non-empty, without spaces or control characters"));
+            }
+            if self.trusted_issuers[..i].iter().any(|o| o.issuer == t.issuer) {
+                return Err(field(path("issuer"), format!("{:?} is listed twice", t.issuer)));
+            }
+            match (&t.jwks_uri, &t.jwks) {
+                (Some(uri), None) => {
+                    crate::core::assertion::check_key_set_uri(uri).map_err(|e| field(path("jwksUri"), e))?
+                }
+                (None, Some(source)) => {
+                    if source.config_map_ref.name.is_empty() {
+                        return Err(field(path("jwks.configMapRef.name"), "must not be empty"));
+                    }
+                }
+                _ => return Err(field(path("jwksUri"), "set exactly one of jwksUri and jwks")),
+            }
+            if t.audiences.is_empty() || t.audiences.iter().any(String::is_empty) {
+                return Err(field(path("audiences"), "must list at least one audience, none empty"));
+            }
+            if t.username_claim.is_empty() {
+                return Err(field(path("usernameClaim"), "must not be empty"));
+            }
+            if t.allowed_algorithms.is_empty() {
+                return Err(field(path("allowedAlgorithms"), "must list at least one algorithm"));
+            }
+            for (j, alg) in t.allowed_algorithms.iter().enumerate() {
+                crate::core::assertion::parse_algorithm(alg)
+                    .map_err(|e| field(format!("spec.trustedIssuers[{i}].allowedAlgorithms[{j}]"), e))?;
+            }
+            parse_duration(&t.max_assertion_age).map_err(|e| field(path("maxAssertionAge"), e))?;
+        }
+        Ok(())
+    }
+
+    /// The trusted issuers in the core's terms. `key_sets` holds the offline key sets read from ConfigMaps, by
+    /// ConfigMap name; a missing or unreadable one names the field.
+    pub fn trusted_issuers(
+        &self,
+        key_sets: &std::collections::HashMap<String, Result<std::sync::Arc<jsonwebtoken::jwk::JwkSet>, String>>,
+    ) -> Result<Vec<crate::core::assertion::TrustedIssuer>, FieldError> {
+        use crate::core::assertion::{KeySource, TrustedIssuer, parse_algorithm};
+        self.validate_trusted_issuers()?;
+        self.trusted_issuers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let keys = match (&t.jwks_uri, &t.jwks) {
+                    (Some(uri), _) => KeySource::Uri(uri.clone()),
+                    (None, Some(source)) => {
+                        let name = &source.config_map_ref.name;
+                        let set = key_sets
+                            .get(name)
+                            .ok_or_else(|| format!("the ConfigMap {name} is not there (yet)"))
+                            .and_then(|r| r.clone())
+                            .map_err(|e| field(format!("spec.trustedIssuers[{i}].jwks.configMapRef"), e))?;
+                        KeySource::Fixed(set)
+                    }
+                    (None, None) => return Err(field(format!("spec.trustedIssuers[{i}].jwksUri"), "missing")),
+                };
+                Ok(TrustedIssuer {
+                    issuer: t.issuer.clone(),
+                    keys,
+                    audiences: t.audiences.clone(),
+                    username_claim: t.username_claim.clone(),
+                    roles_claim: t.roles_claim.clone(),
+                    allowed_algorithms: t
+                        .allowed_algorithms
+                        .iter()
+                        .map(|a| parse_algorithm(a))
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| field(format!("spec.trustedIssuers[{i}].allowedAlgorithms"), e))?,
+                    max_assertion_age: parse_duration(&t.max_assertion_age)
+                        .map_err(|e| field(format!("spec.trustedIssuers[{i}].maxAssertionAge"), e))?,
+                })
+            })
+            .collect()
+    }
+
+    /// The ConfigMaps holding offline key sets: (name, key).
+    pub fn key_set_config_maps(&self) -> impl Iterator<Item = &ConfigMapKeyRef> {
+        self.trusted_issuers.iter().filter_map(|t| t.jwks.as_ref().map(|j| &j.config_map_ref))
+    }
+}
+
+/// Reads a JWK Set document (an offline key set's ConfigMap value).
+pub fn parse_key_set(json: &str) -> Result<std::sync::Arc<jsonwebtoken::jwk::JwkSet>, String> {
+    crate::core::assertion::parse_key_set(json.as_bytes()).map(std::sync::Arc::new)
 }
 
 /// What an application needs besides its spec: the parts that live in Secrets.
@@ -400,6 +592,8 @@ pub struct ApplicationParts {
     pub signer: std::sync::Arc<crate::core::signing::SigningKey>,
     pub verification_keys: Vec<std::sync::Arc<crate::core::signing::SigningKey>>,
     pub token_secrets: Vec<Vec<u8>>,
+    /// The offline key sets of `spec.trustedIssuers[].jwks.configMapRef`, by ConfigMap name: read, or why not.
+    pub key_sets: std::collections::HashMap<String, Result<std::sync::Arc<jsonwebtoken::jwk::JwkSet>, String>>,
 }
 
 impl OAuthApplicationSpec {
@@ -424,6 +618,7 @@ impl OAuthApplicationSpec {
             signer: parts.signer,
             verification_keys: parts.verification_keys,
             token_secrets: parts.token_secrets,
+            trusted_issuers: self.trusted_issuers(&parts.key_sets)?,
         }))
     }
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use subtle::ConstantTimeEq;
 
+use super::assertion::TrustedIssuer;
 use super::scope::ScopePolicy;
 use super::signing::SigningKey;
 use super::tokens::OpaqueTokens;
@@ -16,16 +17,27 @@ pub enum GrantType {
     Password,
     ClientCredentials,
     RefreshToken,
+    /// RFC 7523 section 2.1: a trusted issuer's JWT as the grant.
+    JwtBearer,
+    /// RFC 8693: a trusted issuer's token exchanged for this application's.
+    TokenExchange,
 }
 
 impl GrantType {
-    /// The `grant_type` value of RFC 6749.
+    /// The `grant_type` value on the wire (RFC 6749, RFC 7523, RFC 8693).
     pub fn as_str(self) -> &'static str {
         match self {
             GrantType::Password => "password",
             GrantType::ClientCredentials => "client_credentials",
             GrantType::RefreshToken => "refresh_token",
+            GrantType::JwtBearer => "urn:ietf:params:oauth:grant-type:jwt-bearer",
+            GrantType::TokenExchange => "urn:ietf:params:oauth:grant-type:token-exchange",
         }
+    }
+
+    /// The grants that make a trusted issuer's user a user here.
+    pub fn is_federated(self) -> bool {
+        matches!(self, GrantType::JwtBearer | GrantType::TokenExchange)
     }
 }
 
@@ -216,6 +228,8 @@ pub struct Application {
     /// Checked for unknown usernames: costs what checking the application's users costs (their most common
     /// hash kind and parameters), so response time does not tell which usernames exist.
     pub decoy: PasswordDigest,
+    /// Identity providers whose JWTs are accepted as users (jwt-bearer and token-exchange grants).
+    pub trusted_issuers: Vec<TrustedIssuer>,
 }
 
 fn sha256(data: &[u8]) -> [u8; 32] {
@@ -248,6 +262,8 @@ pub struct ApplicationConfig {
     /// Secrets that tag opaque and refresh tokens, newest first (at least one): new tokens use the first,
     /// any of them is accepted, so adding a secret in front does not log anyone out.
     pub token_secrets: Vec<Vec<u8>>,
+    /// See [`Application::trusted_issuers`].
+    pub trusted_issuers: Vec<TrustedIssuer>,
 }
 
 impl Application {
@@ -282,6 +298,7 @@ impl Application {
                 .collect(),
             signer: c.signer,
             tokens: OpaqueTokens::new(&c.token_secrets),
+            trusted_issuers: c.trusted_issuers,
         }
     }
 
@@ -302,6 +319,16 @@ impl Application {
 
     pub fn allows(&self, grant: GrantType) -> bool {
         self.grant_types.contains(&grant)
+    }
+
+    /// The trusted issuer named `iss`, if this application trusts it.
+    pub fn trusted_issuer(&self, iss: &str) -> Option<&TrustedIssuer> {
+        self.trusted_issuers.iter().find(|t| t.issuer == iss)
+    }
+
+    /// Whether a federated grant is enabled: a federated user's refresh needs one.
+    pub fn allows_federated(&self) -> bool {
+        self.grant_types.iter().any(|g| g.is_federated())
     }
 
     /// Refresh tokens are issued only to applications that may use them.

@@ -1,10 +1,13 @@
 //! Assertions from a trusted identity provider: the checks that make a JWT issued elsewhere (an RFC 7523 JWT bearer
 //! assertion, an RFC 8693 subject token) a user here. Pure: the issuer's key set and the time are parameters; fetching
-//! key sets and remembering used assertions are the adapters' (issue 21).
+//! key sets is an adapter's, behind the [`KeySetSource`] port.
 //!
 //! Every refusal is `invalid_grant` on the wire, its description saying which check failed (never the token).
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -18,10 +21,12 @@ use super::clock::UnixTime;
 pub const LEEWAY: u64 = 60;
 
 /// An identity provider whose JWTs are accepted as users (`spec.trustedIssuers[]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TrustedIssuer {
     /// Must equal the assertion's `iss`, byte for byte.
     pub issuer: String,
+    /// Where its key set comes from.
+    pub keys: KeySource,
     /// The assertion's `aud` must contain one of them.
     pub audiences: Vec<String>,
     /// The claim naming the user (`sub` by default).
@@ -32,6 +37,60 @@ pub struct TrustedIssuer {
     pub allowed_algorithms: Vec<Algorithm>,
     /// The oldest `iat` accepted, in seconds before now.
     pub max_assertion_age: u64,
+}
+
+/// Where a trusted issuer's key set comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeySource {
+    /// Fetched from this URL (and cached) through the [`KeySetSource`] port.
+    Uri(String),
+    /// Given offline (a ConfigMap): used as is.
+    Fixed(Arc<JwkSet>),
+}
+
+pub type KeySetFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<JwkSet>, String>> + Send + 'a>>;
+
+/// Port: issuers' key sets by URL, fetched and cached by an adapter.
+pub trait KeySetSource: Send + Sync {
+    /// The key set at `uri`. `after_unknown_key`: an assertion named a key the last answer lacked, so the adapter may
+    /// fetch it again (how often is its business).
+    fn key_set<'a>(&'a self, uri: &'a str, after_unknown_key: bool) -> KeySetFuture<'a>;
+}
+
+/// A JWK set, each key parsed on its own: one unusable key (another curve, a symmetric key) is skipped, not the set.
+pub fn parse_key_set(body: &[u8]) -> Result<JwkSet, String> {
+    #[derive(serde::Deserialize)]
+    struct Raw {
+        keys: Vec<Value>,
+    }
+    let raw: Raw = serde_json::from_slice(body).map_err(|e| format!("not a JWK set: {e}"))?;
+    let keys = raw.keys.into_iter().filter_map(|k| serde_json::from_value(k).ok()).collect();
+    Ok(JwkSet { keys })
+}
+
+/// A key set is fetched over HTTPS; plain HTTP only from a loopback address (a test issuer, a local proxy).
+pub fn check_key_set_uri(uri: &str) -> Result<(), String> {
+    let (tls, rest) = if let Some(rest) = uri.strip_prefix("https://") {
+        (true, rest)
+    } else if let Some(rest) = uri.strip_prefix("http://") {
+        (false, rest)
+    } else {
+        return Err(format!("{uri:?} is not an https:// URL"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = match authority.rsplit_once('@') {
+        Some(_) => return Err(format!("{uri:?}: a key set URL carries no credentials")),
+        None if authority.starts_with('[') => authority.split(']').next().map(|h| &h[1..]).unwrap_or(""),
+        None => authority.split(':').next().unwrap_or(""),
+    };
+    if host.is_empty() || uri.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{uri:?} is not a URL with a host"));
+    }
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !tls && !loopback {
+        return Err(format!("{uri:?}: a key set is fetched over HTTPS (plain HTTP only on the loopback)"));
+    }
+    Ok(())
 }
 
 /// Algorithms an issuer may be trusted with: public-key signatures only (`none` does not parse, HMAC would need a
@@ -237,6 +296,7 @@ mod tests {
     fn issuer() -> TrustedIssuer {
         TrustedIssuer {
             issuer: "https://idp.example/realms/shop".into(),
+            keys: KeySource::Uri("https://idp.example/realms/shop/certs".into()),
             audiences: vec!["shop".into()],
             username_claim: "preferred_username".into(),
             roles_claim: Some("realm_access.roles".into()),

@@ -15,6 +15,9 @@ pub enum OAuthError {
     UnsupportedGrantType(String),
     #[error("invalid_scope: {0}")]
     InvalidScope(String),
+    /// RFC 8693 section 2.2.2: the `audience` or `resource` of a token exchange is not this application's.
+    #[error("invalid_target: {0}")]
+    InvalidTarget(String),
     #[error("server_error: {0}")]
     ServerError(String),
     #[error("temporarily_unavailable: {0}")]
@@ -31,6 +34,7 @@ impl OAuthError {
             OAuthError::UnauthorizedClient(_) => "unauthorized_client",
             OAuthError::UnsupportedGrantType(_) => "unsupported_grant_type",
             OAuthError::InvalidScope(_) => "invalid_scope",
+            OAuthError::InvalidTarget(_) => "invalid_target",
             OAuthError::ServerError(_) => "server_error",
             OAuthError::TemporarilyUnavailable(_) => "temporarily_unavailable",
         }
@@ -45,6 +49,7 @@ impl OAuthError {
             | OAuthError::UnauthorizedClient(d)
             | OAuthError::UnsupportedGrantType(d)
             | OAuthError::InvalidScope(d)
+            | OAuthError::InvalidTarget(d)
             | OAuthError::ServerError(d)
             | OAuthError::TemporarilyUnavailable(d) => d,
         }

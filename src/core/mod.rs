@@ -9,6 +9,8 @@
 //! - [`tokens`]: token strings: opaque handles, JWT claims.
 //! - [`app`]: validated applications, client and user authentication.
 //! - [`lockout`]: brute-force protection.
+//! - [`assertion`]: a trusted identity provider's JWTs checked as users (jwt-bearer, token exchange).
+//! - [`replay`]: used assertions remembered until they expire.
 //! - [`service`]: the grant flows, revocation and introspection.
 //! - [`error`]: the core's error enum (RFC 6749 error codes).
 pub mod app;
@@ -17,6 +19,7 @@ pub mod clock;
 pub mod error;
 pub mod lockout;
 pub mod model;
+pub mod replay;
 pub mod scope;
 pub mod service;
 pub mod signing;

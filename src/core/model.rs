@@ -72,6 +72,54 @@ pub enum Subject {
     /// The client itself (client_credentials grant).
     #[serde(rename = "c")]
     Client,
+    /// A user of a trusted identity provider (jwt-bearer and token-exchange grants): see [`FederatedUser`].
+    #[serde(rename = "f")]
+    Federated(FederatedUser),
+}
+
+/// A trusted issuer's user, held as `issuer` U+0001 `user`: one string, so that stores index it as they index a
+/// username (the device cap), while a local user of the same name stays another subject. An issuer holds no control
+/// character (the spec refuses one), so the first U+0001 separates the two.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FederatedUser(String);
+
+pub const FEDERATED_SEPARATOR: char = '\u{1}';
+
+impl FederatedUser {
+    pub fn new(issuer: &str, user: &str) -> Self {
+        Self(format!("{issuer}{FEDERATED_SEPARATOR}{user}"))
+    }
+
+    /// Reads the stored form back; `None` if it is not one.
+    pub fn from_stored(stored: &str) -> Option<Self> {
+        stored.contains(FEDERATED_SEPARATOR).then(|| Self(stored.to_string()))
+    }
+
+    /// The stored form: what stores index the user by.
+    pub fn stored(&self) -> &str {
+        &self.0
+    }
+
+    pub fn issuer(&self) -> &str {
+        self.0.split_once(FEDERATED_SEPARATOR).map_or("", |(issuer, _)| issuer)
+    }
+
+    /// The issuer's name for the user (its `usernameClaim`).
+    pub fn user(&self) -> &str {
+        self.0.split_once(FEDERATED_SEPARATOR).map_or(&self.0, |(_, user)| user)
+    }
+}
+
+impl Subject {
+    /// A user subject from its stored form (a store's user index): a federated user's holds U+0001, which no local
+    /// username does (the users Secret refuses control characters).
+    pub fn user_from_stored(stored: &str) -> Subject {
+        match FederatedUser::from_stored(stored) {
+            Some(f) => Subject::Federated(f),
+            None => Subject::User(stored.to_string()),
+        }
+    }
 }
 
 /// (client_id, subject, granted scope set): the unit of "one live token".
@@ -86,18 +134,30 @@ pub struct TokenKey {
 }
 
 impl TokenKey {
-    /// The `sub` claim: the username, or the client ID for client_credentials.
+    /// The `sub` claim: the username (a federated user's name at its issuer), or the client ID for
+    /// client_credentials.
     pub fn sub(&self) -> &str {
         match &self.subject {
             Subject::User(u) => u,
+            Subject::Federated(f) => f.user(),
             Subject::Client => &self.client_id,
         }
     }
 
+    /// The user as stores index users (for the device cap): a local username, or a federated user's stored form.
     pub fn username(&self) -> Option<&str> {
         match &self.subject {
             Subject::User(u) => Some(u),
+            Subject::Federated(f) => Some(f.stored()),
             Subject::Client => None,
+        }
+    }
+
+    /// The identity provider of a federated user's key.
+    pub fn federated_issuer(&self) -> Option<&str> {
+        match &self.subject {
+            Subject::Federated(f) => Some(f.issuer()),
+            _ => None,
         }
     }
 }

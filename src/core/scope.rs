@@ -103,6 +103,18 @@ impl ScopePolicy {
         self.declared.keys().map(String::as_str)
     }
 
+    /// What of `requested` is still declared (or a device scope), roles not checked: a federated user's refresh,
+    /// which has no assertion to read roles from, keeps what its login was granted unless the application withdrew
+    /// the scope.
+    pub fn still_declared(&self, requested: &ScopeSet) -> ScopeSet {
+        let kept: ScopeSet = requested
+            .iter()
+            .filter(|scope| is_device_scope(scope) || self.declared.contains_key(*scope))
+            .map(str::to_string)
+            .collect();
+        if kept.is_empty() { ScopeSet::default_scope() } else { kept }
+    }
+
     /// What a subject with `roles` is granted of `requested`. Never fails: unauthorized scopes are dropped, and an
     /// empty result becomes `default`.
     pub fn grant(&self, requested: &ScopeSet, roles: &[String]) -> ScopeSet {

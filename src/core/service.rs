@@ -7,10 +7,12 @@ use aws_lc_rs::rand::SystemRandom;
 use serde::Serialize;
 
 use super::app::{Application, GrantType, PasswordVerifier, Registry, TokenFormat};
+use super::assertion::{self, AssertionError, KeySetSource, KeySource, VerifiedAssertion};
 use super::clock::{Clock, UnixTime};
 use super::error::OAuthError;
 use super::lockout::{Lockout, LockoutPolicy, SharedFailure};
-use super::model::{Change, LivePair, RefreshGrant, SharedKey, Subject, TokenId, TokenKey};
+use super::model::{Change, FederatedUser, LivePair, RefreshGrant, SharedKey, Subject, TokenId, TokenKey};
+use super::replay::{FirstUse, ReplayMemory};
 use super::scope::ScopeSet;
 use super::signing::{self, SigningKey};
 use super::store::{Lookup, StoreError, TokenStore};
@@ -86,7 +88,30 @@ pub enum Grant {
     Password { username: String, password: String, scope: Option<String> },
     ClientCredentials { scope: Option<String> },
     RefreshToken { refresh_token: String, scope: Option<String> },
+    /// RFC 7523 section 2.1.
+    JwtBearer { assertion: String, scope: Option<String> },
+    /// RFC 8693 section 2.1.
+    TokenExchange(TokenExchange),
 }
+
+/// The parameters of an RFC 8693 token exchange.
+#[derive(Default)]
+pub struct TokenExchange {
+    pub subject_token: String,
+    pub subject_token_type: String,
+    pub requested_token_type: Option<String>,
+    pub scope: Option<String>,
+    pub audience: Vec<String>,
+    pub resource: Vec<String>,
+    pub actor_token: Option<String>,
+}
+
+/// RFC 8693 section 3 token type identifiers.
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+pub const TOKEN_TYPE_ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// Subject tokens a trusted issuer's JWT may be presented as.
+pub const SUBJECT_TOKEN_TYPES: [&str; 3] = [TOKEN_TYPE_JWT, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_ACCESS_TOKEN];
 
 impl Grant {
     pub fn grant_type(&self) -> GrantType {
@@ -94,6 +119,8 @@ impl Grant {
             Grant::Password { .. } => GrantType::Password,
             Grant::ClientCredentials { .. } => GrantType::ClientCredentials,
             Grant::RefreshToken { .. } => GrantType::RefreshToken,
+            Grant::JwtBearer { .. } => GrantType::JwtBearer,
+            Grant::TokenExchange(_) => GrantType::TokenExchange,
         }
     }
 }
@@ -107,6 +134,8 @@ pub struct IssuedTokens {
     pub scope: String,
     /// Opaque mode handed out the key's still-valid token instead of a new one.
     pub reused: bool,
+    /// RFC 8693: what a token exchange issued (`urn:ietf:params:oauth:token-type:access_token`).
+    pub issued_token_type: Option<&'static str>,
 }
 
 /// RFC 7662 response for an active token.
@@ -117,6 +146,9 @@ pub struct ActiveToken {
     pub client_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    /// A federated user's identity provider.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idp: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_type: Option<&'static str>,
     /// `access_token` or `refresh_token`.
@@ -195,6 +227,8 @@ pub struct ServiceConfig {
     pub policies: ServicePolicies,
     /// Where password hashes are verified (off the async executor, in practice).
     pub passwords: Arc<dyn PasswordVerifier>,
+    /// Where trusted issuers' key sets are fetched (`jwksUri`). None: only offline key sets (`jwks`) can be used.
+    pub key_sets: Option<Arc<dyn KeySetSource>>,
 }
 
 /// The operator's limits, the same for every way of running the service (standalone, sidecar).
@@ -232,6 +266,9 @@ pub struct TokenService {
     request_bounds: RequestBounds,
     rng: SystemRandom,
     passwords: Arc<dyn PasswordVerifier>,
+    key_sets: Option<Arc<dyn KeySetSource>>,
+    /// Assertions used at this server, until they expire.
+    replays: ReplayMemory,
     key_locks: Box<[std::sync::Mutex<()>]>,
     /// For a store whose changes become visible only once committed: one request per key at a time, from read to
     /// commit ([`TokenStore::visible_when_committed`]). Sharded: requests for keys of one shard take turns too.
@@ -297,6 +334,45 @@ fn parse_scope(scope: Option<&str>, bounds: &RequestBounds) -> Result<ScopeSet, 
     Ok(set)
 }
 
+/// The token key of a trusted issuer's user: its own subject (a local user of the same name is another), the
+/// scopes granted against the roles its assertion carries, `device_` scopes as always.
+fn federated_key(app: &Application, iss: &str, verified: &VerifiedAssertion, requested: &ScopeSet) -> TokenKey {
+    TokenKey {
+        client_id: app.client_id.clone(),
+        subject: Subject::Federated(FederatedUser::new(iss, &verified.subject)),
+        scopes: app.scopes.grant(requested, &verified.roles),
+    }
+}
+
+/// What RFC 8693 lets a client ask for that this server does not do, refused before the subject token is looked at.
+fn check_exchange(app: &Application, exchange: &TokenExchange) -> Result<(), OAuthError> {
+    if !SUBJECT_TOKEN_TYPES.contains(&exchange.subject_token_type.as_str()) {
+        return Err(OAuthError::InvalidRequest(format!(
+            "unsupported subject_token_type: use one of {}",
+            SUBJECT_TOKEN_TYPES.join(", ")
+        )));
+    }
+    if let Some(requested) = &exchange.requested_token_type {
+        let jwt = app.format == TokenFormat::Jwt && requested == TOKEN_TYPE_JWT;
+        if requested != TOKEN_TYPE_ACCESS_TOKEN && !jwt {
+            return Err(OAuthError::InvalidRequest(format!(
+                "unsupported requested_token_type: this client's tokens are {TOKEN_TYPE_ACCESS_TOKEN}"
+            )));
+        }
+    }
+    if exchange.actor_token.is_some() {
+        return Err(OAuthError::InvalidRequest("delegation (actor_token) is not supported".into()));
+    }
+    // The issued token's audience is the application's: a client may name it, not another.
+    if let Some(other) = exchange.audience.iter().chain(&exchange.resource).find(|t| !app.audience.contains(t)) {
+        return Err(OAuthError::InvalidTarget(format!(
+            "{other:?} is not an audience of this client's tokens ({})",
+            app.audience.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 impl TokenService {
     pub fn new(registry: Registry, store: Arc<dyn TokenStore>, clock: Arc<dyn Clock>, config: ServiceConfig) -> Self {
         Self {
@@ -309,6 +385,8 @@ impl TokenService {
             request_bounds: config.policies.request_bounds,
             rng: SystemRandom::new(),
             passwords: config.passwords,
+            key_sets: config.key_sets,
+            replays: ReplayMemory::default(),
             key_locks: (0..64).map(|_| std::sync::Mutex::new(())).collect(),
             key_turns: (0..1024).map(|_| futures::lock::Mutex::new(())).collect(),
             loading: std::sync::atomic::AtomicBool::new(false),
@@ -440,6 +518,89 @@ impl TokenService {
                 let requested = scope.as_deref().map(|s| parse_scope(Some(s), &self.request_bounds)).transpose()?;
                 self.refresh(issuer, &app, &refresh_token, requested).await
             }
+            Grant::JwtBearer { assertion, scope } => {
+                let requested = parse_scope(scope.as_deref(), &self.request_bounds)?;
+                let (iss, verified) = self.verify_assertion(&app, &assertion).await?;
+                let key = federated_key(&app, &iss, &verified, &requested);
+                // One assertion, one grant (RFC 7523 section 3, item 7).
+                self.remember_assertion(&app, &verified.replay_id, verified.expires_at).await?;
+                self.issue(issuer, &app, key, app.issues_refresh_tokens()).await
+            }
+            Grant::TokenExchange(exchange) => {
+                check_exchange(&app, &exchange)?;
+                let requested = parse_scope(exchange.scope.as_deref(), &self.request_bounds)?;
+                let (iss, verified) = self.verify_assertion(&app, &exchange.subject_token).await?;
+                let key = federated_key(&app, &iss, &verified, &requested);
+                // One subject token, one exchange per token key: a backend holding a user's ID token may exchange it
+                // for the iPad's token and for the iPhone's, but the same exchange twice is a replay.
+                let replay_id = format!("{}\u{0}{}", verified.replay_id, key.scopes);
+                self.remember_assertion(&app, &replay_id, verified.expires_at).await?;
+                let mut issued = self.issue(issuer, &app, key, app.issues_refresh_tokens()).await?;
+                issued.issued_token_type = Some(TOKEN_TYPE_ACCESS_TOKEN);
+                Ok(issued)
+            }
+        }
+    }
+
+    /// Checks a trusted issuer's JWT: the issuer it names must be trusted by `app`, and its key set (fetched again
+    /// once if the JWT names a key the held set lacks) must verify it. Returns the issuer and what the JWT says.
+    async fn verify_assertion(
+        &self,
+        app: &Application,
+        token: &str,
+    ) -> Result<(String, VerifiedAssertion), OAuthError> {
+        let refused = |e: AssertionError| OAuthError::InvalidGrant(e.to_string());
+        let iss = assertion::peek_issuer(token).map_err(refused)?;
+        let trusted = app.trusted_issuer(&iss).ok_or(AssertionError::UntrustedIssuer).map_err(refused)?;
+        let now = self.clock.now();
+        let verified = match &trusted.keys {
+            KeySource::Fixed(set) => assertion::verify(token, trusted, set, now),
+            KeySource::Uri(uri) => {
+                let Some(source) = &self.key_sets else {
+                    return Err(OAuthError::ServerError("this server cannot fetch key sets".into()));
+                };
+                let unavailable = |why: String| {
+                    tracing::warn!(issuer = %trusted.issuer, key_set = %uri, error = %why, "a trusted issuer's key set is unavailable");
+                    OAuthError::TemporarilyUnavailable("the trusted issuer's key set cannot be fetched; retry later".into())
+                };
+                let set = source.key_set(uri, false).await.map_err(unavailable)?;
+                match assertion::verify(token, trusted, &set, now) {
+                    // The issuer may have rotated its keys: fetch again (the adapter bounds how often), and retry once.
+                    Err(AssertionError::UnknownKey(_)) => {
+                        let set = source.key_set(uri, true).await.map_err(unavailable)?;
+                        assertion::verify(token, trusted, &set, now)
+                    }
+                    other => other,
+                }
+            }
+        };
+        let verified = verified.map_err(|e| {
+            tracing::info!(client_id = %app.client_id, issuer = %trusted.issuer, reason = %e, "assertion refused");
+            refused(e)
+        })?;
+        Ok((trusted.issuer.clone(), verified))
+    }
+
+    /// Records an assertion's use, here and in a store shared with other servers; a replay is `invalid_grant`.
+    async fn remember_assertion(&self, app: &Application, id: &str, until: UnixTime) -> Result<(), OAuthError> {
+        let replayed = || OAuthError::InvalidGrant("the assertion was already used".into());
+        let now = self.clock.now();
+        match self.replays.first_use(id, until, now) {
+            FirstUse::Yes => {}
+            FirstUse::Replayed => return Err(replayed()),
+            FirstUse::Full => {
+                tracing::error!("too many unexpired assertions to remember; refusing new ones until some expire");
+                return Err(OAuthError::TemporarilyUnavailable("too many assertions in use; retry later".into()));
+            }
+        }
+        match self.store.remember_assertion(&app.client_id, id, until).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(replayed()),
+            Err(e) => {
+                // Not the client's fault: the same assertion may be tried again.
+                self.replays.forget(id);
+                Err(store_error(e))
+            }
         }
     }
 
@@ -535,6 +696,7 @@ impl TokenService {
                     jti: pair.access_id.to_b64(),
                     client_id: &app.client_id,
                     scope: pair.access_scopes.to_string(),
+                    idp: key.federated_issuer(),
                 };
                 let json =
                     serde_json::to_vec(&claims).map_err(|_| OAuthError::ServerError("claims encoding".into()))?;
@@ -557,6 +719,7 @@ impl TokenService {
             refresh_token: pair.refresh.map(|r| app.tokens.encode_refresh(&r.id, r.generation)),
             scope: pair.access_scopes.to_string(),
             reused,
+            issued_token_type: None,
         }
     }
 
@@ -663,19 +826,37 @@ impl TokenService {
                 }
                 // The present decides, not the login: the user's roles, the declared scopes and the
                 // grant types as they are now.
-                let roles = match key.username() {
-                    None => app.client_roles.clone(),
-                    Some(user) => match app.users.get(user) {
-                        Some(u) => u.roles.clone(),
-                        None => return Err(OAuthError::InvalidGrant("the user no longer exists".into())),
-                    },
+                let allowed_now = match &key.subject {
+                    Subject::Client => app.scopes.grant(&key.scopes, &app.client_roles),
+                    Subject::User(user) => {
+                        let Some(u) = app.users.get(user) else {
+                            return Err(OAuthError::InvalidGrant("the user no longer exists".into()));
+                        };
+                        if !app.allows(GrantType::Password) {
+                            return Err(OAuthError::InvalidGrant(
+                                "the password grant this refresh token came from is no longer enabled for this client"
+                                    .into(),
+                            ));
+                        }
+                        app.scopes.grant(&key.scopes, &u.roles)
+                    }
+                    // No assertion to read roles from: the roles checked at login stand, and what can be checked
+                    // is: the issuer is still trusted, a federated grant still enabled, the scopes still declared.
+                    Subject::Federated(f) => {
+                        if app.trusted_issuer(f.issuer()).is_none() {
+                            return Err(OAuthError::InvalidGrant(
+                                "the identity provider this refresh token came from is no longer trusted by this client"
+                                    .into(),
+                            ));
+                        }
+                        if !app.allows_federated() {
+                            return Err(OAuthError::InvalidGrant(
+                                "the grant this refresh token came from is no longer enabled for this client".into(),
+                            ));
+                        }
+                        app.scopes.still_declared(&key.scopes)
+                    }
                 };
-                if key.username().is_some() && !app.allows(GrantType::Password) {
-                    return Err(OAuthError::InvalidGrant(
-                        "the password grant this refresh token came from is no longer enabled for this client"
-                            .into(),
-                    ));
-                }
                 let session = pair.refresh.map(|r| Session {
                     refresh_id: r.id,
                     generation: r.generation,
@@ -689,7 +870,6 @@ impl TokenService {
                         "the session has reached its maximum lifetime; log in again".into(),
                     ));
                 }
-                let allowed_now = app.scopes.grant(&key.scopes, &roles);
                 let scopes = refreshed_scopes(&key.scopes, &allowed_now, requested.clone())?;
                 match app.format {
                     // Opaque pairs are shared by every caller of the same key, refresh token included, so
@@ -873,7 +1053,12 @@ impl TokenService {
                 TokenKind::Refresh => key.scopes.to_string(),
             },
             client_id: key.client_id.clone(),
-            username: key.username().map(str::to_string),
+            username: match &key.subject {
+                Subject::User(u) => Some(u.clone()),
+                Subject::Federated(f) => Some(f.user().to_string()),
+                Subject::Client => None,
+            },
+            idp: key.federated_issuer().map(str::to_string),
             token_type: (kind == TokenKind::Access).then_some("Bearer"),
             token_use: match kind {
                 TokenKind::Access => "access_token",
@@ -903,3 +1088,7 @@ mod tests;
 #[cfg(test)]
 #[path = "service_model_tests.rs"]
 mod model_tests;
+
+#[cfg(test)]
+#[path = "service_federation_tests.rs"]
+mod federation_tests;

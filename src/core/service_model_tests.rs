@@ -297,6 +297,7 @@ fn application(app: usize, format: TokenFormat) -> Application {
         })
         .collect();
     Application::new(ApplicationConfig {
+        trusted_issuers: Vec::new(),
         name: format!("default/{}", APPS[app]),
         client_id: APPS[app].into(),
         client_secrets: vec![SECRET.into()],
@@ -342,6 +343,7 @@ impl Harness {
             Arc::new(MemoryStore::default()),
             clock.clone(),
             ServiceConfig {
+                key_sets: None,
                 issuer: "https://issuer.test".into(),
                 policies: ServicePolicies::default(),
                 passwords: Arc::new(InlineVerifier),

@@ -76,6 +76,7 @@ fn application(
     )
     .expect("parse");
     Application::new(ApplicationConfig {
+        trusted_issuers: Vec::new(),
         name: format!("default/{client_id}"),
         client_id: client_id.into(),
         client_secrets: vec!["s3cret".into()],
@@ -808,6 +809,7 @@ async fn concurrent_wrong_guesses_get_no_more_checks_than_the_lockout_allows() {
         Arc::new(MemoryStore::default()),
         clock,
         ServiceConfig {
+            key_sets: None,
             issuer: "https://issuer.test".into(),
             policies: ServicePolicies {
                 user_lockout: LockoutPolicy { max_failures: 3, lock_secs: 60 },

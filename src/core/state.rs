@@ -426,9 +426,9 @@ impl TokenState {
 
     /// The live slot of `key`, if it has a pair.
     fn slot_of(&self, key: &TokenKey) -> Option<u32> {
-        let subject = match &key.subject {
-            Subject::User(u) => self.users.get(u)?,
-            Subject::Client => CLIENT_SUBJECT,
+        let subject = match key.username() {
+            Some(u) => self.users.get(u)?,
+            None => CLIENT_SUBJECT,
         };
         let key = Key { client: self.clients.get(&key.client_id)?, subject, scopes: self.scope_sets.get(&key.scopes)? };
         self.by_key.get(&self.hasher, &key, key_of(&self.live))
@@ -437,7 +437,7 @@ impl TokenState {
     fn token_key(&self, key: Key) -> Option<TokenKey> {
         let subject = match key.subject {
             CLIENT_SUBJECT => Subject::Client,
-            user => Subject::User(self.users.resolve(user)?.to_owned()),
+            user => Subject::user_from_stored(self.users.resolve(user)?),
         };
         Some(TokenKey {
             client_id: self.clients.resolve(key.client)?.to_owned(),
@@ -458,9 +458,9 @@ impl TokenState {
 
     /// Interns `key`, with one more holder of each of its ids.
     fn acquire_key(&mut self, key: &TokenKey) -> Key {
-        let subject = match &key.subject {
-            Subject::User(u) => self.users.acquire(u, |s| Arc::from(s)),
-            Subject::Client => CLIENT_SUBJECT,
+        let subject = match key.username() {
+            Some(u) => self.users.acquire(u, |s| Arc::from(s)),
+            None => CLIENT_SUBJECT,
         };
         Key {
             client: self.clients.acquire(&key.client_id, |s| Arc::from(s)),

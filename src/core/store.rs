@@ -10,6 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 
+use super::clock::UnixTime;
 use super::lockout::SharedFailure;
 use super::model::{Change, LivePair, SharedKey, TokenId, TokenKey};
 use super::state::{Conflict, TokenState};
@@ -76,6 +77,13 @@ pub trait TokenStore: Send + Sync {
     fn visible_when_committed(&self) -> bool {
         false
     }
+    /// Records that `client_id` used the assertion `id` (a trusted issuer's JWT), remembered until `until`:
+    /// `Ok(false)` when it was recorded already, a replay. A store that several servers share answers for all of them;
+    /// by default a store records nothing (`Ok(true)`), and the core's own memory of this process decides.
+    fn remember_assertion<'a>(&'a self, client_id: &'a str, id: &'a str, until: UnixTime) -> StoreFuture<'a, bool> {
+        let _ = (client_id, id, until);
+        Box::pin(std::future::ready(Ok(true)))
+    }
     /// Shares a failed credential check with the other servers of this state (none by default).
     fn share_failure(&self, _failure: SharedFailure) {}
     /// Failed credential checks the other servers shared since the last call.
@@ -100,6 +108,9 @@ pub(crate) trait StoreWrapper: Send + Sync {
     }
     fn wrap_healthy(&self) -> bool {
         self.inner().healthy()
+    }
+    fn wrap_remember_assertion<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        self.inner().remember_assertion("", id, 0)
     }
 }
 
@@ -131,6 +142,9 @@ impl<W: StoreWrapper> TokenStore for W {
     }
     fn visible_when_committed(&self) -> bool {
         self.inner().visible_when_committed()
+    }
+    fn remember_assertion<'a>(&'a self, _client_id: &'a str, id: &'a str, _until: UnixTime) -> StoreFuture<'a, bool> {
+        self.wrap_remember_assertion(id)
     }
     fn share_failure(&self, failure: SharedFailure) {
         self.inner().share_failure(failure)

@@ -133,6 +133,10 @@ pub struct AccessClaims<'a> {
     pub jti: String,
     pub client_id: &'a str,
     pub scope: String,
+    /// A federated user's identity provider (its `iss`): `sub` is that provider's name for the user, which a local
+    /// user of the same name is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idp: Option<&'a str>,
 }
 
 /// Just enough of a JWT's claims to find its state.

@@ -19,6 +19,8 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::jwk::JwkSet;
+
+use crate::core::assertion::{KeySetFuture, KeySetSource, parse_key_set};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
@@ -128,17 +130,6 @@ impl KeySetFetcher {
     }
 }
 
-/// A JWK set, each key parsed on its own: one unusable key is skipped, not the set.
-fn parse_key_set(body: &[u8]) -> Result<JwkSet, String> {
-    #[derive(serde::Deserialize)]
-    struct Raw {
-        keys: Vec<serde_json::Value>,
-    }
-    let raw: Raw = serde_json::from_slice(body).map_err(|e| format!("not a JWK set: {e}"))?;
-    let keys = raw.keys.into_iter().filter_map(|k| serde_json::from_value(k).ok()).collect();
-    Ok(JwkSet { keys })
-}
-
 struct Entry {
     set: Option<Arc<JwkSet>>,
     /// When `set` was fetched.
@@ -221,6 +212,18 @@ impl KeySets {
     /// Why the last fetch of `uri` failed, if it did (for the application's status).
     pub async fn last_error(&self, uri: &str) -> Option<String> {
         self.entry(uri).lock().await.last_error.clone()
+    }
+}
+
+impl std::fmt::Debug for KeySets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySets").finish_non_exhaustive()
+    }
+}
+
+impl KeySetSource for KeySets {
+    fn key_set<'a>(&'a self, uri: &'a str, after_unknown_key: bool) -> KeySetFuture<'a> {
+        Box::pin(self.get(uri, after_unknown_key))
     }
 }
 

@@ -24,7 +24,8 @@ use self::exposure::IssuerPolicy;
 use self::form::{client_credentials, read_form};
 use self::serve::Peer;
 use crate::core::error::OAuthError;
-use crate::core::service::{ClientCredentials, Grant, Introspection, IssuedTokens, TokenService};
+use crate::core::app::GrantType;
+use crate::core::service::{ClientCredentials, Grant, Introspection, IssuedTokens, TokenExchange, TokenService};
 use crate::metrics::Metrics;
 
 /// What besides the token storage decides readiness, and what else `/metrics` shows (the sidecar's caches and
@@ -139,8 +140,13 @@ fn token_response(t: IssuedTokens) -> Response {
         "expires_in": t.expires_in,
         "scope": t.scope,
     });
-    if let (Some(refresh), Value::Object(map)) = (t.refresh_token, &mut body) {
-        map.insert("refresh_token".into(), Value::String(refresh));
+    if let Value::Object(map) = &mut body {
+        if let Some(refresh) = t.refresh_token {
+            map.insert("refresh_token".into(), Value::String(refresh));
+        }
+        if let Some(issued) = t.issued_token_type {
+            map.insert("issued_token_type".into(), Value::String(issued.into()));
+        }
     }
     let mut response = axum::Json(body).into_response();
     no_store(&mut response);
@@ -159,7 +165,14 @@ fn log_rejection(endpoint: &str, e: &ApiError) {
     }
 }
 
-const GRANT_TYPES: [&str; 3] = ["password", "client_credentials", "refresh_token"];
+/// Every grant type this server knows: the `grant_type` metric label, and the supported list of errors.
+const GRANT_TYPES: [GrantType; 5] = [
+    GrantType::Password,
+    GrantType::ClientCredentials,
+    GrantType::RefreshToken,
+    GrantType::JwtBearer,
+    GrantType::TokenExchange,
+];
 
 async fn token(State(s): State<Arc<AppState>>, peer: PeerInfo, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
@@ -167,7 +180,8 @@ async fn token(State(s): State<Arc<AppState>>, peer: PeerInfo, headers: HeaderMa
     let result: Result<IssuedTokens, ApiError> = async {
         let mut form = read_form(&headers, body, s.body_read_timeout).await?;
         let grant_type = form.get("grant_type").map(str::to_string);
-        grant_label = GRANT_TYPES.iter().find(|g| Some(**g) == grant_type.as_deref()).copied().unwrap_or("unknown");
+        grant_label =
+            GRANT_TYPES.iter().map(|g| g.as_str()).find(|g| Some(*g) == grant_type.as_deref()).unwrap_or("unknown");
         let (creds, scheme) = client_credentials(&headers, &mut form)?;
         let with_scheme = |e: OAuthError| ApiError::OAuth(e, scheme);
         let grant = match grant_type.as_deref() {
@@ -182,10 +196,27 @@ async fn token(State(s): State<Arc<AppState>>, peer: PeerInfo, headers: HeaderMa
                 refresh_token: form.require("refresh_token").map_err(with_scheme)?,
                 scope: form.take("scope"),
             },
+            Some("urn:ietf:params:oauth:grant-type:jwt-bearer") => Grant::JwtBearer {
+                assertion: form.require("assertion").map_err(with_scheme)?,
+                scope: form.take("scope"),
+            },
+            Some("urn:ietf:params:oauth:grant-type:token-exchange") => Grant::TokenExchange(TokenExchange {
+                subject_token: form.require("subject_token").map_err(with_scheme)?,
+                subject_token_type: form.require("subject_token_type").map_err(with_scheme)?,
+                requested_token_type: form.take("requested_token_type"),
+                scope: form.take("scope"),
+                // One of each: the form refuses a repeated parameter, and an exchange names this application's
+                // audience at most.
+                audience: form.take("audience").into_iter().collect(),
+                resource: form.take("resource").into_iter().collect(),
+                actor_token: form.take("actor_token"),
+            }),
             Some(_) => {
-                return Err(with_scheme(OAuthError::UnsupportedGrantType(
-                    "supported grant types: password, client_credentials, refresh_token".into(),
-                )));
+                let supported: Vec<&str> = GRANT_TYPES.iter().map(|g| g.as_str()).collect();
+                return Err(with_scheme(OAuthError::UnsupportedGrantType(format!(
+                    "supported grant types: {}",
+                    supported.join(", ")
+                ))));
             }
         };
         let issuer = s.issuer_for(peer, &headers);

@@ -30,6 +30,7 @@ fn router_under_test() -> Router {
 fn router_with_store(store: Arc<dyn TokenStore>) -> Router {
     let key = SigningKey::generate_pkcs8(Algorithm::EdDSA).expect("key");
     let app = Application::new(ApplicationConfig {
+        trusted_issuers: Vec::new(),
         name: "default/one".into(),
         client_id: CLIENT_ID.into(),
         client_secrets: vec![CLIENT_SECRET.into()],

@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 
 use self::sources::{AppSnapshot, AppSources};
-use crate::core::clock::{Clock, SystemClock};
+use crate::core::clock::{Clock, SystemClock, UnixTime};
 use crate::core::lockout::SharedFailure;
 use crate::core::model::{Change, LivePair, SharedKey, TokenId, TokenKey};
 use crate::core::service::TokenService;
@@ -39,6 +39,8 @@ pub struct SidecarOptions {
     pub store: KubeStoreOptions,
     /// The token state of every application in PostgreSQL rather than in its ConfigMaps.
     pub postgres: Option<crate::storage::postgres::PgOptions>,
+    /// Fetches trusted issuers' key sets (`jwksUri`); None: only offline key sets work.
+    pub key_sets: Option<std::sync::Arc<crate::federation::key_sets::KeySets>>,
 }
 
 /// An application's token state: its ConfigMaps, or the PostgreSQL database every application shares.
@@ -145,6 +147,13 @@ impl TokenStore for RoutingStore {
 
     fn visible_when_committed(&self) -> bool {
         self.all.iter().any(|s| s.store().visible_when_committed())
+    }
+
+    fn remember_assertion<'a>(&'a self, client_id: &'a str, id: &'a str, until: UnixTime) -> StoreFuture<'a, bool> {
+        match self.store_for(client_id) {
+            Some(store) => Box::pin(async move { store.store().remember_assertion(client_id, id, until).await }),
+            None => Box::pin(std::future::ready(Ok(true))),
+        }
     }
 
     fn share_failure(&self, failure: SharedFailure) {
@@ -261,7 +270,10 @@ pub async fn run(opts: SidecarOptions) -> Result<(), String> {
         crate::core::app::Registry::default(),
         routing.clone(),
         clock.clone(),
-        crate::passwords::service_config(issuer, opts.policies),
+        crate::core::service::ServiceConfig {
+            key_sets: opts.key_sets.clone().map(|k| k as std::sync::Arc<dyn crate::core::assertion::KeySetSource>),
+            ..crate::passwords::service_config(issuer, opts.policies)
+        },
     ));
     // Until every application is loaded, an unknown client may be one of theirs: 503, not 401.
     service.set_loading(true);

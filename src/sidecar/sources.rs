@@ -8,7 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -104,6 +104,8 @@ struct Watches {
     signing_keys: Option<Watched<Secret>>,
     users: Option<Watched<Secret>>,
     token_secrets: Option<Watched<Secret>>,
+    /// The ConfigMaps of offline key sets (`spec.trustedIssuers[].jwks.configMapRef`), by name.
+    key_sets: Vec<Watched<ConfigMap>>,
 }
 
 /// The sources of one application.
@@ -182,6 +184,16 @@ impl AppSources {
                 ensure(&mut watches.signing_keys, Some(format!("{name}-signing-keys")));
                 ensure(&mut watches.users, users);
                 ensure(&mut watches.token_secrets, Some(token_secrets_name(&name)));
+                let mut wanted: Vec<String> = app.spec.key_set_config_maps().map(|r| r.name.clone()).collect();
+                wanted.sort();
+                wanted.dedup();
+                if watches.key_sets.iter().map(|w| &w.name).ne(wanted.iter()) {
+                    let config_maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+                    watches.key_sets = wanted
+                        .into_iter()
+                        .map(|w| Watched::start(config_maps.clone(), w, self.notify.clone()))
+                        .collect();
+                }
             }
             let outcome = if !app_synced {
                 Err("waiting for the first watch results".to_string())
@@ -295,9 +307,25 @@ impl AppSources {
             .filter(|v| !v.is_empty())
             .ok_or("the token-secrets Secret holds a secret that is not 32+ bytes of base64url")?;
 
+        let mut key_sets = std::collections::HashMap::new();
+        for r in app.spec.key_set_config_maps() {
+            let read = match watches.key_sets.iter().find(|w| w.name == r.name).map(Watched::get) {
+                None | Some((false, _)) => return Err(format!("waiting for ConfigMap {} (a trusted issuer's key set)", r.name)),
+                Some((true, None)) => Err(format!("ConfigMap {} (a trusted issuer's key set) not found", r.name)),
+                Some((true, Some(cm))) => cm
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(r.key()))
+                    .ok_or_else(|| format!("ConfigMap {} has no key {}", r.name, r.key()))
+                    .and_then(|json| crate::api::v1alpha1::parse_key_set(json)),
+            };
+            key_sets.insert(r.name.clone(), read);
+        }
+
         let built = app
             .spec
             .application(ApplicationParts {
+                key_sets,
                 name: format!("{}/{}", self.namespace, self.name),
                 client_id,
                 client_secrets,

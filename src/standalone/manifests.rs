@@ -79,6 +79,8 @@ pub struct Manifests {
     pub apps: Vec<AppManifest>,
     /// By (namespace, name).
     pub secrets: HashMap<(String, String), SecretManifest>,
+    /// ConfigMaps (their `data`), by (namespace, name): the offline key sets of trusted issuers.
+    pub config_maps: HashMap<(String, String), SecretManifest>,
 }
 
 fn file_error(file: &Path, message: impl Into<String>) -> ManifestError {
@@ -180,6 +182,20 @@ impl Manifests {
                 }
                 self.secrets.insert((namespace, name), SecretManifest { file: file.to_path_buf(), data });
             }
+            // Offline key sets of trusted issuers (`spec.trustedIssuers[].jwks.configMapRef`).
+            "ConfigMap" => {
+                let mut data = BTreeMap::new();
+                if let Some(Value::Mapping(map)) = value.get("data") {
+                    for (k, v) in map {
+                        let key = k.as_str().unwrap_or_default().to_string();
+                        let Some(s) = v.as_str() else {
+                            return Err(err(&format!("data.{key}"), "must be a string".into()));
+                        };
+                        data.insert(key, s.as_bytes().to_vec());
+                    }
+                }
+                self.config_maps.insert((namespace, name), SecretManifest { file: file.to_path_buf(), data });
+            }
             other => {
                 tracing::info!(file = %file.display(), kind = other, "ignoring an object of a kind kubetoken does not read")
             }
@@ -189,6 +205,10 @@ impl Manifests {
 
     pub fn secret(&self, namespace: &str, name: &str) -> Option<&SecretManifest> {
         self.secrets.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    pub fn config_map(&self, namespace: &str, name: &str) -> Option<&SecretManifest> {
+        self.config_maps.get(&(namespace.to_string(), name.to_string()))
     }
 }
 

@@ -29,6 +29,8 @@ pub struct StandaloneOptions {
     pub policies: crate::core::service::ServicePolicies,
     /// The token state in PostgreSQL rather than in the state directory's log.
     pub postgres: Option<crate::storage::postgres::PgOptions>,
+    /// Fetches trusted issuers' key sets (`jwksUri`); None: only offline key sets work.
+    pub key_sets: Option<std::sync::Arc<crate::federation::key_sets::KeySets>>,
 }
 
 /// The secrets of the applications in the manifests, fetched from (or made once in) PostgreSQL, so that every
@@ -202,7 +204,23 @@ fn build_application(
         .and_then(|alg| SigningKey::from_pkcs8(alg, &der))
         .map_err(|e| format!("{}: signing key: {e}", m.object()))?;
 
+    // Offline key sets of trusted issuers: a ConfigMap of the manifests.
+    let mut key_sets = HashMap::new();
+    for r in spec.key_set_config_maps() {
+        let read = match manifests.config_map(ns, &r.name) {
+            None => Err(format!("ConfigMap {ns}/{} is not in the manifests", r.name)),
+            Some(cm) => cm
+                .data
+                .get(r.key())
+                .and_then(|v| utf8(v))
+                .ok_or_else(|| format!("{}: ConfigMap {ns}/{}: data.{}: missing", cm.file.display(), r.name, r.key()))
+                .and_then(|json| crate::api::v1alpha1::parse_key_set(&json)),
+        };
+        key_sets.insert(r.name.clone(), read);
+    }
+
     spec.application(ApplicationParts {
+        key_sets,
         name: format!("{ns}/{name}"),
         client_id,
         client_secrets: vec![client_secret],
@@ -273,7 +291,10 @@ pub async fn prepare(opts: &StandaloneOptions, issuer: String) -> Result<Prepare
         registry,
         store.token_store(),
         clock,
-        crate::passwords::service_config(issuer, opts.policies),
+        crate::core::service::ServiceConfig {
+            key_sets: opts.key_sets.clone().map(|k| k as std::sync::Arc<dyn crate::core::assertion::KeySetSource>),
+            ..crate::passwords::service_config(issuer, opts.policies)
+        },
     );
     Ok(Prepared { service: Arc::new(service), store, metrics, generated })
 }

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 
 use crate::core::lockout::SharedFailure;
-use crate::core::model::{LivePair, RefreshGrant, Subject, TokenId, TokenKey};
+use crate::core::model::{FederatedUser, LivePair, RefreshGrant, Subject, TokenId, TokenKey};
 use crate::core::scope::ScopeSet;
 use crate::core::state::Record;
 
@@ -138,6 +138,10 @@ impl Encoder {
             Subject::User(u) => {
                 self.out.push(1);
                 self.string(u);
+            }
+            Subject::Federated(f) => {
+                self.out.push(2);
+                self.string(f.stored());
             }
         }
         self.scopes(&k.scopes);
@@ -267,6 +271,10 @@ impl Decoder<'_> {
         let subject = match self.byte()? {
             0 => Subject::Client,
             1 => Subject::User(self.string()?),
+            2 => match FederatedUser::from_stored(&self.string()?) {
+                Some(f) => Subject::Federated(f),
+                None => return self.fail("a federated subject without its issuer"),
+            },
             _ => return self.fail("unknown subject kind"),
         };
         Ok(TokenKey { client_id, subject, scopes: self.scopes()? })

@@ -308,6 +308,7 @@ async fn a_refresh_that_timed_out_succeeds_when_retried_once_the_store_recovers(
     );
     let digest = PasswordDigest::parse(&bcrypt::hash("pw", 4).expect("hash")).expect("digest");
     let app = Application::new(ApplicationConfig {
+        trusted_issuers: Vec::new(),
         name: "apps/shop".into(),
         client_id: "shop-client".into(),
         client_secrets: vec!["s3cret".into()],

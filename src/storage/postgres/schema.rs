@@ -11,9 +11,10 @@ use tokio_postgres::Client;
 const MIGRATION_LOCK: i64 = 0x6b75_6265_746f_6b6e;
 
 /// The migrations, in order. Never edit one that was released: add the next.
-pub const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "
     -- One row per token key: the per-device key (client, subject, scope set) is the primary key, as WSO2 keeps it
     -- unique; its prefix (client, subject) serves the device cap's lookup of one user's keys.
     CREATE TABLE kubetoken_token_pairs (
@@ -51,7 +52,20 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
         value bytea NOT NULL
     );
     ",
-)];
+    ),
+    (
+        2,
+        "
+    -- Assertions of trusted issuers already used (jwt-bearer, token exchange), by a digest of their replay id, until
+    -- they expire: every replica refuses a replay.
+    CREATE TABLE kubetoken_used_assertions (
+        id         bytea  PRIMARY KEY,
+        expires_at bigint NOT NULL
+    );
+    CREATE INDEX kubetoken_used_assertions_expiry ON kubetoken_used_assertions (expires_at);
+    ",
+    ),
+];
 
 /// The newest schema this binary knows.
 pub fn latest() -> i32 {

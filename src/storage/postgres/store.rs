@@ -20,9 +20,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{schema, tls};
-use crate::core::clock::Clock;
+use crate::core::clock::{Clock, UnixTime};
 use crate::core::lockout::SharedFailure;
-use crate::core::model::{Change, LivePair, SharedKey, Subject, TokenId, TokenKey};
+use crate::core::model::{Change, FederatedUser, LivePair, SharedKey, Subject, TokenId, TokenKey};
 use crate::core::scope::ScopeSet;
 use crate::core::store::{Lookup, StoreError, StoreFuture, TokenStore};
 use crate::metrics::Histogram;
@@ -173,6 +173,7 @@ fn db(e: &tokio_postgres::Error) -> StoreError {
 fn subject_text(s: &Subject) -> String {
     match s {
         Subject::User(u) => format!("u:{u}"),
+        Subject::Federated(f) => format!("f:{}", f.stored()),
         Subject::Client => "c".into(),
     }
 }
@@ -180,7 +181,11 @@ fn subject_text(s: &Subject) -> String {
 fn subject_of(text: &str) -> Option<Subject> {
     match text {
         "c" => Some(Subject::Client),
-        other => other.strip_prefix("u:").map(|u| Subject::User(u.to_string())),
+        other => match other.split_at_checked(2) {
+            Some(("u:", u)) => Some(Subject::User(u.to_string())),
+            Some(("f:", f)) => FederatedUser::from_stored(f).map(Subject::Federated),
+            _ => None,
+        },
     }
 }
 
@@ -363,7 +368,8 @@ impl PgStore {
             }
             Lookup::User { client_id, username } => {
                 let sql = format!("SELECT {COLUMNS} FROM kubetoken_token_pairs WHERE client_id = $1 AND subject = $2");
-                let rows = self.query(&sql, &[&client_id, &format!("u:{username}")]).await?;
+                let subject = subject_text(&Subject::user_from_stored(username));
+                let rows = self.query(&sql, &[&client_id, &subject]).await?;
                 let pairs = rows.iter().map(row_pair).collect::<Result<Vec<_>, _>>()?;
                 self.cache().users.insert((client_id.to_string(), username.to_string()), (pairs, now));
             }
@@ -711,6 +717,29 @@ impl TokenStore for PgStore {
         true
     }
 
+    /// One row per used assertion, its primary key deciding between replicas: the insert that finds the row there
+    /// (and not expired) is the replay.
+    fn remember_assertion<'a>(&'a self, _client_id: &'a str, id: &'a str, until: UnixTime) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            // A digest: fixed size, and free of the NUL bytes a replay id holds (text cannot).
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, id.as_bytes()).as_ref().to_vec();
+            let until = i64::try_from(until).unwrap_or(i64::MAX);
+            let now = i64::try_from(self.clock.now()).unwrap_or(i64::MAX);
+            // An expired row (not yet deleted by expiry) is taken over: that assertion is refused as expired anyway.
+            let rows = self
+                .run(
+                    "INSERT INTO kubetoken_used_assertions (id, expires_at) VALUES ($1, $2)
+                     ON CONFLICT (id) DO UPDATE SET expires_at = EXCLUDED.expires_at
+                         WHERE kubetoken_used_assertions.expires_at <= $3
+                     RETURNING 1",
+                    &[&digest, &until, &now],
+                    true,
+                )
+                .await?;
+            Ok(!rows.is_empty())
+        })
+    }
+
     fn share_failure(&self, failure: SharedFailure) {
         let pool = self.pool.clone();
         let origin = self.options.origin.clone();
@@ -757,6 +786,14 @@ async fn expire(store: std::sync::Weak<PgStore>) {
                 }
             }
         }
+        let _ = store
+            .run(
+                "DELETE FROM kubetoken_used_assertions WHERE id IN (
+                     SELECT id FROM kubetoken_used_assertions WHERE expires_at < $1 LIMIT $2) RETURNING 1",
+                &[&now, &EXPIRY_BATCH],
+                false,
+            )
+            .await;
         let hour_ago = now.saturating_sub(3600);
         let _ = store
             .run(
