@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod cluster;
+pub mod issuer;
 pub mod postgres;
 pub mod rbac;
 pub mod tls;
