@@ -6,10 +6,12 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::cluster::{Cluster, ControllerProcess, b64, condition, eventually, kids};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kubetoken::api::v1alpha1::OAuthApplication;
@@ -608,7 +610,7 @@ async fn an_application_naming_its_sidecar_service_account_gets_a_role_and_bindi
     let role = roles.get("shop-kubetoken-sidecar").await.expect("role");
     let uid = app.uid().expect("uid");
     assert!(role.owner_references().iter().any(|o| o.uid == uid), "owned by the application");
-    let expected = kubetoken::controller::sidecar_access::rules("shop", "shop-credentials", None);
+    let expected = kubetoken::controller::sidecar_access::rules("shop", "shop-credentials", None, &[]);
     assert_eq!(role.rules.as_ref(), Some(&expected));
     let binding = bindings.get("shop-kubetoken-sidecar").await.expect("binding");
     assert_eq!(binding.role_ref.name, "shop-kubetoken-sidecar");
@@ -642,4 +644,218 @@ async fn an_application_naming_its_sidecar_service_account_gets_a_role_and_bindi
     .await;
     assert_eq!(condition(&kiosk, "SidecarAccessReady").map(|c| c.0), Some("False".into()));
     assert_eq!(roles.get("kiosk-kubetoken-sidecar").await.expect("role").rules, Some(vec![]), "not overwritten");
+}
+
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+/// The message of a condition.
+fn message(app: &OAuthApplication, type_: &str) -> String {
+    app.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+/// Waits until the application's `TrustedIssuersReady` has `status` while `Ready` is True.
+async fn trusted_issuers_ready(c: &Cluster, app: &str, status: &str) -> OAuthApplication {
+    eventually(&format!("{app}: TrustedIssuersReady {status} and Ready True"), Duration::from_secs(30), || async {
+        let a = c.apps().get(app).await.ok()?;
+        (condition(&a, "TrustedIssuersReady")?.0 == status && condition(&a, "Ready")?.0 == "True").then_some(a)
+    })
+    .await
+}
+
+/// A trusted issuer's key-set endpoint on the loopback (plain HTTP, which kubetoken allows there): one ES256 key, and
+/// a count of the requests it answered.
+async fn serve_key_set() -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/realms/shop/certs", listener.local_addr().expect("addr"));
+    let body = key_set_json();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let (body, counted) = (body.clone(), counted.clone());
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(response.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    (url, requests)
+}
+
+/// A JWK Set of one fresh ES256 public key.
+fn key_set_json() -> String {
+    use kubetoken::core::signing::{Algorithm, SigningKey};
+    let pkcs8 = SigningKey::generate_pkcs8(Algorithm::ES256).expect("generate");
+    let key = SigningKey::from_pkcs8(Algorithm::ES256, &pkcs8).expect("parse");
+    json!({"keys": [serde_json::to_value(key.public_jwk()).expect("jwk")]}).to_string()
+}
+
+/// A trusted issuer's `jwksUri` that cannot be fetched makes `TrustedIssuersReady` False with reason
+/// `KeySetUnavailable`, naming the issuer and why, and leaves the application Ready (the password and
+/// client_credentials grants still work, and sidecars keep a set they hold). Once the key set can be fetched it is
+/// True, and the issuer is asked once however often the application is reconciled: the controller goes through the
+/// key-set cache. Without trusted issuers the condition goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_issuers_ready_follows_whether_the_key_set_can_be_fetched_without_un_readying() {
+    let c = Cluster::new("issuers").await;
+    // A CA file that cannot be read stops the controller at once, naming it.
+    let out = Command::new(common::cluster::BIN)
+        .args(["controller", "--issuer-ca-file", "/nonexistent/ca.pem"])
+        .env("KUBECONFIG", &c.kubeconfig)
+        .output()
+        .expect("run the controller");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--issuer-ca-file /nonexistent/ca.pem"), "{stderr}");
+
+    let controller = c.controller("c1");
+    let (jwks_uri, requests) = serve_key_set().await;
+    let issuer = "https://idp.example/realms/shop";
+    let trusting = |uri: &str| {
+        json!({"grantTypes": ["client_credentials", JWT_BEARER],
+            "trustedIssuers": [{"issuer": issuer, "jwksUri": uri, "audiences": ["shop"]}]})
+    };
+    // Nothing listens on port 1 of the loopback.
+    c.create_app("fed", trusting("http://127.0.0.1:1/certs")).await;
+    let down = trusted_issuers_ready(&c, "fed", "False").await;
+    assert_eq!(condition(&down, "TrustedIssuersReady").map(|c| c.1), Some("KeySetUnavailable".into()));
+    let why = message(&down, "TrustedIssuersReady");
+    assert!(why.contains(issuer) && why.contains("http://127.0.0.1:1/certs"), "{why}");
+
+    let patch = json!({"spec": trusting(&jwks_uri)});
+    c.apps().patch("fed", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch");
+    let up = trusted_issuers_ready(&c, "fed", "True").await;
+    assert_eq!(condition(&up, "TrustedIssuersReady").map(|c| c.1), Some("KeySetsAvailable".into()));
+
+    // Three more reconciles (each awaited through the controller's count) ask the issuer nothing more.
+    let reconciles = || controller.metric("kubetoken_controller_reconciles_total").unwrap_or(0.0);
+    for i in 0..3 {
+        let before = reconciles();
+        let touch = json!({"metadata": {"annotations": {"test/touch": i.to_string()}}});
+        c.apps().patch("fed", &PatchParams::default(), &Patch::Merge(&touch)).await.expect("touch");
+        eventually("the controller reconciled after the touch", Duration::from_secs(20), || async {
+            (reconciles() > before).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "the key set was fetched once");
+
+    let patch = json!({"spec": {"grantTypes": ["client_credentials"], "trustedIssuers": null}});
+    c.apps().patch("fed", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch");
+    eventually("TrustedIssuersReady is removed", Duration::from_secs(20), || async {
+        let a = c.apps().get("fed").await.ok()?;
+        (a.status.as_ref()?.observed_generation == a.metadata.generation
+            && condition(&a, "TrustedIssuersReady").is_none())
+        .then_some(())
+    })
+    .await;
+}
+
+/// An offline key set (`jwks.configMapRef`): `TrustedIssuersReady` is False, naming the issuer and the ConfigMap,
+/// while the ConfigMap is missing or lacks its key, and True once it holds a key set; Ready all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_issuers_ready_follows_the_offline_key_set_config_map() {
+    let c = Cluster::new("offline-keys").await;
+    let _controller = c.controller("c1");
+    let spec = json!({"grantTypes": [JWT_BEARER], "trustedIssuers": [{"issuer": "https://idp.example/realms/shop",
+        "jwks": {"configMapRef": {"name": "idp-keys"}}, "audiences": ["shop"]}]});
+    c.create_app("offline", spec).await;
+    let missing = trusted_issuers_ready(&c, "offline", "False").await;
+    assert_eq!(condition(&missing, "TrustedIssuersReady").map(|c| c.1), Some("KeySetUnavailable".into()));
+    let why = message(&missing, "TrustedIssuersReady");
+    assert!(why.contains("https://idp.example/realms/shop") && why.contains("idp-keys"), "{why}");
+
+    let keyless: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "idp-keys"}, "data": {"other.json": "{}"}})).expect("cm");
+    c.config_maps().create(&PostParams::default(), &keyless).await.expect("create");
+    eventually("the missing key is reported", Duration::from_secs(20), || async {
+        let a = c.apps().get("offline").await.ok()?;
+        message(&a, "TrustedIssuersReady").contains("has no key jwks.json").then_some(())
+    })
+    .await;
+
+    let patch = json!({"data": {"jwks.json": key_set_json()}});
+    c.config_maps().patch("idp-keys", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch");
+    trusted_issuers_ready(&c, "offline", "True").await;
+}
+
+/// A users Secret holding 80 % or more of the 1 MiB the API server lets a Secret have: `UsersReady` stays True with
+/// reason `NearSizeLimit`, the count and the size in its message, and a Warning event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_secret_near_the_size_limit_is_reported_and_stays_ready() {
+    let c = Cluster::new("big-users").await;
+    let _controller = c.controller("c1");
+    // One bcrypt (cost 4) hash for all: the parser checks its form, and only a sidecar ever verifies one.
+    let hash = "$2b$04$abcdefghijklmnopqrstuuQ3pUUIW3ZiBGpP0jkC0IQ3uzx7dPpaa";
+    let users: String =
+        (0..7_200).map(|i| format!("- {{username: user-{i:05}, passwordHash: '{hash}', roles: [reader]}}\n")).collect();
+    let size = users.len() + "users.yaml".len();
+    assert!((838_861..1_048_576).contains(&size), "the Secret is 80-100 % of 1 MiB: {size} bytes");
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "big-users"}, "stringData": {"users.yaml": users}}))
+            .expect("secret");
+    c.secrets().create(&PostParams::default(), &secret).await.expect("create users");
+    c.create_app("big", json!({"grantTypes": ["password"], "users": {"secretRef": {"name": "big-users"}}})).await;
+    let app = eventually("UsersReady NearSizeLimit", Duration::from_secs(30), || async {
+        let a = c.apps().get("big").await.ok()?;
+        (condition(&a, "UsersReady")?.1 == "NearSizeLimit").then_some(a)
+    })
+    .await;
+    assert_eq!(condition(&app, "UsersReady").map(|c| c.0), Some("True".into()));
+    let text = message(&app, "UsersReady");
+    let percent = size * 100 / 1_048_576;
+    assert!(text.contains("7,200 users in") && text.contains(&format!("{percent} % of the 1 MiB")), "{text}");
+    assert!(text.contains("spec.trustedIssuers"), "{text}");
+    c.ready("big").await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.client.clone(), &c.namespace);
+    eventually("a UsersSecretNearSizeLimit event", Duration::from_secs(20), || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items.iter().any(|e| e.reason.as_deref() == Some("UsersSecretNearSizeLimit")).then_some(())
+    })
+    .await;
+}
+
+/// The sidecar Role the controller keeps grants reading and watching the ConfigMap of an offline key set, by
+/// name only, besides the rest of the sidecar's access.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_managed_sidecar_role_names_the_key_set_config_map() {
+    use k8s_openapi::api::rbac::v1::Role;
+    let c = Cluster::new("sidecar-keys").await;
+    let _controller = c.controller("c1");
+    let spec = json!({"grantTypes": [JWT_BEARER], "sidecar": {"serviceAccountName": "shop-app"},
+        "trustedIssuers": [{"issuer": "https://idp.example", "jwks": {"configMapRef": {"name": "idp-keys", "key": "k.json"}},
+            "audiences": ["shop"]}]});
+    c.create_app("keys", spec).await;
+    eventually("SidecarAccessReady", Duration::from_secs(20), || async {
+        let a = c.apps().get("keys").await.ok()?;
+        (condition(&a, "SidecarAccessReady")?.0 == "True").then_some(())
+    })
+    .await;
+    let roles: Api<Role> = Api::namespaced(c.client.clone(), &c.namespace);
+    let rules = roles.get("keys-kubetoken-sidecar").await.expect("role").rules.unwrap_or_default();
+    let key_set = rules
+        .iter()
+        .find(|r| r.resource_names.as_deref() == Some(&["idp-keys".to_string()][..]))
+        .unwrap_or_else(|| panic!("no rule names the key-set ConfigMap: {rules:#?}"));
+    assert_eq!(key_set.resources.as_deref(), Some(&["configmaps".to_string()][..]));
+    assert_eq!(key_set.verbs, vec!["get", "list", "watch"]);
+    let expected = kubetoken::controller::sidecar_access::rules("keys", "keys-credentials", None, &["idp-keys".into()]);
+    assert_eq!(rules, expected);
 }

@@ -3,62 +3,15 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::issuer::{TestIssuer, key, now};
+use common::issuer::{TestIssuer, key, manifests, now, trusting};
 use common::{SHOP, Server, get};
 use kubetoken::core::signing::Algorithm;
 use serde_json::json;
 
-const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-const ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+use common::issuer::{ID_TOKEN, JWT_BEARER, TOKEN_EXCHANGE};
 const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
-
-/// The shop application trusting `issuer_block` (YAML lines under `trustedIssuers:`), with a local user too.
-fn manifests(dir: &Path, format: &str, issuer_block: &str, extra_docs: &str) {
-    let users = std::fs::read_to_string(common::examples_dir().join("shop.yaml")).expect("shop example");
-    let users_secret = users.split("---").find(|d| d.contains("users.yaml:")).expect("users secret");
-    let yaml = format!(
-        "apiVersion: kubetoken.io/v1alpha1
-kind: OAuthApplication
-metadata: {{name: shop, namespace: default}}
-spec:
-  grantTypes: [{JWT_BEARER}, {TOKEN_EXCHANGE}, refresh_token, password]
-  tokenFormat: {format}
-  audience: [shop-api]
-  maxTokenKeysPerUser: 10
-  scopes:
-    - {{name: \"orders:read\", roles: [customer, admin]}}
-    - {{name: \"orders:admin\", roles: [admin]}}
-  users: {{secretRef: {{name: shop-users}}}}
-  credentials: {{secretName: shop-credentials}}
-  trustedIssuers:
-{issuer_block}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: shop-credentials, namespace: default}}
-stringData: {{client_id: shop-app, client_secret: shop-secret-change-me}}
----{users_secret}---
-{extra_docs}"
-    );
-    std::fs::write(dir.join("shop.yaml"), yaml).expect("write manifests");
-}
-
-fn trusting(issuer: &TestIssuer) -> String {
-    format!(
-        "    - issuer: {}
-      jwksUri: {}
-      audiences: [shop]
-      usernameClaim: preferred_username
-      rolesClaim: realm_access.roles
-      allowedAlgorithms: [ES256]
-      maxAssertionAge: 10m",
-        issuer.issuer, issuer.jwks_uri
-    )
-}
 
 struct Setup {
     issuer: TestIssuer,

@@ -553,3 +553,55 @@ async fn a_group_commit_whose_answer_never_comes_is_decided_by_reading_its_rows_
         .expect("row");
     assert_eq!(row.get::<_, Vec<u8>>(0), vec![3u8; 16]);
 }
+
+/// Federated users over two instances sharing one database: an assertion is one grant across the fleet, and a
+/// subject token one exchange per token key, whichever instance sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_issuers_assertion_used_at_one_instance_is_refused_at_the_other() {
+    use common::issuer::{ID_TOKEN, JWT_BEARER, TOKEN_EXCHANGE, TestIssuer, manifests, trusting};
+    use serde_json::json;
+    let pg = Postgres::start();
+    let url = pg.database().await;
+    let issuer = TestIssuer::start();
+    let dir = tempfile::tempdir().expect("dir");
+    let manifests_dir = dir.path().join("manifests");
+    std::fs::create_dir(&manifests_dir).expect("mkdir");
+    manifests(&manifests_dir, "JWT", &trusting(&issuer), "");
+    let ca = dir.path().join("ca.pem");
+    issuer.write_ca(&ca);
+    let args = ["--postgres", &url, "--issuer-ca-file", ca.to_str().expect("path")];
+    let a = common::Server::start(&manifests_dir, &dir.path().join("a"), &args);
+    let b = common::Server::start(&manifests_dir, &dir.path().join("b"), &args);
+    let bearer = |s: &common::Server, assertion: &str, scope: &str| {
+        s.token(common::SHOP, &[("grant_type", JWT_BEARER), ("assertion", assertion), ("scope", scope)])
+    };
+    let exchange = |s: &common::Server, token: &str, scope: &str| {
+        s.token(
+            common::SHOP,
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", token),
+                ("subject_token_type", ID_TOKEN),
+                ("scope", scope),
+            ],
+        )
+    };
+    let assertion = issuer.jwt("carol", &[], json!({}));
+    let first = bearer(&a, &assertion, "device_ipad");
+    assert_eq!(first.status, 200, "{}", first.body);
+    let replay = bearer(&b, &assertion, "device_iphone");
+    assert_eq!((replay.status, replay.error()), (400, "invalid_grant".to_string()), "{}", replay.body);
+
+    let id_token = issuer.jwt("carol", &[], json!({}));
+    assert_eq!(exchange(&a, &id_token, "device_tv").status, 200);
+    let other_device = exchange(&b, &id_token, "device_watch");
+    assert_eq!(other_device.status, 200, "another token key: {}", other_device.body);
+    assert_eq!(exchange(&b, &id_token, "device_tv").error(), "invalid_grant", "the same exchange at the other");
+
+    // The federated user's iPad token issued at one instance is superseded by the one issued at the other.
+    let ipad = first.field("access_token");
+    let again = bearer(&b, &issuer.jwt("carol", &[], json!({})), "device_ipad");
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert!(!a.active(common::SHOP, &ipad) && !b.active(common::SHOP, &ipad));
+    assert!(a.active(common::SHOP, &again.field("access_token")));
+}

@@ -85,11 +85,23 @@ impl std::fmt::Debug for ClientCredentials {
 }
 
 pub enum Grant {
-    Password { username: String, password: String, scope: Option<String> },
-    ClientCredentials { scope: Option<String> },
-    RefreshToken { refresh_token: String, scope: Option<String> },
+    Password {
+        username: String,
+        password: String,
+        scope: Option<String>,
+    },
+    ClientCredentials {
+        scope: Option<String>,
+    },
+    RefreshToken {
+        refresh_token: String,
+        scope: Option<String>,
+    },
     /// RFC 7523 section 2.1.
-    JwtBearer { assertion: String, scope: Option<String> },
+    JwtBearer {
+        assertion: String,
+        scope: Option<String>,
+    },
     /// RFC 8693 section 2.1.
     TokenExchange(TokenExchange),
 }
@@ -561,7 +573,9 @@ impl TokenService {
                 };
                 let unavailable = |why: String| {
                     tracing::warn!(issuer = %trusted.issuer, key_set = %uri, error = %why, "a trusted issuer's key set is unavailable");
-                    OAuthError::TemporarilyUnavailable("the trusted issuer's key set cannot be fetched; retry later".into())
+                    OAuthError::TemporarilyUnavailable(
+                        "the trusted issuer's key set cannot be fetched; retry later".into(),
+                    )
                 };
                 let set = source.key_set(uri, false).await.map_err(unavailable)?;
                 match assertion::verify(token, trusted, &set, now) {

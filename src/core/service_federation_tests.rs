@@ -181,7 +181,8 @@ async fn a_jwt_bearer_assertion_gives_per_device_tokens_with_role_checked_scopes
 #[tokio::test]
 async fn a_federated_user_is_not_the_local_user_of_the_same_name() {
     let f = fed(TokenFormat::Jwt);
-    let local = Grant::Password { username: "alice".into(), password: "alice-pw".into(), scope: Some("device_ipad".into()) };
+    let local =
+        Grant::Password { username: "alice".into(), password: "alice-pw".into(), scope: Some("device_ipad".into()) };
     let local = f.service.token(&client(), local).await.expect("local alice");
     let federated = f.bearer(&f.assertion("alice", &[], json!({})), "device_ipad").await.expect("federated alice");
     assert!(f.introspect(&local.access_token).await.is_some(), "the local user's token is not superseded");
@@ -252,7 +253,8 @@ async fn a_federated_refresh_keeps_the_login_roles_and_rechecks_what_it_can() {
         None,
     );
     let f = Fed { idp, ..f };
-    let login = f.bearer(&f.assertion("alice", &["customer"], json!({})), "device_ipad orders:read").await.expect("login");
+    let login =
+        f.bearer(&f.assertion("alice", &["customer"], json!({})), "device_ipad orders:read").await.expect("login");
     let refresh = |t: &str| Grant::RefreshToken { refresh_token: t.into(), scope: None };
     let next = f.service.token(&client(), refresh(login.refresh_token.as_deref().expect("rt"))).await.expect("refresh");
     // The roles checked at login stand: there is no assertion to read them again from.
@@ -261,9 +263,8 @@ async fn a_federated_refresh_keeps_the_login_roles_and_rechecks_what_it_can() {
     assert_eq!(claims.idp.as_deref(), Some(IDP));
 
     // The application no longer trusts the issuer: its users' refresh tokens are refused.
-    f.service.set_registry(
-        Registry::new(vec![application("shop", TokenFormat::Jwt, FEDERATED, vec![])]).expect("registry"),
-    );
+    f.service
+        .set_registry(Registry::new(vec![application("shop", TokenFormat::Jwt, FEDERATED, vec![])]).expect("registry"));
     let e = f.service.token(&client(), refresh(next.refresh_token.as_deref().expect("rt"))).await.expect_err("gone");
     assert_eq!(e.code(), "invalid_grant");
     assert!(e.description().contains("no longer trusted"), "{}", e.description());
@@ -305,7 +306,10 @@ async fn the_grants_refuse_what_they_cannot_accept_with_the_right_error() {
     let bad = [
         (TokenExchange { subject_token_type: "urn:x".into(), ..Default::default() }, "invalid_request"),
         (TokenExchange { actor_token: Some("a".into()), ..Default::default() }, "invalid_request"),
-        (TokenExchange { requested_token_type: Some(TOKEN_TYPE_ID_TOKEN.into()), ..Default::default() }, "invalid_request"),
+        (
+            TokenExchange { requested_token_type: Some(TOKEN_TYPE_ID_TOKEN.into()), ..Default::default() },
+            "invalid_request",
+        ),
         (TokenExchange { audience: vec!["someone-else".into()], ..Default::default() }, "invalid_target"),
         (TokenExchange { resource: vec!["https://other.test".into()], ..Default::default() }, "invalid_target"),
     ];
@@ -335,12 +339,8 @@ async fn the_grants_refuse_what_they_cannot_accept_with_the_right_error() {
 #[tokio::test]
 async fn a_client_without_the_grant_is_unauthorized() {
     let idp = key();
-    let app = application(
-        "shop",
-        TokenFormat::Jwt,
-        &[GrantType::JwtBearer],
-        vec![trusted(KeySource::Fixed(set(&[&idp])))],
-    );
+    let app =
+        application("shop", TokenFormat::Jwt, &[GrantType::JwtBearer], vec![trusted(KeySource::Fixed(set(&[&idp])))]);
     let f = Fed { idp, ..fed_with(app, key(), Arc::new(MemoryStore::default()), None) };
     let e = f.exchange(&f.assertion("alice", &[], json!({})), "").await.expect_err("no token exchange");
     assert_eq!(e.code(), "unauthorized_client");
@@ -373,7 +373,12 @@ async fn a_key_the_held_set_lacks_is_looked_for_once_more_at_the_source() {
     let (old, new) = (key(), key());
     let source =
         Arc::new(RotatingSource { sets: vec![set(&[&old]), set(&[&new])], fetches: 0.into(), refetches: 0.into() });
-    let app = application("shop", TokenFormat::Jwt, FEDERATED, vec![trusted(KeySource::Uri("https://idp.test/certs".into()))]);
+    let app = application(
+        "shop",
+        TokenFormat::Jwt,
+        FEDERATED,
+        vec![trusted(KeySource::Uri("https://idp.test/certs".into()))],
+    );
     let f = Fed { idp: old, ..fed_with(app, key(), Arc::new(MemoryStore::default()), Some(source.clone())) };
     f.bearer(&f.assertion("alice", &[], json!({})), "device_a").await.expect("the old key");
     assert_eq!(source.refetches.load(Ordering::SeqCst), 0);
@@ -388,7 +393,12 @@ async fn a_key_the_held_set_lacks_is_looked_for_once_more_at_the_source() {
 #[tokio::test]
 async fn an_unreachable_key_set_is_temporarily_unavailable_not_the_clients_fault() {
     let source = Arc::new(RotatingSource { sets: vec![], fetches: 0.into(), refetches: 0.into() });
-    let app = application("shop", TokenFormat::Jwt, FEDERATED, vec![trusted(KeySource::Uri("https://idp.test/certs".into()))]);
+    let app = application(
+        "shop",
+        TokenFormat::Jwt,
+        FEDERATED,
+        vec![trusted(KeySource::Uri("https://idp.test/certs".into()))],
+    );
     let f = fed_with(app, key(), Arc::new(MemoryStore::default()), Some(source));
     let e = f.bearer(&f.assertion("alice", &[], json!({})), "").await.expect_err("no key set");
     assert_eq!(e.code(), "temporarily_unavailable");
@@ -428,13 +438,9 @@ async fn a_shared_store_refuses_an_assertion_used_at_another_server_and_an_outag
     let f = Fed { idp, ..fed_with(app, key(), store.clone(), None) };
     let assertion = f.assertion("alice", &[], json!({}));
     // Another server used it: the store says so.
-    let verified = crate::core::assertion::verify(
-        &assertion,
-        &trusted(KeySource::Fixed(set(&[&f.idp]))),
-        &set(&[&f.idp]),
-        T0,
-    )
-    .expect("valid");
+    let verified =
+        crate::core::assertion::verify(&assertion, &trusted(KeySource::Fixed(set(&[&f.idp]))), &set(&[&f.idp]), T0)
+            .expect("valid");
     store.used_elsewhere.lock().expect("lock").push(verified.replay_id);
     assert_eq!(f.bearer(&assertion, "").await.expect_err("used elsewhere").code(), "invalid_grant");
 

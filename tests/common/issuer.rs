@@ -16,6 +16,54 @@ use serde_json::{Value, json};
 
 use super::tls::TestCa;
 
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+
+/// The shop application trusting `issuer_block` (YAML lines under `trustedIssuers:`), with a local user too.
+pub fn manifests(dir: &Path, format: &str, issuer_block: &str, extra_docs: &str) {
+    let users = std::fs::read_to_string(super::examples_dir().join("shop.yaml")).expect("shop example");
+    let users_secret = users.split("---").find(|d| d.contains("users.yaml:")).expect("users secret");
+    let yaml = format!(
+        "apiVersion: kubetoken.io/v1alpha1
+kind: OAuthApplication
+metadata: {{name: shop, namespace: default}}
+spec:
+  grantTypes: [{JWT_BEARER}, {TOKEN_EXCHANGE}, refresh_token, password]
+  tokenFormat: {format}
+  audience: [shop-api]
+  maxTokenKeysPerUser: 10
+  scopes:
+    - {{name: \"orders:read\", roles: [customer, admin]}}
+    - {{name: \"orders:admin\", roles: [admin]}}
+  users: {{secretRef: {{name: shop-users}}}}
+  credentials: {{secretName: shop-credentials}}
+  trustedIssuers:
+{issuer_block}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: shop-credentials, namespace: default}}
+stringData: {{client_id: shop-app, client_secret: shop-secret-change-me}}
+---{users_secret}---
+{extra_docs}"
+    );
+    std::fs::write(dir.join("shop.yaml"), yaml).expect("write manifests");
+}
+
+pub fn trusting(issuer: &TestIssuer) -> String {
+    format!(
+        "    - issuer: {}
+      jwksUri: {}
+      audiences: [shop]
+      usernameClaim: preferred_username
+      rolesClaim: realm_access.roles
+      allowedAlgorithms: [ES256]
+      maxAssertionAge: 10m",
+        issuer.issuer, issuer.jwks_uri
+    )
+}
+
 pub fn key(alg: Algorithm) -> SigningKey {
     SigningKey::from_pkcs8(alg, &SigningKey::generate_pkcs8(alg).expect("generate")).expect("parse")
 }

@@ -474,6 +474,13 @@ mod tests {
             Record::Set { k: k.clone(), p: Some(pair) },
             Record::Set { k: k.clone(), p: Some(narrowed) },
             Record::Set { k: key(None, "default"), p: None },
+            Record::Set {
+                k: TokenKey {
+                    subject: Subject::Federated(FederatedUser::new("https://idp.test/realms/shop", "alice")),
+                    ..key(None, "device_ipad")
+                },
+                p: None,
+            },
             Record::Failed { f: SharedFailure { user: true, who: "shop/alice\n\u{1b}[31m".into(), at: 5 } },
         ]
     }
@@ -524,6 +531,17 @@ mod tests {
         let n = d.feed(&blob[..blob.len() - 3], |_| {}).expect("feed");
         assert_eq!(n, records.len() - 1);
         assert!(d.finish().expect_err("cut").contains("in the middle of a record"));
+    }
+
+    #[test]
+    fn a_federated_subject_without_its_issuer_is_refused() {
+        let k = key(Some("alice"), "default");
+        let mut blob = encode(&[Record::Set { k, p: None }]);
+        // The subject kind byte precedes the new-string mark and length of the username: make it a federated subject.
+        let at = blob.windows(5).position(|w| w == b"alice").expect("username") - 3;
+        assert_eq!(blob[at], 1, "the user subject kind");
+        blob[at] = 2;
+        assert!(decode(&blob).expect_err("no issuer").contains("federated"));
     }
 
     #[test]

@@ -834,3 +834,24 @@ async fn poll_failures(store: std::sync::Weak<PgStore>) {
         store.failures_in.lock().unwrap_or_else(|p| p.into_inner()).extend(incoming);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_stored_as_text_and_read_back() {
+        for subject in [
+            Subject::Client,
+            Subject::User("alice".into()),
+            Subject::User("f:alice".into()),
+            Subject::Federated(FederatedUser::new("https://idp.test/realms/shop", "alice")),
+        ] {
+            assert_eq!(subject_of(&subject_text(&subject)), Some(subject.clone()), "{subject:?}");
+        }
+        // A federated subject's text holds no NUL (PostgreSQL text cannot), and a user named like one stays a user.
+        assert!(!subject_text(&Subject::Federated(FederatedUser::new("https://i", "u"))).contains('\0'));
+        assert_eq!(subject_of("f:no-issuer"), None);
+        assert_eq!(subject_of("x"), None);
+    }
+}
