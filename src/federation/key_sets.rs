@@ -1,4 +1,4 @@
-//! Trusted issuers' key sets (JWKS), fetched over HTTPS and cached (issue 21): the adapter behind the assertion
+//! Trusted issuers' key sets (JWKS), fetched over HTTPS and cached: the adapter behind the assertion
 //! checks of [`crate::core::assertion`].
 //!
 //! - Fetched over HTTPS, the server checked against the system's roots plus an optional CA bundle; plain HTTP only to
