@@ -100,6 +100,11 @@ struct ControllerArgs {
     /// Tests only: shift the reconciler's clock by the number of seconds in this file (read at every use).
     #[arg(long, hide = true)]
     clock_offset_file: Option<PathBuf>,
+    /// PEM CA certificates trusted (besides the system's) when fetching trusted issuers' key sets (`jwksUri`) for the
+    /// TrustedIssuersReady condition, for an identity provider behind a private CA (default:
+    /// $KUBETOKEN_ISSUER_CA_FILE).
+    #[arg(long)]
+    issuer_ca_file: Option<PathBuf>,
     #[command(flatten)]
     webhook: WebhookArgs,
 }
@@ -369,14 +374,21 @@ struct PostgresArgs {
 impl ServeArgs {
     /// Fetches trusted issuers' key sets, trusting the system's roots and `--issuer-ca-file`.
     fn key_sets(&self) -> Result<std::sync::Arc<kubetoken::federation::key_sets::KeySets>, String> {
-        let file = self.issuer_ca_file.clone().or_else(|| std::env::var_os("KUBETOKEN_ISSUER_CA_FILE").map(PathBuf::from));
-        let pem = file
-            .map(|f| std::fs::read(&f).map_err(|e| format!("--issuer-ca-file {}: {e}", f.display())))
-            .transpose()?;
-        let fetcher = kubetoken::federation::key_sets::KeySetFetcher::new(pem.as_deref())
-            .map_err(|e| format!("--issuer-ca-file: {e}"))?;
-        Ok(std::sync::Arc::new(kubetoken::federation::key_sets::KeySets::new(fetcher)))
+        key_sets(self.issuer_ca_file.clone())
     }
+}
+
+/// Fetches trusted issuers' key sets, trusting the system's roots and the CA bundle in `issuer_ca_file` (default:
+/// $KUBETOKEN_ISSUER_CA_FILE): the token endpoint (standalone, sidecar) and the controller's condition alike.
+fn key_sets(
+    issuer_ca_file: Option<PathBuf>,
+) -> Result<std::sync::Arc<kubetoken::federation::key_sets::KeySets>, String> {
+    let file = issuer_ca_file.or_else(|| std::env::var_os("KUBETOKEN_ISSUER_CA_FILE").map(PathBuf::from));
+    let pem =
+        file.map(|f| std::fs::read(&f).map_err(|e| format!("--issuer-ca-file {}: {e}", f.display()))).transpose()?;
+    let fetcher = kubetoken::federation::key_sets::KeySetFetcher::new(pem.as_deref())
+        .map_err(|e| format!("--issuer-ca-file: {e}"))?;
+    Ok(std::sync::Arc::new(kubetoken::federation::key_sets::KeySets::new(fetcher)))
 }
 
 impl PostgresArgs {
@@ -498,6 +510,8 @@ fn controller(args: ControllerArgs) -> Result<(), String> {
     // The webhook's Service and Secret live in the controller's own namespace (which --lease-namespace may not be).
     let own_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| lease_namespace.clone());
     let webhook = args.webhook.options(&own_namespace);
+    // Read before the runtime starts: a CA file that cannot be read stops the controller with that error.
+    let key_sets = key_sets(args.issuer_ca_file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -514,6 +528,7 @@ fn controller(args: ControllerArgs) -> Result<(), String> {
         },
         namespaces: args.namespaces,
         manage_sidecar_rbac: args.manage_sidecar_rbac,
+        key_sets,
         webhook,
         leader_election: args.leader_election,
         listen: args.listen,

@@ -9,7 +9,12 @@ use crate::core::service::{ServiceConfig, ServicePolicies};
 
 /// The service configuration every server uses: its issuer and limits, passwords checked on the blocking pool.
 pub fn service_config(issuer: impl Into<String>, policies: ServicePolicies) -> ServiceConfig {
-    ServiceConfig { issuer: issuer.into(), policies, passwords: Arc::new(BlockingPoolVerifier::default()), key_sets: None }
+    ServiceConfig {
+        issuer: issuer.into(),
+        policies,
+        passwords: Arc::new(BlockingPoolVerifier::default()),
+        key_sets: None,
+    }
 }
 
 pub struct BlockingPoolVerifier {

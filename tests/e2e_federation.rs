@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::issuer::{TestIssuer, key, manifests, now, trusting};
+use common::strict::{error_response, token_response};
 use common::{SHOP, Server, get};
 use kubetoken::core::signing::Algorithm;
 use serde_json::json;
@@ -55,16 +56,14 @@ fn both_grants_give_per_device_tokens_for_the_identity_providers_users() {
     let s = start("JWT");
     // The app's backend holds the user's ID token and asks for the iPad's token (JWT bearer)...
     let ipad = s.bearer(&s.issuer.jwt("carol", &["customer"], json!({})), "device_ipad orders:read orders:admin");
-    assert_eq!(ipad.status, 200, "{}", ipad.body);
-    let ipad = ipad.json();
+    let ipad = token_response(&ipad, JWT_BEARER);
     assert_eq!(ipad["scope"], "device_ipad orders:read", "orders:admin needs a role carol lacks: dropped");
     assert_eq!(ipad["token_type"], "Bearer");
     assert!(ipad["refresh_token"].is_string());
     assert!(ipad.get("issued_token_type").is_none());
     // ...and for the iPhone's, by token exchange.
     let iphone = s.exchange(&s.issuer.jwt("carol", &["customer"], json!({})), "device_iphone");
-    assert_eq!(iphone.status, 200, "{}", iphone.body);
-    let iphone = iphone.json();
+    let iphone = token_response(&iphone, TOKEN_EXCHANGE);
     assert_eq!(iphone["issued_token_type"], ACCESS_TOKEN);
     assert_eq!(iphone["scope"], "device_iphone");
     let ipad_token = ipad["access_token"].as_str().expect("token");
@@ -83,7 +82,7 @@ fn both_grants_give_per_device_tokens_for_the_identity_providers_users() {
     // Refresh: rotated, the scope kept.
     let rt = ipad2.field("refresh_token");
     let refreshed = s.server.token(SHOP, &[("grant_type", "refresh_token"), ("refresh_token", &rt)]);
-    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    token_response(&refreshed, "refresh_token");
     assert_eq!(refreshed.field("scope"), "device_ipad orders:read");
 
     // The local user alice and the identity provider's alice are two subjects.
@@ -155,10 +154,15 @@ fn every_validation_rule_refuses_with_invalid_grant_and_says_which() {
             "signature does not verify",
         ),
         ("not a JWT", "abc".to_string(), "not a signed JWT"),
+        (
+            "a kid with quotes and a newline",
+            i.unsigned(json!({"alg": "ES256", "kid": "k\"\n\\"}), "carol"),
+            "not in its issuer's key set",
+        ),
     ];
     for (what, assertion, says) in &cases {
         for r in [s.bearer(assertion, "device_x"), s.exchange(assertion, "device_x")] {
-            assert_eq!((r.status, r.error()), (400, "invalid_grant".to_string()), "{what}: {}", r.body);
+            assert_eq!((r.status, error_response(&r)), (400, "invalid_grant".to_string()), "{what}: {}", r.body);
             let description = r.field("error_description");
             assert!(description.contains(says), "{what}: {description}");
             assert!(!description.contains(assertion.as_str()) || assertion.len() < 4, "{what}: the token is echoed");
@@ -173,7 +177,9 @@ fn every_validation_rule_refuses_with_invalid_grant_and_says_which() {
 fn malformed_requests_of_both_grants_are_invalid_request_and_use_nothing_up() {
     let s = start("JWT");
     let id_token = s.issuer.jwt("carol", &[], json!({}));
-    let cases: Vec<(Vec<(&str, &str)>, &str, &str)> = vec![
+    // (form parameters, error, what the description names)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (vec![("grant_type", JWT_BEARER)], "invalid_request", "assertion"),
         (vec![("grant_type", TOKEN_EXCHANGE), ("subject_token_type", ID_TOKEN)], "invalid_request", "subject_token"),
         (vec![("grant_type", TOKEN_EXCHANGE), ("subject_token", &id_token)], "invalid_request", "subject_token_type"),
@@ -216,7 +222,7 @@ fn malformed_requests_of_both_grants_are_invalid_request_and_use_nothing_up() {
     ];
     for (params, code, says) in &cases {
         let r = s.server.token(SHOP, params);
-        assert_eq!((r.status, r.error()), (400, code.to_string()), "{params:?}: {}", r.body);
+        assert_eq!((r.status, error_response(&r)), (400, code.to_string()), "{params:?}: {}", r.body);
         assert!(r.field("error_description").contains(says), "{params:?}: {}", r.body);
     }
     // A repeated parameter is refused before anything is read.
@@ -299,7 +305,7 @@ fn an_unreachable_key_set_is_503_and_a_plain_http_key_set_off_the_loopback_is_re
     manifests(dir.path(), "JWT", &block, "");
     let server = Server::start(dir.path(), &dir.path().join("state"), &[]);
     let r = server.token(SHOP, &[("grant_type", JWT_BEARER), ("assertion", &issuer.jwt("carol", &[], json!({})))]);
-    assert_eq!((r.status, r.error()), (503, "temporarily_unavailable".to_string()), "{}", r.body);
+    assert_eq!((r.status, error_response(&r)), (503, "temporarily_unavailable".to_string()), "{}", r.body);
     assert!(r.header("retry-after").is_some());
     drop(server);
 

@@ -58,6 +58,9 @@ pub struct ControllerOptions {
     pub manage_sidecar_rbac: bool,
     /// Serve the admission webhook (every replica).
     pub webhook: Option<self::webhook::WebhookOptions>,
+    /// Fetches the trusted issuers' key sets (`jwksUri`) for the `TrustedIssuersReady` condition: made once, so
+    /// that its cache spans every reconcile.
+    pub key_sets: Arc<crate::federation::key_sets::KeySets>,
 }
 
 struct Health {
@@ -181,6 +184,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), String> {
         metrics: metrics.clone(),
         failures: self::reconcile::Backoff::default(),
         manage_sidecar_rbac: opts.manage_sidecar_rbac,
+        key_sets: opts.key_sets.clone(),
     });
     // One controller per watched namespace (RBAC then needs only Roles there), or one over all namespaces.
     type Apis = (Api<OAuthApplication>, Api<Secret>, Api<ConfigMap>);

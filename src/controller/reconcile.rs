@@ -28,6 +28,7 @@ use crate::api::v1alpha1::{
     DEFAULT_USERS_KEY, OAuthApplication, OAuthApplicationStatus, ROTATE_CLIENT_SECRET_ANNOTATION,
 };
 use crate::core::clock::{Clock, UnixTime};
+use crate::federation::key_sets::{KeySets, REFETCH_INTERVAL};
 
 pub const MANAGER: &str = "kubetoken-controller";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -51,6 +52,9 @@ const DEFAULT_GRACE_PERIOD: u64 = 3600;
 /// Unowned inputs (a bring-your-own credentials Secret, the users Secret) are not watched: look again this often.
 const RECHECK: u64 = 300;
 const RECHECK_MISSING_INPUT: u64 = 5;
+/// An issuer whose key set could not be fetched: looked at again just after the key-set cache lets it be fetched
+/// again (a second sooner would only read the cached error).
+const RECHECK_KEY_SET: u64 = REFETCH_INTERVAL.as_secs() + 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -79,6 +83,9 @@ pub struct Context {
     pub failures: Backoff,
     /// See [`super::ControllerOptions::manage_sidecar_rbac`].
     pub manage_sidecar_rbac: bool,
+    /// The trusted issuers' key sets (`jwksUri`), shared by every application: its cache bounds how often an issuer
+    /// is asked, however often applications are reconciled.
+    pub key_sets: Arc<KeySets>,
 }
 
 fn now_time(now: UnixTime) -> Time {
@@ -637,7 +644,8 @@ async fn reconcile_sidecar_access(
     let name = super::sidecar_access::role_name(&app_name);
     let credentials = app.spec.credentials_secret_name(&app_name);
     let users = app.spec.users.as_ref().map(|u| u.secret_ref.name.as_str());
-    let rules = super::sidecar_access::rules(&app_name, &credentials, users);
+    let key_sets: Vec<String> = app.spec.key_set_config_maps().map(|r| r.name.clone()).collect();
+    let rules = super::sidecar_access::rules(&app_name, &credentials, users, &key_sets);
     let role_ref = RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: name.clone() };
     let subjects = vec![Subject {
         kind: "ServiceAccount".into(),
@@ -694,7 +702,7 @@ async fn reconcile_sidecar_access(
 }
 
 async fn check_users(app: &OAuthApplication, secrets: &Api<Secret>) -> Result<Outcome, ReconcileError> {
-    const TYPE: &str = "UsersReady";
+    const TYPE: &str = status::USERS_READY;
     let Some(users) = &app.spec.users else {
         return Ok(Outcome {
             finding: Finding::ok(TYPE, "NoUsers", "no users Secret is referenced"),
@@ -720,10 +728,77 @@ async fn check_users(app: &OAuthApplication, secrets: &Api<Secret>) -> Result<Ou
         Ok(u) => u,
         Err(e) => return Ok(missing("InvalidUsers", format!("Secret {name}, key {key}: {e}"))),
     };
-    Ok(Outcome {
-        finding: Finding::ok(TYPE, "UsersLoaded", format!("{} user(s) in Secret {name}", users.len())),
-        recheck_in: Some(RECHECK),
-    })
+    // Keys and values, as the API server's limit counts them (the test server too); decoded, not base64.
+    let size: usize = secret.data.iter().flatten().map(|(k, v)| k.len() + v.0.len()).sum();
+    Ok(Outcome { finding: status::users(name, users.len(), size), recheck_in: Some(RECHECK) })
+}
+
+/// `TrustedIssuersReady`, for an application with `spec.trustedIssuers` only: whether each issuer's key set can be
+/// had, as a sidecar would get it. A `jwksUri` through the shared [`KeySets`], which fetches an issuer at most once
+/// per [`REFETCH_INTERVAL`] and keeps a set it holds for an hour, so reconciles never ask an issuer more often than
+/// the sidecars' own cache would (a fetch, bounded at 5 s, delays this application's status, nothing else); a
+/// `jwks.configMapRef` read from the application's namespace. The finding does not gate `Ready` (see
+/// [`status::trusted_issuers`]).
+async fn check_trusted_issuers(
+    app: &OAuthApplication,
+    config_maps: &Api<ConfigMap>,
+    key_sets: &KeySets,
+) -> Result<Option<Outcome>, ReconcileError> {
+    let issuers = &app.spec.trusted_issuers;
+    if issuers.is_empty() {
+        return Ok(None);
+    }
+    let mut problems = Vec::new();
+    let mut recheck_in = None;
+    for issuer in issuers {
+        let problem = match (&issuer.jwks_uri, &issuer.jwks) {
+            (Some(uri), _) => {
+                let set = match key_sets.current(uri).await {
+                    // A set without a usable key verifies nothing: ask again, as a sidecar meeting an unknown key
+                    // would (no more often than the cache allows).
+                    Ok(set) if set.keys.is_empty() => key_sets.after_unknown_key(uri).await,
+                    other => other,
+                };
+                let problem = match set {
+                    Ok(set) if !set.keys.is_empty() => None,
+                    Ok(_) => Some(format!("the key set at {uri} holds no key kubetoken can use")),
+                    Err(why) => Some(why),
+                };
+                // Looked at again once the cache would fetch again, not sooner (that would only repeat the error).
+                if problem.is_some() {
+                    recheck_in = Some(recheck_in.map_or(RECHECK_KEY_SET, |r: u64| r.min(RECHECK_KEY_SET)));
+                }
+                problem
+            }
+            (None, Some(source)) => {
+                let r = &source.config_map_ref;
+                let problem = match config_maps.get_opt(&r.name).await? {
+                    None => Some(format!("ConfigMap {} (jwks.configMapRef) does not exist", r.name)),
+                    Some(cm) => match cm.data.as_ref().and_then(|d| d.get(r.key())) {
+                        None => Some(format!("ConfigMap {} has no key {}", r.name, r.key())),
+                        Some(json) => match crate::api::v1alpha1::parse_key_set(json) {
+                            Err(e) => Some(format!("ConfigMap {}, key {}: {e}", r.name, r.key())),
+                            Ok(set) if set.keys.is_empty() => {
+                                Some(format!("ConfigMap {}, key {}: no key kubetoken can use", r.name, r.key()))
+                            }
+                            Ok(_) => None,
+                        },
+                    },
+                };
+                // The ConfigMap is not watched (the controller does not own it): a fix is seen at the next look.
+                if problem.is_some() {
+                    recheck_in = Some(RECHECK_MISSING_INPUT);
+                }
+                problem
+            }
+            // Refused by validation before this runs.
+            (None, None) => Some("neither jwksUri nor jwks is set".to_string()),
+        };
+        if let Some(why) = problem {
+            problems.push(format!("issuer {:?}: {why}", issuer.issuer));
+        }
+    }
+    Ok(Some(Outcome { finding: status::trusted_issuers(issuers.len(), &problems), recheck_in }))
 }
 
 pub async fn reconcile(app: Arc<OAuthApplication>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
@@ -770,9 +845,11 @@ async fn reconcile_inner(app: &OAuthApplication, ctx: &Context) -> Result<Action
             reconcile_signing_keys(app, &secrets, &owner, now, &ctx.key_timing, &events, &mut status).await?;
         let published = reconcile_jwks(app, &config_maps, &owner, jwks, &mut status).await?;
         let users = check_users(app, &secrets).await?;
+        let trusted_issuers = check_trusted_issuers(app, &config_maps, &ctx.key_sets).await?;
         let token_secrets = reconcile_token_secrets(app, &secrets, &owner).await?;
         let token_state = reconcile_token_state(app, &config_maps, &owner).await?;
         let mut outcomes = vec![credentials, signing, published, users, token_secrets, token_state];
+        outcomes.extend(trusted_issuers);
         outcomes.extend(reconcile_sidecar_access(app, ctx, &ns, &owner).await?);
         outcomes
     };
@@ -796,6 +873,13 @@ async fn reconcile_inner(app: &OAuthApplication, ctx: &Context) -> Result<Action
         {
             let reason = if state.reason == status::FULL { "TokenStateFull" } else { "TokenStateNearCapacity" };
             events.publish(EventType::Warning, reason, "CheckTokenState", state.message.clone()).await;
+        }
+        // So is a users Secret nearing the size the API server lets it have.
+        if let Some(users) = all.iter().find(|f| f.type_ == status::USERS_READY)
+            && users.reason == status::NEAR_SIZE_LIMIT
+            && !old.conditions.iter().any(|c| c.type_ == status::USERS_READY && c.reason == users.reason)
+        {
+            events.publish(EventType::Warning, "UsersSecretNearSizeLimit", "CheckUsers", users.message.clone()).await;
         }
         let was_ready = old.conditions.iter().any(|c| c.type_ == status::READY && c.status == "True");
         if ready.ok && !was_ready {

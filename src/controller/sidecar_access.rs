@@ -12,15 +12,22 @@ pub fn role_name(app: &str) -> String {
 }
 
 /// Only named objects: the application (read, watched), its credentials, signing-keys, token-secrets and users
-/// Secrets (read, watched), and its token-state ConfigMaps (read, watched, patched). Nothing created or deleted.
-pub fn rules(app: &str, credentials_secret: &str, users_secret: Option<&str>) -> Vec<PolicyRule> {
+/// Secrets (read, watched), its token-state ConfigMaps (read, watched, patched) and the ConfigMaps of its offline key
+/// sets, `spec.trustedIssuers[].jwks.configMapRef` (read, watched; a rule of their own, without patch, and none when
+/// there are none). Nothing created or deleted.
+pub fn rules(
+    app: &str,
+    credentials_secret: &str,
+    users_secret: Option<&str>,
+    key_set_config_maps: &[String],
+) -> Vec<PolicyRule> {
     let read = || vec!["get".to_string(), "list".to_string(), "watch".to_string()];
     let mut secrets =
         vec![credentials_secret.to_string(), format!("{app}-signing-keys"), format!("{app}-token-secrets")];
     secrets.extend(users_secret.map(str::to_string));
     let mut state_verbs = read();
     state_verbs.push("patch".into());
-    vec![
+    let mut rules = vec![
         PolicyRule {
             api_groups: Some(vec!["kubetoken.io".into()]),
             resources: Some(vec!["oauthapplications".into()]),
@@ -42,7 +49,24 @@ pub fn rules(app: &str, credentials_secret: &str, users_secret: Option<&str>) ->
             verbs: state_verbs,
             ..PolicyRule::default()
         },
-    ]
+    ];
+    // Two issuers may share a ConfigMap: each name once, in the spec's order (the Role is compared as a whole).
+    let mut key_sets: Vec<String> = Vec::new();
+    for name in key_set_config_maps {
+        if !key_sets.contains(name) {
+            key_sets.push(name.clone());
+        }
+    }
+    if !key_sets.is_empty() {
+        rules.push(PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["configmaps".into()]),
+            resource_names: Some(key_sets),
+            verbs: read(),
+            ..PolicyRule::default()
+        });
+    }
+    rules
 }
 
 #[cfg(test)]
@@ -59,6 +83,17 @@ mod tests {
             .find(|d| d["kind"].as_str() == Some("Role"))
             .expect("a Role");
         let charted: Vec<PolicyRule> = serde_yaml::from_value(role["rules"].clone()).expect("rules");
-        assert_eq!(rules("shop", "shop-credentials", Some("shop-users")), charted);
+        assert_eq!(rules("shop", "shop-credentials", Some("shop-users"), &["shop-issuer-keys".into()]), charted);
+    }
+
+    #[test]
+    fn key_set_config_maps_are_granted_read_only_once_each_and_only_when_named() {
+        let without = rules("a", "a-credentials", None, &[]);
+        assert_eq!(without.len(), 3, "no key-set rule without key sets");
+        let with = rules("a", "a-credentials", None, &["k1".into(), "k2".into(), "k1".into()]);
+        let last = with.last().expect("a rule");
+        assert_eq!(last.resource_names, Some(vec!["k1".to_string(), "k2".to_string()]));
+        assert_eq!(last.verbs, vec!["get", "list", "watch"]);
+        assert_eq!(last.resources, Some(vec!["configmaps".to_string()]));
     }
 }

@@ -69,6 +69,64 @@ pub fn token_state(present_reason: &str, objects: usize, usage: Option<TokenStat
     }
 }
 
+pub const USERS_READY: &str = "UsersReady";
+/// The reason of a `UsersReady` whose Secret is near the size limit; also comes with a Warning event.
+pub const NEAR_SIZE_LIMIT: &str = "NearSizeLimit";
+/// What the API server lets a Secret hold.
+pub const MAX_SECRET_BYTES: usize = 1024 * 1024;
+
+/// `UsersReady` once the users parsed: True, with reason `NearSizeLimit` from 80 % of [`MAX_SECRET_BYTES`] (the
+/// Secret cannot grow past it, so users should move to an identity provider while there is room).
+pub fn users(secret: &str, count: usize, bytes: usize) -> Finding {
+    if bytes.saturating_mul(5) >= MAX_SECRET_BYTES * 4 {
+        let percent = bytes.saturating_mul(100) / MAX_SECRET_BYTES;
+        Finding::ok(
+            USERS_READY,
+            NEAR_SIZE_LIMIT,
+            format!(
+                "Secret {secret}: {} users in {} KiB: {percent} % of the 1 MiB a Secret may hold; move users to an \
+                 identity provider (spec.trustedIssuers) before it fills",
+                thousands(count),
+                bytes.div_ceil(1024)
+            ),
+        )
+    } else {
+        Finding::ok(USERS_READY, "UsersLoaded", format!("{} user(s) in Secret {secret}", thousands(count)))
+    }
+}
+
+/// 1234567 as "1,234,567".
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub const TRUSTED_ISSUERS_READY: &str = "TrustedIssuersReady";
+pub const KEY_SET_UNAVAILABLE: &str = "KeySetUnavailable";
+
+/// `TrustedIssuersReady` for an application with `spec.trustedIssuers`: True when every issuer's key set can be
+/// had, else False with reason `KeySetUnavailable` and each `problems` entry (one per issuer, naming it).
+///
+/// A False one does not make the application un-Ready: a key set that cannot be had now may come back, the sidecars
+/// keep verifying with the set they hold, and the other grants (password, client_credentials) work meanwhile.
+pub fn trusted_issuers(issuers: usize, problems: &[String]) -> Finding {
+    if problems.is_empty() {
+        return Finding::ok(
+            TRUSTED_ISSUERS_READY,
+            "KeySetsAvailable",
+            format!("the key sets of all {issuers} trusted issuer(s) can be had"),
+        );
+    }
+    Finding { gates_ready: false, ..Finding::failed(TRUSTED_ISSUERS_READY, KEY_SET_UNAVAILABLE, problems.join("; ")) }
+}
+
 pub const READY: &str = "Ready";
 
 /// The `Ready` condition: true when every finding is.
@@ -143,6 +201,31 @@ mod tests {
         // Before any snapshot reported a size.
         let unknown = token_state("Created", 49, None);
         assert!(unknown.ok && unknown.reason == "Created");
+    }
+
+    #[test]
+    fn users_warn_from_80_percent_of_a_secret_and_stay_true() {
+        let small = users("u", 3, 1_000);
+        assert!(small.ok && small.reason == "UsersLoaded" && small.message.contains("3 user(s)"), "{small:?}");
+        let below = users("u", 9_999, MAX_SECRET_BYTES * 4 / 5 - 1);
+        assert_eq!(below.reason, "UsersLoaded");
+        let near = users("u", 1_234, 880 * 1024);
+        assert!(near.ok && near.reason == NEAR_SIZE_LIMIT, "{near:?}");
+        assert!(near.message.contains("1,234 users in 880 KiB: 85 % of the 1 MiB"), "{near:?}");
+        assert!(ready(&[near]).ok);
+        assert_eq!(
+            (thousands(0), thousands(999), thousands(1_000), thousands(1_234_567)),
+            ("0".into(), "999".into(), "1,000".into(), "1,234,567".into())
+        );
+    }
+
+    #[test]
+    fn an_unavailable_key_set_is_false_but_leaves_the_application_ready() {
+        let ok = trusted_issuers(2, &[]);
+        assert!(ok.ok, "{ok:?}");
+        let failed = trusted_issuers(2, &["issuer \"https://idp\": cannot connect".into()]);
+        assert!(!failed.ok && failed.reason == KEY_SET_UNAVAILABLE && failed.message.contains("https://idp"));
+        assert!(ready(&[ok, failed]).ok);
     }
 
     #[test]

@@ -580,7 +580,7 @@ impl TokenService {
                 let set = source.key_set(uri, false).await.map_err(unavailable)?;
                 match assertion::verify(token, trusted, &set, now) {
                     // The issuer may have rotated its keys: fetch again (the adapter bounds how often), and retry once.
-                    Err(AssertionError::UnknownKey(_)) => {
+                    Err(AssertionError::UnknownKey) => {
                         let set = source.key_set(uri, true).await.map_err(unavailable)?;
                         assertion::verify(token, trusted, &set, now)
                     }

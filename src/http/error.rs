@@ -49,8 +49,22 @@ pub fn no_store(response: &mut Response) {
     h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
 }
 
+/// RFC 6749 section 5.2: `error_description` holds only %x20-21 / %x23-5B / %x5D-7E (no `"`, no `\`, ASCII): a
+/// strict client refuses anything else. Descriptions are ours, but some quote a value.
+fn wire_description(description: &str) -> String {
+    description
+        .chars()
+        .map(|c| match c {
+            '"' => '\'',
+            '\\' => '/',
+            ' '..='~' => c,
+            _ => '?',
+        })
+        .collect()
+}
+
 fn error_body(status: StatusCode, code: &str, description: &str) -> Response {
-    let body = serde_json::json!({ "error": code, "error_description": description });
+    let body = serde_json::json!({ "error": code, "error_description": wire_description(description) });
     let mut response = (status, axum::Json(body)).into_response();
     no_store(&mut response);
     response
@@ -106,5 +120,18 @@ impl IntoResponse for ApiError {
                 r
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use super::wire_description;
+
+    #[test]
+    fn error_descriptions_keep_to_the_characters_rfc_6749_allows() {
+        assert_eq!(wire_description(r#""billing-api" is not \ an audience é"#), "'billing-api' is not / an audience ?");
+        let all: String = (0u8..=127).map(char::from).chain(['é', '€']).collect();
+        let allowed = |b: u8| b == 0x20 || b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b);
+        assert!(wire_description(&all).bytes().all(allowed));
     }
 }

@@ -23,8 +23,8 @@ use self::error::{ApiError, AuthScheme, no_store};
 use self::exposure::IssuerPolicy;
 use self::form::{client_credentials, read_form};
 use self::serve::Peer;
-use crate::core::error::OAuthError;
 use crate::core::app::GrantType;
+use crate::core::error::OAuthError;
 use crate::core::service::{ClientCredentials, Grant, Introspection, IssuedTokens, TokenExchange, TokenService};
 use crate::metrics::Metrics;
 

@@ -310,7 +310,9 @@ impl AppSources {
         let mut key_sets = std::collections::HashMap::new();
         for r in app.spec.key_set_config_maps() {
             let read = match watches.key_sets.iter().find(|w| w.name == r.name).map(Watched::get) {
-                None | Some((false, _)) => return Err(format!("waiting for ConfigMap {} (a trusted issuer's key set)", r.name)),
+                None | Some((false, _)) => {
+                    return Err(format!("waiting for ConfigMap {} (a trusted issuer's key set)", r.name));
+                }
                 Some((true, None)) => Err(format!("ConfigMap {} (a trusted issuer's key set) not found", r.name)),
                 Some((true, Some(cm))) => cm
                     .data

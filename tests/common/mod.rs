@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod issuer;
 pub mod postgres;
 pub mod rbac;
+pub mod strict;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read};
