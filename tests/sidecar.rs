@@ -892,3 +892,81 @@ async fn with_postgres_two_sidecars_share_the_token_state_and_write_no_configmap
     assert!(!client.active(&a, &rotated), "the reused login's token is revoked");
     assert_eq!(state_writes(&c), before, "no token-state ConfigMap written");
 }
+
+/// Users of two trusted identity providers over two sidecars: one issuer's key set offline in a ConfigMap (watched),
+/// the other's fetched over HTTPS from a private CA (`--issuer-ca-file`). Per-device tokens through both grants, a
+/// token superseded at the other replica, and every API request the sidecars made within the chart's Role, which
+/// names the key-set ConfigMap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_users_get_per_device_tokens_across_two_sidecars() {
+    use common::issuer::{ID_TOKEN, JWT_BEARER, TOKEN_EXCHANGE, TestIssuer};
+    let (offline, online) = (TestIssuer::start(), TestIssuer::start());
+    let c = Cluster::test_server("sc-federated").await;
+    let _controller = c.controller("c1");
+    let jwks = {
+        let signer = offline.signer.lock().expect("signer");
+        json!({"keys": [serde_json::to_value(signer.public_jwk()).expect("jwk")]}).to_string()
+    };
+    let config_map = serde_json::from_value(json!({
+        "metadata": {"name": "shop-issuer-keys"},
+        "data": {"jwks.json": jwks},
+    }))
+    .expect("config map");
+    c.config_maps().create(&PostParams::default(), &config_map).await.expect("key set ConfigMap");
+    let mut spec = shop_spec("JWT");
+    spec["grantTypes"] = json!([JWT_BEARER, TOKEN_EXCHANGE, "refresh_token"]);
+    spec.as_object_mut().expect("spec").remove("users");
+    let trusted = |issuer: &str| {
+        json!({"issuer": issuer, "audiences": ["shop"], "usernameClaim": "preferred_username",
+               "rolesClaim": "realm_access.roles", "allowedAlgorithms": ["ES256"]})
+    };
+    let mut first = trusted(&offline.issuer);
+    first["jwks"] = json!({"configMapRef": {"name": "shop-issuer-keys"}});
+    let mut second = trusted(&online.issuer);
+    second["jwksUri"] = json!(online.jwks_uri);
+    spec["trustedIssuers"] = json!([first, second]);
+    c.create_app("shop", spec).await;
+    c.ready("shop").await;
+    let (id, secret) = credentials(&c, "shop").await;
+    let ca = tempfile::NamedTempFile::new().expect("ca file");
+    online.write_ca(ca.path());
+    let args = ["--issuer-ca-file", ca.path().to_str().expect("path")];
+    let (a, b) = (replica(&c, &args).await, replica(&c, &args).await);
+    let client = Client { id: &id, secret: &secret };
+
+    let ipad = client.token(
+        &a,
+        &[
+            ("grant_type", JWT_BEARER),
+            ("assertion", &offline.jwt("carol", &["customer"], json!({}))),
+            ("scope", "device_ipad orders:read orders:admin"),
+        ],
+    );
+    assert_eq!(ipad.status, 200, "{}", ipad.body);
+    assert_eq!(ipad.field("scope"), "device_ipad orders:read");
+    let exchange = |s: &SidecarProcess, token: &str, scope: &str| {
+        client.token(
+            s,
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", token),
+                ("subject_token_type", ID_TOKEN),
+                ("scope", scope),
+            ],
+        )
+    };
+    let tv = exchange(&b, &online.jwt("dave", &[], json!({})), "device_tv");
+    assert_eq!(tv.status, 200, "{}", tv.body);
+    assert_eq!(tv.field("issued_token_type"), "urn:ietf:params:oauth:token-type:access_token");
+    assert!(client.active(&a, &tv.field("access_token")), "a token of one replica is active at the other");
+
+    // carol's next iPad token, asked for at the other replica by token exchange, supersedes the first.
+    let ipad2 = exchange(&b, &offline.jwt("carol", &["customer"], json!({})), "orders:read device_ipad");
+    assert_eq!(ipad2.status, 200, "{}", ipad2.body);
+    until_active(&client, &a, &ipad.field("access_token"), false).await;
+    assert!(client.active(&a, &ipad2.field("access_token")));
+
+    let rules = common::rbac::rules(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/sidecar-rbac.yaml"));
+    let bad = common::rbac::violations(&c.server().requests(), "kubetoken-sidecar/", &rules);
+    assert!(bad.is_empty(), "outside the chart's sidecar Role: {bad:?}");
+}
