@@ -24,9 +24,9 @@ fuzz_target!(|text: &str| {
                     .and_then(|cm| cm.data.get(r.key()))
                     .map(|v| String::from_utf8_lossy(v).into_owned())
                     .unwrap_or_default();
-                (r.name.clone(), kubetoken::api::v1alpha1::parse_key_set(&json))
+                ((r.name.clone(), r.key().to_string()), kubetoken::api::v1alpha1::parse_key_set(&json))
             })
             .collect();
-        let _ = app.app.spec.trusted_issuers(&key_sets);
+        let _ = app.app.spec.trusted_issuers(&key_sets, true);
     }
 });

@@ -12,8 +12,9 @@ pub fn parse_users(yaml: &str) -> Result<HashMap<String, User>, String> {
         .map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
     let mut users = HashMap::new();
     for (i, entry) in entries.into_iter().enumerate() {
-        if entry.username.is_empty() || entry.username.chars().any(char::is_control) {
-            return Err(format!("[{i}].username: must be non-empty, without control characters"));
+        // U+0001 separates a federated user's issuer and name in stored keys; NUL no store can hold.
+        if entry.username.is_empty() || entry.username.contains(['\u{0}', '\u{1}']) {
+            return Err(format!("[{i}].username: must be non-empty, without the characters U+0000 and U+0001"));
         }
         let digest = PasswordDigest::parse(&entry.password_hash).map_err(|e| format!("[{i}].passwordHash: {e}"))?;
         if users.insert(entry.username.clone(), User { digest, roles: entry.roles }).is_some() {

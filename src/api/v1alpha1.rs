@@ -527,12 +527,10 @@ impl OAuthApplicationSpec {
     }
 
     /// The trusted issuers in the core's terms. `key_sets` holds the offline key sets read from ConfigMaps, by
-    /// ConfigMap name; a missing or unreadable one names the field.
-    pub fn trusted_issuers(
-        &self,
-        key_sets: &std::collections::HashMap<String, Result<std::sync::Arc<jsonwebtoken::jwk::JwkSet>, String>>,
-    ) -> Result<Vec<crate::core::assertion::TrustedIssuer>, FieldError> {
-        use crate::core::assertion::{KeySource, TrustedIssuer, parse_algorithm};
+    /// (ConfigMap name, key). One missing or unreadable is an error naming the field when `required` (standalone:
+    /// the manifests are wrong), else that issuer's grants answer 503 until it is there (a cluster: it may come).
+    pub fn trusted_issuers(&self, key_sets: &KeySets, required: bool) -> Result<Vec<TrustedIssuer>, FieldError> {
+        use crate::core::assertion::{KeySource, parse_algorithm};
         self.validate_trusted_issuers()?;
         self.trusted_issuers
             .iter()
@@ -541,13 +539,18 @@ impl OAuthApplicationSpec {
                 let keys = match (&t.jwks_uri, &t.jwks) {
                     (Some(uri), _) => KeySource::Uri(uri.clone()),
                     (None, Some(source)) => {
-                        let name = &source.config_map_ref.name;
-                        let set = key_sets
-                            .get(name)
-                            .ok_or_else(|| format!("the ConfigMap {name} is not there (yet)"))
-                            .and_then(|r| r.clone())
-                            .map_err(|e| field(format!("spec.trustedIssuers[{i}].jwks.configMapRef"), e))?;
-                        KeySource::Fixed(set)
+                        let r = &source.config_map_ref;
+                        let read = key_sets
+                            .get(&(r.name.clone(), r.key().to_string()))
+                            .cloned()
+                            .unwrap_or_else(|| Err(format!("the ConfigMap {} is not there (yet)", r.name)));
+                        match read {
+                            Ok(set) => KeySource::Fixed(set),
+                            Err(e) if required => {
+                                return Err(field(format!("spec.trustedIssuers[{i}].jwks.configMapRef"), e));
+                            }
+                            Err(e) => KeySource::Unavailable(e),
+                        }
                     }
                     (None, None) => return Err(field(format!("spec.trustedIssuers[{i}].jwksUri"), "missing")),
                 };
@@ -576,6 +579,12 @@ impl OAuthApplicationSpec {
     }
 }
 
+/// Offline key sets as read from their ConfigMaps, by (ConfigMap name, key): the set, or why it could not be read.
+pub type KeySets =
+    std::collections::HashMap<(String, String), Result<std::sync::Arc<jsonwebtoken::jwk::JwkSet>, String>>;
+
+use crate::core::assertion::TrustedIssuer;
+
 /// Reads a JWK Set document (an offline key set's ConfigMap value).
 pub fn parse_key_set(json: &str) -> Result<std::sync::Arc<jsonwebtoken::jwk::JwkSet>, String> {
     crate::core::assertion::parse_key_set(json.as_bytes()).map(std::sync::Arc::new)
@@ -592,8 +601,11 @@ pub struct ApplicationParts {
     pub signer: std::sync::Arc<crate::core::signing::SigningKey>,
     pub verification_keys: Vec<std::sync::Arc<crate::core::signing::SigningKey>>,
     pub token_secrets: Vec<Vec<u8>>,
-    /// The offline key sets of `spec.trustedIssuers[].jwks.configMapRef`, by ConfigMap name: read, or why not.
-    pub key_sets: std::collections::HashMap<String, Result<std::sync::Arc<jsonwebtoken::jwk::JwkSet>, String>>,
+    /// The offline key sets of `spec.trustedIssuers[].jwks.configMapRef`, by (ConfigMap name, key): read, or why not.
+    pub key_sets: KeySets,
+    /// Whether an offline key set that could not be read stops the application (standalone) or only its issuer
+    /// (a cluster, where the ConfigMap may come later).
+    pub key_sets_required: bool,
 }
 
 impl OAuthApplicationSpec {
@@ -618,7 +630,7 @@ impl OAuthApplicationSpec {
             signer: parts.signer,
             verification_keys: parts.verification_keys,
             token_secrets: parts.token_secrets,
-            trusted_issuers: self.trusted_issuers(&parts.key_sets)?,
+            trusted_issuers: self.trusted_issuers(&parts.key_sets, parts.key_sets_required)?,
         }))
     }
 }
@@ -672,6 +684,42 @@ mod tests {
         }))
         .expect("read despite unknown fields");
         assert_eq!(app.spec.scopes[0].name, "a");
+    }
+
+    /// Two issuers may keep their key sets under two keys of one ConfigMap: each gets its own.
+    #[test]
+    fn offline_key_sets_are_told_apart_by_config_map_and_key() {
+        use crate::core::assertion::KeySource;
+        let s = spec(
+            "grantTypes: [urn:ietf:params:oauth:grant-type:jwt-bearer]
+trustedIssuers:
+  - {issuer: https://corp.example, jwks: {configMapRef: {name: idp-keys, key: corp.json}}, audiences: [shop]}
+  - {issuer: https://partner.example, jwks: {configMapRef: {name: idp-keys, key: partner.json}}, audiences: [shop]}
+",
+        );
+        let set = |kid: &str| {
+            std::sync::Arc::new(jsonwebtoken::jwk::JwkSet {
+                keys: vec![serde_json::from_value(serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid,
+                    "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}))
+                .expect("jwk")],
+            })
+        };
+        let mut sets = KeySets::new();
+        sets.insert(("idp-keys".into(), "corp.json".into()), Ok(set("corp")));
+        sets.insert(("idp-keys".into(), "partner.json".into()), Ok(set("partner")));
+        let issuers = s.trusted_issuers(&sets, true).expect("issuers");
+        let kid = |i: usize| match &issuers[i].keys {
+            KeySource::Fixed(set) => set.keys[0].common.key_id.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((kid(0), kid(1)), (Some("corp".into()), Some("partner".into())));
+        // One unreadable: an error naming the field where required (standalone), that issuer unavailable otherwise.
+        sets.insert(("idp-keys".into(), "partner.json".into()), Err("not a JWK set".into()));
+        let e = s.trusted_issuers(&sets, true).expect_err("required");
+        assert_eq!(e.path, "spec.trustedIssuers[1].jwks.configMapRef");
+        let lenient = s.trusted_issuers(&sets, false).expect("lenient");
+        assert!(matches!(&lenient[1].keys, KeySource::Unavailable(why) if why.contains("not a JWK set")));
+        assert!(matches!(&lenient[0].keys, KeySource::Fixed(_)));
     }
 
     #[test]

@@ -17,6 +17,9 @@ use serde_json::Value;
 
 use super::clock::UnixTime;
 
+/// The longest user name accepted from an issuer (e-mail addresses are at most 254).
+pub const MAX_SUBJECT_BYTES: usize = 512;
+
 /// How far `exp`, `nbf` and `iat` may be off: clocks of two machines disagree a little.
 pub const LEEWAY: u64 = 60;
 
@@ -46,6 +49,9 @@ pub enum KeySource {
     Uri(String),
     /// Given offline (a ConfigMap): used as is.
     Fixed(Arc<JwkSet>),
+    /// Given offline, but not readable now (a ConfigMap missing or not a key set): this issuer's grants answer 503
+    /// until it is, while the application's other grants and issuers keep working.
+    Unavailable(String),
 }
 
 pub type KeySetFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<JwkSet>, String>> + Send + 'a>>;
@@ -145,6 +151,8 @@ pub enum AssertionError {
     IssuedInFuture,
     #[error("the assertion's {0} claim, which names the user, is missing or not a string")]
     Subject(String),
+    #[error("the assertion's {0} claim, which names the user, is longer than 512 bytes or holds control characters")]
+    SubjectForm(String),
     #[error("the assertion's {0} claim, which holds the roles, is not a string or a list of strings")]
     Roles(String),
 }
@@ -242,6 +250,10 @@ pub fn verify(
         .filter(|s| !s.is_empty())
         .ok_or_else(|| AssertionError::Subject(issuer.username_claim.clone()))?
         .to_string();
+    // A user is a key in every store (a primary key column, a NUL-free text): bounded, and without control characters.
+    if subject.len() > MAX_SUBJECT_BYTES || subject.chars().any(char::is_control) {
+        return Err(AssertionError::SubjectForm(issuer.username_claim.clone()));
+    }
     let roles = match &issuer.roles_claim {
         None => Vec::new(),
         Some(path) => match claim(&claims, path) {

@@ -346,6 +346,13 @@ fn parse_scope(scope: Option<&str>, bounds: &RequestBounds) -> Result<ScopeSet, 
     Ok(set)
 }
 
+/// An assertion's use, to be remembered until `until`; `family`: (the name its family shares, the most members).
+struct Used {
+    id: String,
+    family: Option<(String, usize)>,
+    until: UnixTime,
+}
+
 /// The token key of a trusted issuer's user: its own subject (a local user of the same name is another), the
 /// scopes granted against the roles its assertion carries, `device_` scopes as always.
 fn federated_key(app: &Application, iss: &str, verified: &VerifiedAssertion, requested: &ScopeSet) -> TokenKey {
@@ -535,8 +542,8 @@ impl TokenService {
                 let (iss, verified) = self.verify_assertion(&app, &assertion).await?;
                 let key = federated_key(&app, &iss, &verified, &requested);
                 // One assertion, one grant (RFC 7523 section 3, item 7).
-                self.remember_assertion(&app, &verified.replay_id, verified.expires_at).await?;
-                self.issue(issuer, &app, key, app.issues_refresh_tokens()).await
+                let used = Used { id: verified.replay_id, family: None, until: verified.expires_at };
+                self.issue_for_assertion(issuer, &app, key, used).await
             }
             Grant::TokenExchange(exchange) => {
                 check_exchange(&app, &exchange)?;
@@ -544,11 +551,19 @@ impl TokenService {
                 let (iss, verified) = self.verify_assertion(&app, &exchange.subject_token).await?;
                 let key = federated_key(&app, &iss, &verified, &requested);
                 // One subject token, one exchange per token key: a backend holding a user's ID token may exchange it
-                // for the iPad's token and for the iPhone's, but the same exchange twice is a replay.
-                let replay_id = format!("{}\u{0}{}", verified.replay_id, key.scopes);
-                self.remember_assertion(&app, &replay_id, verified.expires_at).await?;
-                let mut issued = self.issue(issuer, &app, key, app.issues_refresh_tokens()).await?;
-                issued.issued_token_type = Some(TOKEN_TYPE_ACCESS_TOKEN);
+                // for the iPad's token and for the iPhone's, but the same exchange twice is a replay. At most as
+                // many keys as the user may hold (more would only evict each other), so that invented device scopes
+                // cannot fill the replay memory.
+                let used = Used {
+                    id: format!("{}\u{0}{}", verified.replay_id, key.scopes),
+                    family: Some((verified.replay_id, app.max_keys_per_user)),
+                    until: verified.expires_at,
+                };
+                let mut issued = self.issue_for_assertion(issuer, &app, key, used).await?;
+                issued.issued_token_type = Some(match exchange.requested_token_type.as_deref() {
+                    Some(TOKEN_TYPE_JWT) => TOKEN_TYPE_JWT,
+                    _ => TOKEN_TYPE_ACCESS_TOKEN,
+                });
                 Ok(issued)
             }
         }
@@ -567,6 +582,12 @@ impl TokenService {
         let now = self.clock.now();
         let verified = match &trusted.keys {
             KeySource::Fixed(set) => assertion::verify(token, trusted, set, now),
+            KeySource::Unavailable(why) => {
+                tracing::warn!(issuer = %trusted.issuer, reason = %why, "a trusted issuer's offline key set is unavailable");
+                return Err(OAuthError::TemporarilyUnavailable(
+                    "the trusted issuer's key set is unavailable; retry later".into(),
+                ));
+            }
             KeySource::Uri(uri) => {
                 let Some(source) = &self.key_sets else {
                     return Err(OAuthError::ServerError("this server cannot fetch key sets".into()));
@@ -595,27 +616,55 @@ impl TokenService {
         Ok((trusted.issuer.clone(), verified))
     }
 
-    /// Records an assertion's use, here and in a store shared with other servers; a replay is `invalid_grant`.
-    async fn remember_assertion(&self, app: &Application, id: &str, until: UnixTime) -> Result<(), OAuthError> {
+    /// Issues for a federated `key` once its assertion's use is recorded, here and in a store shared with other
+    /// servers (a replay is `invalid_grant`). A failure that is not the client's (storage unavailable) forgets the
+    /// use again, so that the client's retry with the same assertion is not taken for a replay.
+    async fn issue_for_assertion(
+        &self,
+        issuer: &str,
+        app: &Application,
+        key: TokenKey,
+        used: Used,
+    ) -> Result<IssuedTokens, OAuthError> {
         let replayed = || OAuthError::InvalidGrant("the assertion was already used".into());
         let now = self.clock.now();
-        match self.replays.first_use(id, until, now) {
+        let family = used.family.as_ref().map(|(name, max)| (name.as_str(), *max));
+        match self.replays.first_use(&used.id, family, used.until, now) {
             FirstUse::Yes => {}
             FirstUse::Replayed => return Err(replayed()),
+            FirstUse::FamilyFull => {
+                return Err(OAuthError::InvalidGrant(format!(
+                    "the subject token was already exchanged for {} token keys, as many as one user may hold",
+                    app.max_keys_per_user
+                )));
+            }
             FirstUse::Full => {
                 tracing::error!("too many unexpired assertions to remember; refusing new ones until some expire");
                 return Err(OAuthError::TemporarilyUnavailable("too many assertions in use; retry later".into()));
             }
         }
-        match self.store.remember_assertion(&app.client_id, id, until).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(replayed()),
+        let forget = || async {
+            self.replays.forget(&used.id, used.family.as_ref().map(|(name, _)| name.as_str()));
+            if let Err(e) = self.store.forget_assertion(&app.client_id, &used.id).await {
+                tracing::warn!(error = %e, "an assertion whose grant failed stays recorded as used");
+            }
+        };
+        match self.store.remember_assertion(&app.client_id, &used.id, used.until).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another server used it: this one's memory keeps it too.
+                return Err(replayed());
+            }
             Err(e) => {
-                // Not the client's fault: the same assertion may be tried again.
-                self.replays.forget(id);
-                Err(store_error(e))
+                self.replays.forget(&used.id, used.family.as_ref().map(|(name, _)| name.as_str()));
+                return Err(store_error(e));
             }
         }
+        let issued = self.issue(issuer, app, key, app.issues_refresh_tokens()).await;
+        if let Err(OAuthError::TemporarilyUnavailable(_) | OAuthError::ServerError(_)) = &issued {
+            forget().await;
+        }
+        issued
     }
 
     /// Checks a resource owner's password (off the executor), with lockout. Returns the user's roles.

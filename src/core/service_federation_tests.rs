@@ -292,6 +292,8 @@ async fn the_grants_refuse_what_they_cannot_accept_with_the_right_error() {
         (f.assertion("alice", &[], json!({"iat": T0 - 3700})), "invalid_grant", "too long ago"),
         (f.assertion("alice", &[], json!({"preferred_username": null})), "invalid_grant", "names the user"),
         (f.assertion("alice", &[], json!({"preferred_username": ["a"]})), "invalid_grant", "names the user"),
+        (f.assertion("alice", &[], json!({"preferred_username": "a".repeat(513)})), "invalid_grant", "512 bytes"),
+        (f.assertion("alice", &[], json!({"preferred_username": "a\u{0}b"})), "invalid_grant", "control characters"),
         ("not.a.jwt".into(), "invalid_grant", "not a signed JWT"),
         ("".into(), "invalid_grant", "not a signed JWT"),
     ];
@@ -449,4 +451,78 @@ async fn a_shared_store_refuses_an_assertion_used_at_another_server_and_an_outag
     assert_eq!(f.bearer(&fresh, "").await.expect_err("down").code(), "temporarily_unavailable");
     store.down.store(false, Ordering::SeqCst);
     f.bearer(&fresh, "").await.expect("the outage did not use the assertion up");
+}
+
+#[tokio::test]
+async fn one_subject_token_is_exchanged_for_at_most_as_many_keys_as_a_user_may_hold() {
+    let f = fed(TokenFormat::Jwt);
+    let id_token = f.assertion("alice", &[], json!({}));
+    for device in 0..3 {
+        f.exchange(&id_token, &format!("device_{device}")).await.expect("within the cap");
+    }
+    // maxTokenKeysPerUser is 3: a fourth key from the same subject token is refused, not remembered.
+    let e = f.exchange(&id_token, "device_3").await.expect_err("past the cap");
+    assert_eq!(e.code(), "invalid_grant");
+    assert!(e.description().contains("3 token keys"), "{}", e.description());
+    // A new login's ID token is another family.
+    f.exchange(&f.assertion("alice", &[], json!({})), "device_3").await.expect("a new subject token");
+}
+
+#[tokio::test]
+async fn a_requested_jwt_is_answered_as_one() {
+    let f = fed(TokenFormat::Jwt);
+    let exchange = TokenExchange {
+        subject_token: f.assertion("alice", &[], json!({})),
+        subject_token_type: TOKEN_TYPE_ID_TOKEN.into(),
+        requested_token_type: Some(TOKEN_TYPE_JWT.into()),
+        ..Default::default()
+    };
+    assert_eq!(f.exchange_with(exchange).await.expect("jwt").issued_token_type, Some(TOKEN_TYPE_JWT));
+}
+
+#[tokio::test]
+async fn an_offline_key_set_that_cannot_be_read_is_503_for_its_issuer_only() {
+    let idp = key();
+    let app = application(
+        "shop",
+        TokenFormat::Jwt,
+        FEDERATED,
+        vec![trusted(KeySource::Unavailable("the ConfigMap idp-keys is not there (yet)".into()))],
+    );
+    let f = Fed { idp, ..fed_with(app, key(), Arc::new(MemoryStore::default()), None) };
+    let e = f.bearer(&f.assertion("alice", &[], json!({})), "").await.expect_err("no key set");
+    assert_eq!(e.code(), "temporarily_unavailable");
+    let local = Grant::Password { username: "alice".into(), password: "alice-pw".into(), scope: None };
+    f.service.token(&client(), local).await.expect("the password grant keeps working");
+}
+
+/// A store whose next commits fail, as an unavailable database does.
+struct FailingCommits {
+    inner: MemoryStore,
+    failures: AtomicUsize,
+}
+
+impl StoreWrapper for FailingCommits {
+    fn inner(&self) -> &dyn TokenStore {
+        &self.inner
+    }
+    fn wrap_commit(&self, change: Change) -> StoreFuture<'_, ()> {
+        if self.failures.load(Ordering::SeqCst) > 0 {
+            self.failures.fetch_sub(1, Ordering::SeqCst);
+            return Box::pin(std::future::ready(Err(StoreError::Unavailable("down".into()))));
+        }
+        self.inner.commit(change)
+    }
+}
+
+#[tokio::test]
+async fn a_grant_that_failed_on_the_servers_side_does_not_use_its_assertion_up() {
+    let idp = key();
+    let store = Arc::new(FailingCommits { inner: MemoryStore::default(), failures: 1.into() });
+    let app = application("shop", TokenFormat::Jwt, FEDERATED, vec![trusted(KeySource::Fixed(set(&[&idp])))]);
+    let f = Fed { idp, ..fed_with(app, key(), store, None) };
+    let assertion = f.assertion("alice", &[], json!({}));
+    assert_eq!(f.bearer(&assertion, "device_ipad").await.expect_err("down").code(), "temporarily_unavailable");
+    f.bearer(&assertion, "device_ipad").await.expect("the retry with the same assertion");
+    assert_eq!(f.bearer(&assertion, "device_ipad").await.expect_err("now used").code(), "invalid_grant");
 }

@@ -84,6 +84,12 @@ pub trait TokenStore: Send + Sync {
         let _ = (client_id, id, until);
         Box::pin(std::future::ready(Ok(true)))
     }
+    /// Forgets a use [`Self::remember_assertion`] recorded, whose grant then failed for a reason that is not the
+    /// client's.
+    fn forget_assertion<'a>(&'a self, client_id: &'a str, id: &'a str) -> StoreFuture<'a, ()> {
+        let _ = (client_id, id);
+        Box::pin(std::future::ready(Ok(())))
+    }
     /// Shares a failed credential check with the other servers of this state (none by default).
     fn share_failure(&self, _failure: SharedFailure) {}
     /// Failed credential checks the other servers shared since the last call.
@@ -145,6 +151,9 @@ impl<W: StoreWrapper> TokenStore for W {
     }
     fn remember_assertion<'a>(&'a self, _client_id: &'a str, id: &'a str, _until: UnixTime) -> StoreFuture<'a, bool> {
         self.wrap_remember_assertion(id)
+    }
+    fn forget_assertion<'a>(&'a self, client_id: &'a str, id: &'a str) -> StoreFuture<'a, ()> {
+        self.inner().forget_assertion(client_id, id)
     }
     fn share_failure(&self, failure: SharedFailure) {
         self.inner().share_failure(failure)

@@ -156,6 +156,13 @@ impl TokenStore for RoutingStore {
         }
     }
 
+    fn forget_assertion<'a>(&'a self, client_id: &'a str, id: &'a str) -> StoreFuture<'a, ()> {
+        match self.store_for(client_id) {
+            Some(store) => Box::pin(async move { store.store().forget_assertion(client_id, id).await }),
+            None => Box::pin(std::future::ready(Ok(()))),
+        }
+    }
+
     fn share_failure(&self, failure: SharedFailure) {
         // The lockout key starts with the client ID (users: `client\0user`).
         let client = failure.who.split('\u{0}').next().unwrap_or_default().to_string();

@@ -321,13 +321,14 @@ impl AppSources {
                     .ok_or_else(|| format!("ConfigMap {} has no key {}", r.name, r.key()))
                     .and_then(|json| crate::api::v1alpha1::parse_key_set(json)),
             };
-            key_sets.insert(r.name.clone(), read);
+            key_sets.insert((r.name.clone(), r.key().to_string()), read);
         }
 
         let built = app
             .spec
             .application(ApplicationParts {
                 key_sets,
+                key_sets_required: false,
                 name: format!("{}/{}", self.namespace, self.name),
                 client_id,
                 client_secrets,

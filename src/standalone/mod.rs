@@ -216,11 +216,12 @@ fn build_application(
                 .ok_or_else(|| format!("{}: ConfigMap {ns}/{}: data.{}: missing", cm.file.display(), r.name, r.key()))
                 .and_then(|json| crate::api::v1alpha1::parse_key_set(&json)),
         };
-        key_sets.insert(r.name.clone(), read);
+        key_sets.insert((r.name.clone(), r.key().to_string()), read);
     }
 
     spec.application(ApplicationParts {
         key_sets,
+        key_sets_required: true,
         name: format!("{ns}/{name}"),
         client_id,
         client_secrets: vec![client_secret],

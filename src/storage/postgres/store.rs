@@ -740,6 +740,14 @@ impl TokenStore for PgStore {
         })
     }
 
+    fn forget_assertion<'a>(&'a self, _client_id: &'a str, id: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, id.as_bytes()).as_ref().to_vec();
+            self.run("DELETE FROM kubetoken_used_assertions WHERE id = $1 RETURNING 1", &[&digest], true).await?;
+            Ok(())
+        })
+    }
+
     fn share_failure(&self, failure: SharedFailure) {
         let pool = self.pool.clone();
         let origin = self.options.origin.clone();
