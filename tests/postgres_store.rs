@@ -598,6 +598,20 @@ async fn a_trusted_issuers_assertion_used_at_one_instance_is_refused_at_the_othe
     assert_eq!(other_device.status, 200, "another token key: {}", other_device.body);
     assert_eq!(exchange(&b, &id_token, "device_tv").error(), "invalid_grant", "the same exchange at the other");
 
+    // A row of an expired use (not yet deleted by expiry) does not stand in the way of an assertion with that jti:
+    // it is taken over. A live row does.
+    let client = connect(&url).await;
+    let digest = |jti: &str| {
+        let id = format!("{}\u{0}jti:{jti}", issuer.issuer);
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, id.as_bytes()).as_ref().to_vec()
+    };
+    let insert = "INSERT INTO kubetoken_used_assertions (id, expires_at) VALUES ($1, $2)";
+    client.execute(insert, &[&digest("old"), &1_i64]).await.expect("an expired row");
+    client.execute(insert, &[&digest("live"), &i64::MAX]).await.expect("a live row");
+    let reused = bearer(&b, &issuer.jwt("carol", &[], json!({"jti": "old"})), "device_old");
+    assert_eq!(reused.status, 200, "{}", reused.body);
+    assert_eq!(bearer(&a, &issuer.jwt("carol", &[], json!({"jti": "live"})), "device_live").error(), "invalid_grant");
+
     // The federated user's iPad token issued at one instance is superseded by the one issued at the other.
     let ipad = first.field("access_token");
     let again = bearer(&b, &issuer.jwt("carol", &[], json!({})), "device_ipad");
