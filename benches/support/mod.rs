@@ -54,6 +54,27 @@ pub fn client_credentials_service(key: Arc<SigningKey>, store: Arc<dyn TokenStor
     )
 }
 
+/// The `bench` application trusting `issuer` for the JWT-bearer grant (scope `orders:read` for role `customer`).
+#[allow(dead_code)] // only the mint benchmark uses it
+pub fn federated_service(
+    key: Arc<SigningKey>,
+    issuer: kubetoken::core::assertion::TrustedIssuer,
+    store: Arc<dyn TokenStore>,
+) -> TokenService {
+    let app = Application::new(ApplicationConfig {
+        grant_types: vec![GrantType::JwtBearer, GrantType::RefreshToken],
+        scopes: ScopePolicy::new([("orders:read".to_string(), vec!["customer".to_string()])]),
+        trusted_issuers: vec![issuer],
+        ..app_config("bench", "bench-secret", key)
+    });
+    TokenService::new(
+        Registry::new(vec![app]).expect("registry"),
+        store,
+        Arc::new(SystemClock),
+        kubetoken::passwords::service_config("http://127.0.0.1:8080", Default::default()),
+    )
+}
+
 /// The `bench` application's credentials.
 pub fn credentials() -> ClientCredentials {
     ClientCredentials { client_id: "bench".into(), client_secret: "bench-secret".into() }
