@@ -41,13 +41,20 @@ pub const TOKEN_SECRET: [u8; 32] = [7; 32];
 
 /// The token service of the `bench` application, signing with `key`, its state in `store`.
 pub fn client_credentials_service(key: Arc<SigningKey>, store: Arc<dyn TokenStore>) -> TokenService {
-    let app = Application::new(ApplicationConfig {
-        grant_types: vec![GrantType::ClientCredentials],
-        scopes: ScopePolicy::new([("orders:read".to_string(), vec![])]),
-        ..app_config("bench", "bench-secret", key)
-    });
+    service(
+        ApplicationConfig {
+            grant_types: vec![GrantType::ClientCredentials],
+            scopes: ScopePolicy::new([("orders:read".to_string(), vec![])]),
+            ..app_config("bench", "bench-secret", key)
+        },
+        store,
+    )
+}
+
+/// The token service of one application, its state in `store`.
+fn service(config: ApplicationConfig, store: Arc<dyn TokenStore>) -> TokenService {
     TokenService::new(
-        Registry::new(vec![app]).expect("registry"),
+        Registry::new(vec![Application::new(config)]).expect("registry"),
         store,
         Arc::new(SystemClock),
         kubetoken::passwords::service_config("http://127.0.0.1:8080", Default::default()),
@@ -61,17 +68,14 @@ pub fn federated_service(
     issuer: kubetoken::core::assertion::TrustedIssuer,
     store: Arc<dyn TokenStore>,
 ) -> TokenService {
-    let app = Application::new(ApplicationConfig {
-        grant_types: vec![GrantType::JwtBearer, GrantType::RefreshToken],
-        scopes: ScopePolicy::new([("orders:read".to_string(), vec!["customer".to_string()])]),
-        trusted_issuers: vec![issuer],
-        ..app_config("bench", "bench-secret", key)
-    });
-    TokenService::new(
-        Registry::new(vec![app]).expect("registry"),
+    service(
+        ApplicationConfig {
+            grant_types: vec![GrantType::JwtBearer, GrantType::RefreshToken],
+            scopes: ScopePolicy::new([("orders:read".to_string(), vec!["customer".to_string()])]),
+            trusted_issuers: vec![issuer],
+            ..app_config("bench", "bench-secret", key)
+        },
         store,
-        Arc::new(SystemClock),
-        kubetoken::passwords::service_config("http://127.0.0.1:8080", Default::default()),
     )
 }
 

@@ -171,29 +171,13 @@ impl Manifests {
                     }
                 }
                 // stringData wins over data, as in the API server.
-                if let Some(Value::Mapping(map)) = value.get("stringData") {
-                    for (k, v) in map {
-                        let key = k.as_str().unwrap_or_default().to_string();
-                        let Some(s) = v.as_str() else {
-                            return Err(err(&format!("stringData.{key}"), "must be a string".into()));
-                        };
-                        data.insert(key, s.as_bytes().to_vec());
-                    }
-                }
+                strings(&value, "stringData", &mut data).map_err(|(field, message)| err(&field, message))?;
                 self.secrets.insert((namespace, name), SecretManifest { file: file.to_path_buf(), data });
             }
             // Offline key sets of trusted issuers (`spec.trustedIssuers[].jwks.configMapRef`).
             "ConfigMap" => {
                 let mut data = BTreeMap::new();
-                if let Some(Value::Mapping(map)) = value.get("data") {
-                    for (k, v) in map {
-                        let key = k.as_str().unwrap_or_default().to_string();
-                        let Some(s) = v.as_str() else {
-                            return Err(err(&format!("data.{key}"), "must be a string".into()));
-                        };
-                        data.insert(key, s.as_bytes().to_vec());
-                    }
-                }
+                strings(&value, "data", &mut data).map_err(|(field, message)| err(&field, message))?;
                 self.config_maps.insert((namespace, name), SecretManifest { file: file.to_path_buf(), data });
             }
             other => {
@@ -210,6 +194,21 @@ impl Manifests {
     pub fn config_map(&self, namespace: &str, name: &str) -> Option<&SecretManifest> {
         self.config_maps.get(&(namespace.to_string(), name.to_string()))
     }
+}
+
+/// The string values of the mapping `field` of an object (a Secret's `stringData`, a ConfigMap's `data`) into `data`;
+/// a value that is no string is an error naming its field.
+fn strings(object: &Value, field: &str, data: &mut BTreeMap<String, Vec<u8>>) -> Result<(), (String, String)> {
+    if let Some(Value::Mapping(map)) = object.get(field) {
+        for (k, v) in map {
+            let key = k.as_str().unwrap_or_default().to_string();
+            let Some(s) = v.as_str() else {
+                return Err((format!("{field}.{key}"), "must be a string".into()));
+            };
+            data.insert(key, s.as_bytes().to_vec());
+        }
+    }
+    Ok(())
 }
 
 /// `spec.scopes[0].rolse`, in the notation of the other errors (serde_path_to_error's).

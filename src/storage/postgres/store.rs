@@ -794,23 +794,22 @@ async fn expire(store: std::sync::Weak<PgStore>) {
                 }
             }
         }
-        let _ = store
-            .run(
+        // Used assertions past their expiry, and shared failures older than any lockout: one batch each per round.
+        let hour_ago = now.saturating_sub(3600);
+        for (sql, before) in [
+            (
                 "DELETE FROM kubetoken_used_assertions WHERE id IN (
                      SELECT id FROM kubetoken_used_assertions WHERE expires_at < $1 LIMIT $2) RETURNING 1",
-                &[&now, &EXPIRY_BATCH],
-                false,
-            )
-            .await;
-        let hour_ago = now.saturating_sub(3600);
-        let _ = store
-            .run(
+                now,
+            ),
+            (
                 "DELETE FROM kubetoken_lockout_failures WHERE id IN (
                      SELECT id FROM kubetoken_lockout_failures WHERE at < $1 LIMIT $2) RETURNING 1",
-                &[&hour_ago, &EXPIRY_BATCH],
-                false,
-            )
-            .await;
+                hour_ago,
+            ),
+        ] {
+            let _ = store.run(sql, &[&before, &EXPIRY_BATCH], false).await;
+        }
     }
 }
 
