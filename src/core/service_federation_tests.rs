@@ -9,7 +9,6 @@ use jsonwebtoken::jwk::JwkSet;
 use serde_json::json;
 
 use super::*;
-use crate::core::app::{ApplicationConfig, PasswordDigest, User};
 use crate::core::assertion::{KeySetFuture, KeySource, TrustedIssuer};
 use crate::core::clock::ManualClock;
 use crate::core::scope::ScopePolicy;
@@ -40,35 +39,15 @@ fn trusted(keys: KeySource) -> TrustedIssuer {
 }
 
 fn application(client_id: &str, format: TokenFormat, grants: &[GrantType], issuers: Vec<TrustedIssuer>) -> Application {
-    let users = HashMap::from([(
-        "alice".to_string(),
-        User {
-            digest: PasswordDigest::parse(&bcrypt::hash("alice-pw", 4).expect("hash")).expect("digest"),
-            roles: vec!["customer".into()],
-        },
-    )]);
-    Application::new(ApplicationConfig {
-        trusted_issuers: issuers,
-        name: format!("default/{client_id}"),
-        client_id: client_id.into(),
-        client_secrets: vec!["s3cret".into()],
-        grant_types: grants.to_vec(),
-        format,
-        access_ttl: 3600,
-        refresh_ttl: 86_400,
-        session_max: None,
-        max_keys_per_user: 3,
-        audience: vec!["shop-api".into()],
-        client_roles: vec![],
-        scopes: ScopePolicy::new([
-            ("orders:read".to_string(), vec!["customer".to_string()]),
-            ("orders:admin".to_string(), vec!["admin".to_string()]),
-        ]),
-        users,
-        signer: Arc::new(key()),
-        verification_keys: vec![],
-        token_secrets: vec![vec![7u8; 32]],
-    })
+    let users = HashMap::from([("alice".to_string(), super::tests::user("alice-pw", &["customer"]))]);
+    let scopes = ScopePolicy::new([
+        ("orders:read".to_string(), vec!["customer".to_string()]),
+        ("orders:admin".to_string(), vec!["admin".to_string()]),
+    ]);
+    let mut app = super::tests::application(client_id, format, grants, users, scopes);
+    app.trusted_issuers = issuers;
+    app.max_keys_per_user = 3;
+    app
 }
 
 const FEDERATED: &[GrantType] =

@@ -12,7 +12,7 @@ use crate::core::store::{ColdStore, MemoryStore, StoreWrapper};
 
 const T0: UnixTime = 1_800_000_000;
 
-fn user(password: &str, roles: &[&str]) -> User {
+pub(super) fn user(password: &str, roles: &[&str]) -> User {
     User {
         // bcrypt cost 4 keeps the tests fast; the digest type is what matters here.
         digest: PasswordDigest::parse(&bcrypt::hash(password, 4).expect("hash")).expect("digest"),
@@ -63,7 +63,7 @@ fn app_with_users(
     )
 }
 
-fn application(
+pub(super) fn application(
     client_id: &str,
     format: TokenFormat,
     grants: &[GrantType],
