@@ -40,6 +40,10 @@ pub struct InjectOptions {
     /// A Secret whose key `ca.crt` is the CA of the PostgreSQL server (CloudNativePG's `<cluster>-ca`): only that key
     /// is mounted into the sidecar, which then verifies the server's certificate and name (`PGSSLMODE=verify-full`).
     pub postgres_ca_secret: Option<String>,
+    /// A ConfigMap whose key `ca.crt` holds the CA certificates (PEM) of trusted identity providers behind a private
+    /// CA (a trust-manager bundle, say): mounted into the sidecar only, which then trusts them, besides the system's
+    /// roots, when it fetches their key sets.
+    pub issuer_ca_config_map: Option<String>,
 }
 
 impl InjectOptions {
@@ -50,9 +54,14 @@ impl InjectOptions {
             credentials_secret: format!("{application}-credentials"),
             postgres_secret: None,
             postgres_ca_secret: None,
+            issuer_ca_config_map: None,
         }
     }
 }
+
+/// The volume of the identity providers' CA bundle, and where the sidecar reads it.
+const ISSUER_CA_VOLUME: &str = "kubetoken-issuer-ca";
+const ISSUER_CA_DIR: &str = "/var/run/kubetoken/issuer-ca";
 
 /// The volume of the PostgreSQL CA, and where the sidecar reads it.
 const POSTGRES_CA_VOLUME: &str = "kubetoken-postgres-ca";
@@ -141,6 +150,10 @@ pub fn inject_pod_spec(spec: &mut Mapping, opts: &InjectOptions) -> Result<(), S
         }
         // The CA certificate only: CloudNativePG's CA Secret also holds the CA's private key.
         let volume = json!({"name": POSTGRES_CA_VOLUME, "secret": {"secretName": ca, "items": [{"key": "ca.crt", "path": "ca.crt"}]}});
+        replace_by_name(spec, "volumes", yaml(volume), false)?;
+    }
+    if let Some(bundle) = &opts.issuer_ca_config_map {
+        let volume = json!({"name": ISSUER_CA_VOLUME, "configMap": {"name": bundle, "items": [{"key": "ca.crt", "path": "ca.crt"}]}});
         replace_by_name(spec, "volumes", yaml(volume), false)?;
     }
     replace_by_name(spec, "initContainers", yaml(sidecar_container(opts)), true)?;
@@ -253,6 +266,10 @@ fn sidecar_container(opts: &InjectOptions) -> serde_json::Value {
         env.push(json!({"name": "PGSSLROOTCERT", "value": format!("{POSTGRES_CA_DIR}/ca.crt")}));
         mounts.push(json!({"name": POSTGRES_CA_VOLUME, "mountPath": POSTGRES_CA_DIR, "readOnly": true}));
     }
+    if opts.issuer_ca_config_map.is_some() {
+        env.push(json!({"name": "KUBETOKEN_ISSUER_CA_FILE", "value": format!("{ISSUER_CA_DIR}/ca.crt")}));
+        mounts.push(json!({"name": ISSUER_CA_VOLUME, "mountPath": ISSUER_CA_DIR, "readOnly": true}));
+    }
     let probe =
         |path: &str, period: u32| json!({"httpGet": {"path": path, "port": HEALTH_PORT_NAME}, "periodSeconds": period});
     let mut startup = probe("/readyz", 1);
@@ -358,6 +375,26 @@ spec:
         // Nothing else changed.
         assert_eq!(docs[0]["spec"]["replicas"], j(json!(2)));
         assert_eq!(spec["serviceAccountName"], "shop");
+    }
+
+    #[test]
+    fn an_issuer_ca_config_map_is_mounted_into_the_sidecar_only_and_named_to_it() {
+        let opts = InjectOptions { issuer_ca_config_map: Some("corp-ca-bundle".into()), ..InjectOptions::new("shop") };
+        let mut spec: Mapping = serde_yaml::from_str("containers: [{name: app, image: app}]").expect("spec");
+        inject_pod_spec(&mut spec, &opts).expect("injected");
+        let spec = Value::Mapping(spec);
+        let volume = spec["volumes"].as_sequence().expect("volumes").iter().find(|v| v["name"] == ISSUER_CA_VOLUME);
+        let volume = volume.expect("the CA bundle volume");
+        assert_eq!(volume["configMap"]["name"], "corp-ca-bundle");
+        assert_eq!(volume["configMap"]["items"][0]["key"], "ca.crt");
+        let sidecar = &spec["initContainers"][0];
+        let env = sidecar["env"].as_sequence().expect("env");
+        let file = env.iter().find(|e| e["name"] == "KUBETOKEN_ISSUER_CA_FILE").expect("the variable");
+        assert_eq!(file["value"], "/var/run/kubetoken/issuer-ca/ca.crt");
+        let mounts = sidecar["volumeMounts"].as_sequence().expect("mounts");
+        assert!(mounts.iter().any(|m| m["name"] == ISSUER_CA_VOLUME && m["readOnly"] == true));
+        let app_mounts = spec["containers"][0]["volumeMounts"].as_sequence().cloned().unwrap_or_default();
+        assert!(!app_mounts.iter().any(|m| m["name"] == ISSUER_CA_VOLUME), "the app does not get it");
     }
 
     #[test]

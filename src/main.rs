@@ -60,6 +60,10 @@ struct InjectArgs {
     /// `<cluster>-ca`); the sidecar then verifies the server's certificate and name (sslmode verify-full).
     #[arg(long, requires = "postgres_secret")]
     postgres_ca_secret: Option<String>,
+    /// A ConfigMap whose key `ca.crt` holds the CA certificates of trusted identity providers behind a private CA
+    /// (e.g. a trust-manager bundle); the sidecar trusts them when it fetches their key sets.
+    #[arg(long)]
+    issuer_ca_configmap: Option<String>,
 }
 
 #[derive(Args)]
@@ -480,6 +484,7 @@ fn inject(args: InjectArgs) -> Result<(), String> {
     }
     opts.postgres_secret = args.postgres_secret;
     opts.postgres_ca_secret = args.postgres_ca_secret;
+    opts.issuer_ca_config_map = args.issuer_ca_configmap;
     let (input, source) = match &args.file {
         Some(path) if path.as_os_str() != "-" => {
             let text =

@@ -250,28 +250,58 @@ fn the_values_schema_refuses_wrong_values_with_a_clear_message() {
 
 /// `sidecar.namespaces[].postgresSecret` and `postgresCaSecret`: the webhook is told the namespace's Secrets (the
 /// controller's flags), and the sidecar's Role grants no ConfigMap, since its token state is in the database.
-#[test]
-fn a_namespace_postgres_secret_and_ca_reach_the_webhook_and_the_sidecar_role_grants_no_configmap() {
+/// The chart rendered with `ci/<values>`: its text.
+fn template(values: &str) -> String {
+    let chart = chart();
+    let values = chart.join("ci").join(values);
+    let args = ["template", "x", chart.to_str().expect("path"), "--kube-version", "1.33.0", "-f"];
+    let out = helm(&[&args[..], &[values.to_str().expect("path")]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The chart rendered with `ci/<values>`: its objects.
+fn rendered(values: &str) -> Vec<Value> {
     use serde::Deserialize;
-    let template = |values: &str| {
-        let chart = chart();
-        let values = chart.join("ci").join(values);
-        let args = ["template", "x", chart.to_str().expect("path"), "--kube-version", "1.33.0", "-f"];
-        let out = helm(&[&args[..], &[values.to_str().expect("path")]].concat());
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        text(&out.stdout)
-    };
-    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&template("postgres-values.yaml"))
+    serde_yaml::Deserializer::from_str(&template(values))
         .filter_map(|d| Value::deserialize(d).ok())
         .filter(|d| !d.is_null())
-        .collect();
+        .collect()
+}
+
+/// The controller container's args.
+fn controller_args(docs: &[Value]) -> Vec<String> {
     let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("the controller's Deployment");
-    let args: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         .as_array()
         .expect("args")
         .iter()
         .filter_map(Value::as_str)
-        .collect();
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn an_issuer_ca_config_map_reaches_the_controller_as_a_file_of_its_ca_certificates_only() {
+    let docs = rendered("tls-values.yaml");
+    let args = controller_args(&docs);
+    assert!(args.windows(2).any(|w| w == ["--issuer-ca-file", "/etc/kubetoken/issuer-ca/ca.crt"]), "{args:?}");
+    let pod = &docs.iter().find(|d| d["kind"] == "Deployment").expect("deployment")["spec"]["template"]["spec"];
+    let volume = pod["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == "issuer-ca").expect("volume");
+    assert_eq!(
+        volume["configMap"],
+        serde_json::json!({"name": "corp-ca-bundle", "items": [{"key": "ca.crt", "path": "ca.crt"}]})
+    );
+    let mounts = pod["containers"][0]["volumeMounts"].as_array().expect("mounts");
+    assert!(mounts.iter().any(|m| m["name"] == "issuer-ca" && m["mountPath"] == "/etc/kubetoken/issuer-ca"));
+    // Without the value, neither.
+    assert!(!controller_args(&rendered("default-values.yaml")).iter().any(|a| a == "--issuer-ca-file"));
+}
+
+#[test]
+fn a_namespace_postgres_secret_and_ca_reach_the_webhook_and_the_sidecar_role_grants_no_configmap() {
+    let docs = rendered("postgres-values.yaml");
+    let args = controller_args(&docs);
     assert!(
         args.windows(2).any(|w| w == ["--sidecar-postgres-secret", "shop=shop-db-app"]),
         "the controller is told the namespace's Secret: {args:?}"

@@ -15,6 +15,9 @@ pub const POSTGRES_SECRET_ANNOTATION: &str = "kubetoken.io/postgres-secret";
 /// An annotation naming a Secret whose key `ca.crt` is that database server's CA: the sidecar verifies the server
 /// (`kubetoken inject --postgres-ca-secret`).
 pub const POSTGRES_CA_SECRET_ANNOTATION: &str = "kubetoken.io/postgres-ca-secret";
+/// Annotation on a pod (template) naming a ConfigMap whose `ca.crt` the sidecar trusts for identity providers' key
+/// sets (`kubetoken inject --issuer-ca-configmap`).
+pub const ISSUER_CA_CONFIG_MAP_ANNOTATION: &str = "kubetoken.io/issuer-ca-configmap";
 
 /// The pod spec fields the mutation may change: the patch replaces exactly these when they changed.
 const MUTATED_FIELDS: [&str; 4] = ["automountServiceAccountToken", "volumes", "initContainers", "containers"];
@@ -115,9 +118,9 @@ pub fn classify(request: &AdmissionRequest) -> Result<Request<'_>, Refusal> {
     Ok(Request::Inject { namespace, application, pod })
 }
 
-/// A Secret named by the pod's `annotation`, else by its namespace's default (e.g. the PostgreSQL Secret of a pod's
-/// sidecar: `sidecar.namespaces[].postgresSecret` in the chart), else none.
-pub fn named_secret(
+/// An object (a Secret, a ConfigMap) named by the pod's `annotation`, else by its namespace's default (e.g. the
+/// PostgreSQL Secret of a pod's sidecar: `sidecar.namespaces[].postgresSecret` in the chart), else none.
+pub fn named_object(
     pod: &Value,
     annotation: &str,
     namespace: &str,
@@ -337,13 +340,18 @@ mod tests {
         let plain = json!({"metadata": {"name": "p"}});
         let annotated = json!({"metadata": {"annotations": {POSTGRES_SECRET_ANNOTATION: "other-db"}}});
         let postgres_secret =
-            |pod: &Value, namespace: &str| named_secret(pod, POSTGRES_SECRET_ANNOTATION, namespace, &defaults);
+            |pod: &Value, namespace: &str| named_object(pod, POSTGRES_SECRET_ANNOTATION, namespace, &defaults);
         assert_eq!(postgres_secret(&plain, "shop").as_deref(), Some("shop-db-app"));
         assert_eq!(postgres_secret(&annotated, "shop").as_deref(), Some("other-db"));
         assert_eq!(postgres_secret(&plain, "blog"), None, "no default: the ConfigMap store");
         let ca = json!({"metadata": {"annotations": {POSTGRES_CA_SECRET_ANNOTATION: "shop-db-ca"}}});
         let none = std::collections::BTreeMap::new();
-        assert_eq!(named_secret(&ca, POSTGRES_CA_SECRET_ANNOTATION, "shop", &none).as_deref(), Some("shop-db-ca"));
-        assert_eq!(named_secret(&plain, POSTGRES_CA_SECRET_ANNOTATION, "shop", &none), None);
+        assert_eq!(named_object(&ca, POSTGRES_CA_SECRET_ANNOTATION, "shop", &none).as_deref(), Some("shop-db-ca"));
+        assert_eq!(named_object(&plain, POSTGRES_CA_SECRET_ANNOTATION, "shop", &none), None);
+        let bundle = json!({"metadata": {"annotations": {ISSUER_CA_CONFIG_MAP_ANNOTATION: "corp-ca-bundle"}}});
+        assert_eq!(
+            named_object(&bundle, ISSUER_CA_CONFIG_MAP_ANNOTATION, "shop", &none).as_deref(),
+            Some("corp-ca-bundle")
+        );
     }
 }

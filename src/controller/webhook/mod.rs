@@ -219,17 +219,23 @@ async fn inject(
         application: application.to_string(),
         image: state.sidecar_image.clone(),
         credentials_secret: app.spec.credentials_secret_name(application),
-        postgres_secret: admission::named_secret(
+        postgres_secret: admission::named_object(
             pod,
             admission::POSTGRES_SECRET_ANNOTATION,
             namespace,
             &state.postgres_secrets,
         ),
-        postgres_ca_secret: admission::named_secret(
+        postgres_ca_secret: admission::named_object(
             pod,
             admission::POSTGRES_CA_SECRET_ANNOTATION,
             namespace,
             &state.postgres_ca_secrets,
+        ),
+        issuer_ca_config_map: admission::named_object(
+            pod,
+            admission::ISSUER_CA_CONFIG_MAP_ANNOTATION,
+            namespace,
+            &Default::default(),
         ),
     };
     Ok(admission::injection_patch(pod, &opts))
