@@ -934,16 +934,18 @@ async fn federated_users_get_per_device_tokens_across_two_sidecars() {
     let (a, b) = (replica(&c, &args).await, replica(&c, &args).await);
     let client = Client { id: &id, secret: &secret };
 
+    let assertion = offline.jwt("carol", &["customer"], json!({}));
     let ipad = client.token(
         &a,
-        &[
-            ("grant_type", JWT_BEARER),
-            ("assertion", &offline.jwt("carol", &["customer"], json!({}))),
-            ("scope", "device_ipad orders:read orders:admin"),
-        ],
+        &[("grant_type", JWT_BEARER), ("assertion", &assertion), ("scope", "device_ipad orders:read orders:admin")],
     );
     assert_eq!(ipad.status, 200, "{}", ipad.body);
     assert_eq!(ipad.field("scope"), "device_ipad orders:read");
+    // Once the iPad token is active at the other replica, so is the record of the assertion's use (the same journal
+    // batch or an earlier one): a replay there is refused.
+    until_active(&client, &b, &ipad.field("access_token"), true).await;
+    let replay = client.token(&b, &[("grant_type", JWT_BEARER), ("assertion", &assertion), ("scope", "device_tv")]);
+    assert_eq!((replay.status, replay.error()), (400, "invalid_grant".to_string()), "{}", replay.body);
     let exchange = |s: &SidecarProcess, token: &str, scope: &str| {
         client.token(
             s,

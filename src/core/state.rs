@@ -42,6 +42,10 @@ pub enum Record {
     /// token state: applying it changes nothing here.
     #[serde(rename = "fail")]
     Failed { f: SharedFailure },
+    /// A trusted issuer's assertion used at one server (a digest of its replay id, and until when it must be refused),
+    /// shared with the other servers of the same state. Not token state either.
+    #[serde(rename = "used")]
+    Used { d: [u8; 32], u: UnixTime },
 }
 
 impl From<Change> for Record {
@@ -363,7 +367,7 @@ impl TokenState {
                     self.insert_live(live);
                 }
             }
-            Record::LegacyRotated {} | Record::Failed { .. } => {}
+            Record::LegacyRotated {} | Record::Failed { .. } | Record::Used { .. } => {}
         }
     }
 

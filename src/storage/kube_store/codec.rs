@@ -8,7 +8,8 @@
 //! blob    := version(=2) record*
 //! record  := 1 key flags(bit0 pair) [pair]                        set a key's pair
 //!          | 3 user(u8) str(who) varint(at)                       a shared failed credential check
-//! key     := str(client) subject(0 client | 1 user str(name)) varint(n) str*n
+//!          | 4 digest32 varint(until)                             a shared used assertion
+//! key     := str(client) subject(0 client | 1 user str(name) | 2 federated str(issuer U+0001 name)) varint(n) str*n
 //! pair    := id16 scopes(0 the key's | 1 varint(n) str*n) varint(iat) varint(exp) has_refresh(u8) [grant]
 //! grant   := id16 varint(exp) varint(generation) varint(session start)
 //! str     := varint(0) varint(len) bytes    a new string, numbered from 1 in order of appearance
@@ -94,6 +95,11 @@ impl Encoder {
                 self.out.push(u8::from(f.user));
                 self.string(&f.who);
                 self.varint(f.at);
+            }
+            Record::Used { d, u } => {
+                self.out.push(4);
+                self.out.extend_from_slice(d);
+                self.varint(*u);
             }
         }
         self.cut();
@@ -344,6 +350,13 @@ impl Decoder<'_> {
                 let who = self.string()?;
                 Ok(Record::Failed { f: SharedFailure { user, who, at: self.varint()? } })
             }
+            4 => {
+                let Some(bytes) = self.input.get(self.at..self.at + 32) else { return self.end() };
+                let mut d = [0u8; 32];
+                d.copy_from_slice(bytes);
+                self.at += 32;
+                Ok(Record::Used { d, u: self.varint()? })
+            }
             _ => {
                 self.at -= 1;
                 self.fail("unknown record kind")
@@ -482,6 +495,7 @@ mod tests {
                 p: None,
             },
             Record::Failed { f: SharedFailure { user: true, who: "shop/alice\n\u{1b}[31m".into(), at: 5 } },
+            Record::Used { d: [9; 32], u: 1_700_000_300 },
         ]
     }
 

@@ -45,7 +45,7 @@ use self::layout::{
     CAPACITY_FIELD, CHUNKS_FIELD, CHUNKS_PER_SET, CLAIM_FIELD, EPOCH_FIELD, GEN_FIELD, KEYS_FIELD, SEALED_FIELD,
     SEGMENTS, SET_FIELD, STATE_FIELD, UPTO_FIELD, batch_field, chunk_name, pointer_name, segment_name,
 };
-use crate::core::clock::Clock;
+use crate::core::clock::{Clock, UnixTime};
 use crate::core::lockout::SharedFailure;
 use crate::core::model::{Change, LivePair, SharedKey, TokenId, TokenKey};
 use crate::core::state::{Record, TokenState};
@@ -323,6 +323,37 @@ enum Withdrawal {
     Resolved,
 }
 
+/// Assertions known used (here or at another replica), until when; bounded, expired ones swept.
+#[derive(Default)]
+struct UsedAssertions {
+    until: HashMap<[u8; 32], UnixTime>,
+    sweep_at: usize,
+}
+
+impl UsedAssertions {
+    /// Entries beyond which the oldest knowledge is dropped: a replay then passes here (as without sharing).
+    const MAX: usize = 200_000;
+
+    fn live(&self, d: &[u8; 32], now: UnixTime) -> bool {
+        self.until.get(d).is_some_and(|u| *u > now)
+    }
+
+    fn insert(&mut self, d: [u8; 32], until: UnixTime) {
+        if self.until.len() < Self::MAX {
+            let at = self.until.entry(d).or_insert(until);
+            *at = (*at).max(until);
+        }
+    }
+
+    /// Drops expired entries once the map has doubled since the last sweep.
+    fn sweep(&mut self, now: UnixTime) {
+        if self.until.len() >= self.sweep_at.max(1024) {
+            self.until.retain(|_, u| *u > now);
+            self.sweep_at = self.until.len() * 2;
+        }
+    }
+}
+
 struct Inner {
     confirmed: TokenState,
     overlay: Overlay,
@@ -338,6 +369,12 @@ struct Inner {
     failures_inflight: Vec<SharedFailure>,
     /// Shared by the other replicas, for the lockout.
     failures_in: Vec<SharedFailure>,
+    /// Assertions used at this replica, to share with the others (with the next batch; best effort).
+    used_out: Vec<([u8; 32], UnixTime)>,
+    /// In the batch being written now.
+    used_inflight: Vec<([u8; 32], UnixTime)>,
+    /// Assertions used at any replica, as far as this one has read the journal: digest → until when.
+    used_seen: UsedAssertions,
     next_id: u64,
     /// Ids below this are resolved.
     resolved_below: u64,
@@ -550,6 +587,7 @@ impl Inner {
                         self.failures_in.push(f);
                     }
                 }
+                Record::Used { d, u } => self.used_seen.insert(d, u),
                 Record::Set { ref k, .. } => {
                     touched.push(k.clone());
                     self.confirmed.apply(record);
@@ -731,6 +769,9 @@ impl KubeStore {
             failures_out: Vec::new(),
             failures_inflight: Vec::new(),
             failures_in: Vec::new(),
+            used_out: Vec::new(),
+            used_inflight: Vec::new(),
+            used_seen: UsedAssertions::default(),
             next_id: 1,
             resolved_below: 1,
             recent_failures: VecDeque::new(),
@@ -1014,17 +1055,19 @@ impl KubeStore {
 
     /// Moves the pending changes into flight and plans their append.
     fn plan_append(&self, g: &mut Inner) -> Option<Append> {
-        if g.pending.is_empty() && g.failures_out.is_empty() {
+        if g.pending.is_empty() && g.failures_out.is_empty() && g.used_out.is_empty() {
             return None;
         }
         let take = g.pending.len().min(MAX_BATCH_RECORDS);
         let batch: Vec<Pending> = g.pending.drain(..take).collect();
         g.inflight = batch;
         g.failures_inflight = std::mem::take(&mut g.failures_out);
+        g.used_inflight = std::mem::take(&mut g.used_out);
         let records: Vec<Record> = g
             .failures_inflight
             .iter()
             .map(|f| Record::Failed { f: f.clone() })
+            .chain(g.used_inflight.iter().map(|(d, u)| Record::Used { d: *d, u: *u }))
             .chain(g.inflight.iter().map(|p| Record::from(p.change.clone())))
             .collect();
         let blob = codec::encode(&records);
@@ -1072,6 +1115,8 @@ impl KubeStore {
         }
         let failures = std::mem::take(&mut g.failures_inflight);
         g.failures_out.extend(failures);
+        let used = std::mem::take(&mut g.used_inflight);
+        g.used_out.extend(used);
     }
 
     /// Sends the pending changes as one journal batch.
@@ -1239,6 +1284,7 @@ impl KubeStore {
         let mut g = s.lock();
         g.apply_records(plan.first_seq, plan.records, false);
         g.failures_inflight.clear();
+        g.used_inflight.clear();
         g.segments[plan.index] = view;
         g.head = plan.index;
         let done: Vec<Pending> = std::mem::take(&mut g.inflight);
@@ -1270,8 +1316,10 @@ impl KubeStore {
     fn fail_inflight(&self, reason: &str) {
         let s = &self.shared;
         let mut g = s.lock();
-        // Shared failures are best effort: a lost one costs the attacker nothing extra beyond one batch.
+        // Shared failures are best effort: a lost one costs the attacker nothing extra beyond one batch. So is the
+        // sharing of used assertions (this replica still remembers them).
         g.failures_inflight.clear();
+        g.used_inflight.clear();
         let batch = std::mem::take(&mut g.inflight);
         g.withdrawn_inflight.clear();
         self.fail(&mut g, batch, reason);
@@ -1601,6 +1649,29 @@ impl TokenStore for KubeStore {
 
     fn healthy(&self) -> bool {
         self.loaded()
+    }
+
+    /// Refused when any replica's use of the assertion has reached this one through the journal; else recorded and
+    /// shared with the next batch. Two uses at two replicas before either's batch is read can both pass: the journal
+    /// orders token changes, not this (PostgreSQL decides it in one statement).
+    fn remember_assertion<'a>(&'a self, _client_id: &'a str, id: &'a str, until: UnixTime) -> StoreFuture<'a, bool> {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, id.as_bytes());
+        let mut d = [0u8; 32];
+        d.copy_from_slice(digest.as_ref());
+        let now = self.shared.clock.now();
+        let mut g = self.shared.lock();
+        if g.used_seen.live(&d, now) {
+            return Box::pin(std::future::ready(Ok(false)));
+        }
+        g.used_seen.insert(d, until);
+        g.used_seen.sweep(now);
+        // Bounded like the shared failures: under a flood, the first ones are shared.
+        if g.used_out.len() < 1_000 {
+            g.used_out.push((d, until));
+            drop(g);
+            self.shared.wake.notify_one();
+        }
+        Box::pin(std::future::ready(Ok(true)))
     }
 
     fn share_failure(&self, failure: SharedFailure) {

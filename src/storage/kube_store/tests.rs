@@ -395,3 +395,29 @@ async fn a_journal_write_that_timed_out_but_landed_is_answered_as_committed() {
     assert_eq!(landed, Ok(()), "a 504 for a write that landed is answered as committed");
     assert_eq!(a.pair(&key(1)), Some(last));
 }
+
+/// A trusted issuer's assertion used at one replica is refused at the other once the first use's journal batch has
+/// reached it; the memory is per assertion, and an expired use no longer refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assertion_used_at_one_replica_is_refused_at_the_other_once_its_batch_arrived() {
+    let server = KubeTestServer::start();
+    let api = state_objects(&server).await;
+    let (a, _ta) = started(&api, tiny()).await;
+    let (b, _tb) = started(&api, tiny()).await;
+    let far = crate::core::clock::Clock::now(&SystemClock) + 300;
+    assert!(a.remember_assertion("shop", "https://idp\0jti:1", far).await.expect("first use"));
+    assert!(!a.remember_assertion("shop", "https://idp\0jti:1", far).await.expect("at the same replica"));
+    // A token change made at a after the use: once b holds it, b has read the batch the use went with (or an
+    // earlier one). Until then b is not asked, so that its own memory does not answer for it.
+    issue(&a, 7).await;
+    let start = Instant::now();
+    while b.pair(&key(7)).is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "a's batch never reached b");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!b.remember_assertion("shop", "https://idp\0jti:1", far).await.expect("refused at b"));
+    assert!(b.remember_assertion("shop", "https://idp\0jti:2", far).await.expect("another assertion"));
+    let past = crate::core::clock::Clock::now(&SystemClock) - 1;
+    assert!(a.remember_assertion("shop", "https://idp\0jti:old", past).await.expect("expired"));
+    assert!(a.remember_assertion("shop", "https://idp\0jti:old", past + 600).await.expect("expired: no replay"));
+}
