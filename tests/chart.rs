@@ -248,22 +248,20 @@ fn the_values_schema_refuses_wrong_values_with_a_clear_message() {
     assert!(text(&out.stderr).contains("needs replicaCount: 1"), "{}", text(&out.stderr));
 }
 
-/// `sidecar.namespaces[].postgresSecret` and `postgresCaSecret`: the webhook is told the namespace's Secrets (the
-/// controller's flags), and the sidecar's Role grants no ConfigMap, since its token state is in the database.
-/// The chart rendered with `ci/<values>`: its text.
-fn template(values: &str) -> String {
+/// The chart rendered with `ci/<values>` and `extra` arguments (`--set ...`): its text.
+fn template(values: &str, extra: &[&str]) -> String {
     let chart = chart();
     let values = chart.join("ci").join(values);
     let args = ["template", "x", chart.to_str().expect("path"), "--kube-version", "1.33.0", "-f"];
-    let out = helm(&[&args[..], &[values.to_str().expect("path")]].concat());
+    let out = helm(&[&args[..], &[values.to_str().expect("path")], extra].concat());
     assert!(out.status.success(), "{}", text(&out.stderr));
     text(&out.stdout)
 }
 
-/// The chart rendered with `ci/<values>`: its objects.
-fn rendered(values: &str) -> Vec<Value> {
+/// The chart rendered with `ci/<values>` and `extra` arguments: its objects.
+fn rendered(values: &str, extra: &[&str]) -> Vec<Value> {
     use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(&template(values))
+    serde_yaml::Deserializer::from_str(&template(values, extra))
         .filter_map(|d| Value::deserialize(d).ok())
         .filter(|d| !d.is_null())
         .collect()
@@ -281,10 +279,19 @@ fn controller_args(docs: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// With the value alone (no other volume of the controller), and with the TLS values' volumes beside it.
 #[test]
 fn an_issuer_ca_config_map_reaches_the_controller_as_a_file_of_its_ca_certificates_only() {
-    let docs = rendered("tls-values.yaml");
-    let args = controller_args(&docs);
+    let alone = rendered("default-values.yaml", &["--set", "controller.issuerCaConfigMap=corp-ca-bundle"]);
+    for docs in [alone, rendered("tls-values.yaml", &[])] {
+        issuer_ca_reaches_the_controller(&docs);
+    }
+    // Without the value, neither.
+    assert!(!controller_args(&rendered("default-values.yaml", &[])).iter().any(|a| a == "--issuer-ca-file"));
+}
+
+fn issuer_ca_reaches_the_controller(docs: &[Value]) {
+    let args = controller_args(docs);
     assert!(args.windows(2).any(|w| w == ["--issuer-ca-file", "/etc/kubetoken/issuer-ca/ca.crt"]), "{args:?}");
     let pod = &docs.iter().find(|d| d["kind"] == "Deployment").expect("deployment")["spec"]["template"]["spec"];
     let volume = pod["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == "issuer-ca").expect("volume");
@@ -294,13 +301,13 @@ fn an_issuer_ca_config_map_reaches_the_controller_as_a_file_of_its_ca_certificat
     );
     let mounts = pod["containers"][0]["volumeMounts"].as_array().expect("mounts");
     assert!(mounts.iter().any(|m| m["name"] == "issuer-ca" && m["mountPath"] == "/etc/kubetoken/issuer-ca"));
-    // Without the value, neither.
-    assert!(!controller_args(&rendered("default-values.yaml")).iter().any(|a| a == "--issuer-ca-file"));
 }
 
+/// `sidecar.namespaces[].postgresSecret` and `postgresCaSecret`: the webhook is told the namespace's Secrets (the
+/// controller's flags), and the sidecar's Role grants no ConfigMap, since its token state is in the database.
 #[test]
 fn a_namespace_postgres_secret_and_ca_reach_the_webhook_and_the_sidecar_role_grants_no_configmap() {
-    let docs = rendered("postgres-values.yaml");
+    let docs = rendered("postgres-values.yaml", &[]);
     let args = controller_args(&docs);
     assert!(
         args.windows(2).any(|w| w == ["--sidecar-postgres-secret", "shop=shop-db-app"]),
@@ -320,7 +327,7 @@ fn a_namespace_postgres_secret_and_ca_reach_the_webhook_and_the_sidecar_role_gra
         .collect();
     assert!(!resources.is_empty() && !resources.iter().any(|r| *r == "configmaps"), "{resources:?}");
     // Without it, the sidecar keeps its state in ConfigMaps and the Role grants them.
-    let plain = template("sidecar-values.yaml");
+    let plain = template("sidecar-values.yaml", &[]);
     assert!(plain.contains("configmaps") && !plain.contains("--sidecar-postgres-secret"));
 }
 

@@ -323,15 +323,30 @@ enum Withdrawal {
     Resolved,
 }
 
+/// Shared failed checks or used assertions queued for the journal, at most: under a flood the first ones are shared.
+const MAX_SHARED_RECORDS: usize = 1_000;
+
+/// An assertion's replay id as the journal names it: a digest (fixed size, nothing of the token in the state).
+fn used_digest(id: &str) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, id.as_bytes());
+    let mut d = [0u8; 32];
+    d.copy_from_slice(digest.as_ref());
+    d
+}
+
 /// Assertions known used (here or at another replica), until when; bounded, expired ones swept.
 #[derive(Default)]
 struct UsedAssertions {
     until: HashMap<[u8; 32], UnixTime>,
     sweep_at: usize,
+    /// When the last sweep ran: a full memory is swept again at most once per second.
+    swept_at: UnixTime,
+    /// The time of the last use asked about here: what records read from the journal are swept against.
+    now: UnixTime,
 }
 
 impl UsedAssertions {
-    /// Entries beyond which the oldest knowledge is dropped: a replay then passes here (as without sharing).
+    /// Live entries beyond which a new use is not remembered (a replay of it then passes here, as without sharing).
     const MAX: usize = 200_000;
 
     fn live(&self, d: &[u8; 32], now: UnixTime) -> bool {
@@ -339,17 +354,25 @@ impl UsedAssertions {
     }
 
     fn insert(&mut self, d: [u8; 32], until: UnixTime) {
-        if self.until.len() < Self::MAX {
+        self.sweep(self.now);
+        if self.until.len() < Self::MAX || self.until.contains_key(&d) {
             let at = self.until.entry(d).or_insert(until);
             *at = (*at).max(until);
         }
     }
 
-    /// Drops expired entries once the map has doubled since the last sweep.
+    fn remove(&mut self, d: &[u8; 32]) {
+        self.until.remove(d);
+    }
+
+    /// Drops expired entries once the map has doubled since the last sweep (never waiting past [`Self::MAX`]), and
+    /// when full at most once per second: amortised O(1).
     fn sweep(&mut self, now: UnixTime) {
-        if self.until.len() >= self.sweep_at.max(1024) {
+        let full = self.until.len() >= Self::MAX;
+        if (!full && self.until.len() >= self.sweep_at.clamp(1024, Self::MAX)) || (full && self.swept_at < now) {
             self.until.retain(|_, u| *u > now);
             self.sweep_at = self.until.len() * 2;
+            self.swept_at = now;
         }
     }
 }
@@ -1015,7 +1038,7 @@ impl KubeStore {
             }
             let has_pending = {
                 let g = s.lock();
-                !g.pending.is_empty() || !g.failures_out.is_empty()
+                !g.pending.is_empty() || !g.failures_out.is_empty() || !g.used_out.is_empty()
             };
             if !has_pending {
                 tokio::select! {
@@ -1113,10 +1136,16 @@ impl KubeStore {
         if !gave_up.is_empty() {
             self.fail(&mut g, gave_up, "the Kubernetes API did not accept the change in time");
         }
-        let failures = std::mem::take(&mut g.failures_inflight);
-        g.failures_out.extend(failures);
-        let used = std::mem::take(&mut g.used_inflight);
-        g.used_out.extend(used);
+        // In front of what queued meanwhile, and bounded as when queued: a batch requeued again and again must not
+        // grow past what one journal write may hold.
+        let mut failures = std::mem::take(&mut g.failures_inflight);
+        failures.append(&mut g.failures_out);
+        failures.truncate(MAX_SHARED_RECORDS);
+        g.failures_out = failures;
+        let mut used = std::mem::take(&mut g.used_inflight);
+        used.append(&mut g.used_out);
+        used.truncate(MAX_SHARED_RECORDS);
+        g.used_out = used;
     }
 
     /// Sends the pending changes as one journal batch.
@@ -1655,18 +1684,16 @@ impl TokenStore for KubeStore {
     /// shared with the next batch. Two uses at two replicas before either's batch is read can both pass: the journal
     /// orders token changes, not this (PostgreSQL decides it in one statement).
     fn remember_assertion<'a>(&'a self, _client_id: &'a str, id: &'a str, until: UnixTime) -> StoreFuture<'a, bool> {
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, id.as_bytes());
-        let mut d = [0u8; 32];
-        d.copy_from_slice(digest.as_ref());
+        let d = used_digest(id);
         let now = self.shared.clock.now();
         let mut g = self.shared.lock();
+        g.used_seen.now = now;
         if g.used_seen.live(&d, now) {
             return Box::pin(std::future::ready(Ok(false)));
         }
         g.used_seen.insert(d, until);
-        g.used_seen.sweep(now);
         // Bounded like the shared failures: under a flood, the first ones are shared.
-        if g.used_out.len() < 1_000 {
+        if g.used_out.len() < MAX_SHARED_RECORDS {
             g.used_out.push((d, until));
             drop(g);
             self.shared.wake.notify_one();
@@ -1674,10 +1701,20 @@ impl TokenStore for KubeStore {
         Box::pin(std::future::ready(Ok(true)))
     }
 
+    /// Forgets a use here, and unshares it if its batch has not gone out yet; a use already in the journal stays known
+    /// to the replicas that read it.
+    fn forget_assertion<'a>(&'a self, _client_id: &'a str, id: &'a str) -> StoreFuture<'a, ()> {
+        let d = used_digest(id);
+        let mut g = self.shared.lock();
+        g.used_seen.remove(&d);
+        g.used_out.retain(|(queued, _)| *queued != d);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn share_failure(&self, failure: SharedFailure) {
         let mut g = self.shared.lock();
         // Bounded: under a flood, the counts that matter are the first ones.
-        if g.failures_out.len() < 1_000 {
+        if g.failures_out.len() < MAX_SHARED_RECORDS {
             g.failures_out.push(failure);
             drop(g);
             self.shared.wake.notify_one();

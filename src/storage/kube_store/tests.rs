@@ -421,3 +421,46 @@ async fn an_assertion_used_at_one_replica_is_refused_at_the_other_once_its_batch
     assert!(a.remember_assertion("shop", "https://idp\0jti:old", past).await.expect("expired"));
     assert!(a.remember_assertion("shop", "https://idp\0jti:old", past + 600).await.expect("expired: no replay"));
 }
+
+/// A use that no token change follows (an opaque application handing out a live pair again writes nothing) still
+/// reaches the other replica; a use forgotten before its batch went out is not shared, and is accepted again here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_use_alone_is_shared_and_a_forgotten_one_is_not() {
+    let server = KubeTestServer::start();
+    let api = state_objects(&server).await;
+    let (a, _ta) = started(&api, tiny()).await;
+    let (b, _tb) = started(&api, tiny()).await;
+    let now = crate::core::clock::Clock::now(&SystemClock);
+    assert!(a.remember_assertion("shop", "https://idp\0jti:alone", now + 300).await.expect("use"));
+    let start = Instant::now();
+    while !b.shared.lock().used_seen.live(&super::used_digest("https://idp\0jti:alone"), now) {
+        assert!(start.elapsed() < Duration::from_secs(10), "a use with no token change was never shared");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!b.remember_assertion("shop", "https://idp\0jti:alone", now + 300).await.expect("replay at b"));
+    // Forgotten (its grant failed on the server's side): the retry is accepted.
+    assert!(a.remember_assertion("shop", "https://idp\0jti:retry", now + 300).await.expect("use"));
+    a.forget_assertion("shop", "https://idp\0jti:retry").await.expect("forget");
+    assert!(a.remember_assertion("shop", "https://idp\0jti:retry", now + 300).await.expect("the retry"));
+}
+
+#[test]
+fn the_used_assertion_memory_stays_bounded_and_sweeps_when_full() {
+    let mut m = super::UsedAssertions::default();
+    m.now = 10;
+    let digest = |i: usize| {
+        let mut d = [0u8; 32];
+        d[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        d
+    };
+    for i in 0..super::UsedAssertions::MAX + 10 {
+        m.insert(digest(i), 20);
+    }
+    assert_eq!(m.until.len(), super::UsedAssertions::MAX, "bounded");
+    assert!(!m.live(&digest(super::UsedAssertions::MAX + 5), 10), "past the bound a use is not remembered");
+    // Once they expired, the full memory is swept and takes new uses again.
+    m.now = 30;
+    m.insert(digest(usize::MAX), 100);
+    assert!(m.live(&digest(usize::MAX), 30));
+    assert_eq!(m.until.len(), 1);
+}
