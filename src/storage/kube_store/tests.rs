@@ -446,8 +446,7 @@ async fn a_use_alone_is_shared_and_a_forgotten_one_is_not() {
 
 #[test]
 fn the_used_assertion_memory_stays_bounded_and_sweeps_when_full() {
-    let mut m = super::UsedAssertions::default();
-    m.now = 10;
+    let mut m = super::UsedAssertions { now: 10, ..Default::default() };
     let digest = |i: usize| {
         let mut d = [0u8; 32];
         d[..8].copy_from_slice(&(i as u64).to_le_bytes());
